@@ -1,0 +1,1 @@
+"""Pieces shared by the command-line tools (no TensorFlow imported here)."""
