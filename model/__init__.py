@@ -1,0 +1,48 @@
+"""GPT-2 for the released Japanese checkpoints (gpt2ja-small/medium/large).
+
+    import model
+    m = model.load("gpt2ja-small")        # Model; m.hparams.n_vocab, ...
+    m.check_vocab_size(len(encoder))      # ModelError on a mismatch
+    logits = m.logits([[1, 2, 3]])        # float32 [batch, T, n_vocab]
+    h = m.hidden([[1, 2, 3]])             # float32 [batch, T, n_embd] (after ln_f)
+    h5 = m.hidden([[1, 2, 3]], layer=5)   # residual stream after block 5 (0-based)
+    cache, last = m.start([[1, 2, 3], [4, 5]], max_len=128)  # KV-cache prefill of a
+                                          # ragged batch: last = logits [2, n_vocab]
+    nxt = m.step(cache, [42, 7])          # one decoding step per row -> [2, n_vocab]
+    model.save(m, "out_dir", step=1000)   # released layout, state file written last
+    dev = model.select_device("-1")       # --gpu: '-1' CPU, 'N' -> '/GPU:N' if present
+    m = model.load("gpt2ja-small", device=dev)
+
+``ModelError``, ``HParams``, ``check_vocab`` and ``RELEASED`` come without
+importing TensorFlow (for fast ``--help``); everything else is loaded on first
+use (module ``__getattr__``), importing TensorFlow quietly then.
+"""
+from .errors import ModelError
+from .hparams import RELEASED, HParams, check_vocab, variable_shapes
+
+_LAZY = {
+    "load": "gpt2",
+    "Model": "gpt2",
+    "Cache": "gpt2",
+    "save": "checkpoint",
+    "random_weights": "checkpoint",
+    "find_checkpoint": "checkpoint",
+    "open_checkpoint": "checkpoint",
+    "select_device": "device",
+}
+
+__all__ = ["ModelError", "HParams", "RELEASED", "check_vocab", "variable_shapes", *_LAZY]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

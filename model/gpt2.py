@@ -1,0 +1,492 @@
+"""The GPT-2 forward pass in TensorFlow 2: full sequences and a key/value cache.
+
+    import model
+    m = model.load("models/gpt2ja-small")          # -> Model
+    logits = m.logits([[10, 20, 30]])               # [1, 3, n_vocab] float32
+    h = m.hidden([[10, 20, 30]])                    # [1, 3, n_embd], after ln_f
+    cache, last = m.start([[10, 20, 30]], max_len=64)   # prefill: last [1, n_vocab]
+    nxt = m.step(cache, [int(last[0].argmax())])        # one token: [1, n_vocab]
+
+Standard GPT-2 (pre-norm blocks, layer norm eps 1e-5, tanh gelu, causal
+attention masked as ``w*b - 1e10*(1-b)``, output projection tied to ``wte``),
+float32 throughout.  Weights live once, as tf.Variables on the chosen
+device; every computation is a ``tf.function`` traced with unknown batch and
+length dimensions, so new lengths or batch sizes never retrace.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from ._tf import import_tf
+from .checkpoint import _tf_message, open_checkpoint, read_errors
+from .device import CPU
+from .errors import ModelError
+from .hparams import LAYER_NORM_EPSILON, HParams, check_vocab, layer_shapes, variable_shapes
+
+tf = import_tf()
+
+_LAYER_KEYS = tuple(layer_shapes(1))  # "ln_1/g", "ln_1/b", "attn/c_attn/w", ...
+#: From this many cached tokens on, decoding attention uses batched matmuls.
+_LONG_SPAN = 256
+_IDS_2D = tf.TensorSpec([None, None], tf.int32)
+_IDS_1D = tf.TensorSpec([None], tf.int32)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def _layer_norm(x, g, b):
+    u = tf.reduce_mean(x, axis=-1, keepdims=True)
+    d = x - u
+    s = tf.reduce_mean(tf.square(d), axis=-1, keepdims=True)
+    return d * tf.math.rsqrt(s + LAYER_NORM_EPSILON) * g + b
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + tf.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
+
+
+def _softmax(x):
+    """Softmax over the last axis, written out as the original GPT-2 graph does.
+
+    (Also cheaper than tf.nn.softmax's oneDNN kernel for the tiny score rows of
+    a decoding step.)
+    """
+    e = tf.exp(x - tf.reduce_max(x, axis=-1, keepdims=True))
+    return e / tf.reduce_sum(e, axis=-1, keepdims=True)
+
+
+def _mask_scores(w, keep):
+    """``w*b - 1e10*(1-b)`` with b = keep (0/1 floats), as the original graph."""
+    return w * keep - 1e10 * (1.0 - keep)
+
+
+def _mlp(x, p):
+    h = _gelu(tf.matmul(x, p["mlp/c_fc/w"]) + p["mlp/c_fc/b"])
+    return tf.matmul(h, p["mlp/c_proj/w"]) + p["mlp/c_proj/b"]
+
+
+# --------------------------------------------------------------------------- the cache
+#
+# The cache variables are only ever touched by sparse ops: written with
+# scatter_nd_update (in place) and read with a batched ResourceGather of the
+# slots in use.  A dense read (ReadVariableOp, slicing a variable) after a
+# scatter would copy the whole variable, and a strided-slice assignment copies
+# it too: at n_ctx 1024 that is 75 MB per decoding step for the small model.
+
+def _cache_index(batch, n_head, slots):
+    """Scatter indices [B, H, len(slots), 3] addressing (row, head, slot)."""
+    b, h, t = tf.meshgrid(tf.range(batch), tf.range(n_head), slots, indexing="ij")
+    return tf.stack([b, h, t], axis=-1)
+
+
+def _read_slots(var, upto):
+    """var[:, :, :S, :] for upto = broadcast range(S) [B, H, S], without copying the variable."""
+    return tf.raw_ops.ResourceGather(resource=var.handle, indices=upto, dtype=tf.float32, batch_dims=2)
+
+
+class Cache:
+    """Key/value cache of one batch of sequences for incremental decoding.
+
+    Made by ``Model.start``; advanced by ``Model.step``.  Per layer it holds
+    preallocated keys and values ``[batch, n_head, max_len, head_dim]`` (tf
+    Variables on the model's device, written in place).  Rows are stored
+    left-aligned to a common slot counter: a prompt shorter than the longest
+    one is preceded by ``offsets[b]`` masked padding slots, so every step
+    writes the same slot for all rows and positions are ``slot - offsets``.
+    ``lengths`` is each row's real length so far (prompt + generated tokens).
+    A cache belongs to the model that made it.
+    """
+
+    def __init__(self, keys, values, offsets: np.ndarray, offsets_t, slot: int, max_len: int):
+        self.keys = keys
+        self.values = values
+        self.offsets = offsets
+        self._offsets_t = offsets_t
+        self.slot = slot
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.offsets.shape[0])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens so far in each row (its prompt plus the steps taken)."""
+        return self.slot - self.offsets
+
+    @property
+    def room(self) -> int:
+        """How many more steps fit in the cache."""
+        return self.max_len - self.slot
+
+
+# --------------------------------------------------------------------------- the model
+
+def _as_batch(ids, n_vocab: int, n_ctx: int, lengths=None) -> Tuple[np.ndarray, np.ndarray]:
+    """(ids [B, T] int32 right-padded with 0, lengths [B]) from a batch of id lists or a 2-D array."""
+    if isinstance(ids, np.ndarray) or hasattr(ids, "numpy"):
+        arr = np.asarray(ids)
+        if arr.ndim != 2:
+            raise ModelError(f"expected a batch of token id sequences (2-D), got shape {list(arr.shape)}")
+        rows = None
+    else:
+        rows = [list(r) if not isinstance(r, np.ndarray) else r.tolist() for r in ids]
+        if not rows:
+            raise ModelError("empty batch")
+        width = max(len(r) for r in rows)
+        arr = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            if r and not all(isinstance(t, (int, np.integer)) for t in r):
+                raise ModelError("token ids must be integers")
+            arr[i, : len(r)] = r
+    if arr.shape[0] == 0:
+        raise ModelError("empty batch")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ModelError(f"token ids must be integers, got {arr.dtype}")
+    if lengths is None:
+        lens = np.array([len(r) for r in rows] if rows is not None else [arr.shape[1]] * arr.shape[0],
+                        dtype=np.int64)
+    else:
+        lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if lens.shape[0] != arr.shape[0]:
+            raise ModelError(f"{lens.shape[0]} lengths for a batch of {arr.shape[0]}")
+    if (lens < 1).any():
+        raise ModelError("every sequence needs at least one token")
+    if (lens > arr.shape[1]).any():
+        raise ModelError("a length is larger than the batch's width")
+    if arr.shape[1] > n_ctx:
+        raise ModelError(f"sequence of {arr.shape[1]} tokens is longer than the model's context of {n_ctx}")
+    valid = np.arange(arr.shape[1])[None, :] < lens[:, None]
+    bad = valid & ((arr < 0) | (arr >= n_vocab))
+    if bad.any():
+        raise ModelError(f"token id {int(arr[bad][0])} is outside the vocabulary (0..{n_vocab - 1})")
+    arr = np.where(valid, arr, 0)
+    return arr.astype(np.int32), lens.astype(np.int32)
+
+
+class Model:
+    """A GPT-2 with its weights as tf.Variables on one device.
+
+    Attributes: ``hparams`` (HParams), ``device`` (e.g. '/CPU:0'), ``path``
+    (the checkpoint prefix it was loaded from, or None), ``variables``
+    (checkpoint name -> tf.Variable; conv1d weights stored as [in, out]).
+
+    Batches are lists of id lists or 2-D integer arrays.  Lists of unequal
+    lengths are right-padded; positions past a row's length are returned as
+    zeros.  Because attention is causal, padding after a row's real tokens never
+    changes the numbers at its real positions, so right-padded batches give
+    exactly the per-row results.
+    """
+
+    def __init__(self, hparams: HParams, variables: Dict[str, "tf.Variable"], device: str = CPU,
+                 path: Optional[str] = None):
+        self.hparams = hparams
+        self.device = device
+        self.path = path
+        self.variables = variables
+        self._wte = variables["model/wte"]
+        self._wpe = variables["model/wpe"]
+        self._layers = [{k: variables[f"model/h{i}/{k}"] for k in _LAYER_KEYS} for i in range(hparams.n_layer)]
+        self._ln_f = (variables["model/ln_f/g"], variables["model/ln_f/b"])
+        self._scale = 1.0 / math.sqrt(hparams.head_dim)
+        self._forward_fns: Dict[Tuple[str, int], object] = {}
+        self._prefill_fn = tf.function(self._prefill_graph, reduce_retracing=True)
+        self._decode_fns = {
+            long: tf.function(functools.partial(self._decode_graph, long_span=long), reduce_retracing=True)
+            for long in (False, True)}
+        self._traced = set()
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_weights(cls, weights, hparams: Optional[HParams] = None, device: str = CPU,
+                     path: Optional[str] = None) -> "Model":
+        """A Model from a mapping of checkpoint names to arrays/tensors (e.g. ``random_weights``)."""
+        from .checkpoint import check_shapes, infer_hparams
+        shapes = {k: tuple(int(d) for d in v.shape) for k, v in weights.items()}
+        if hparams is None:
+            hparams = infer_hparams(shapes, "weights")
+        check_shapes(hparams, shapes, source="weights")
+        variables = {}
+        with tf.device(device):
+            for name in variable_shapes(hparams):
+                variables[name] = _make_variable(name, weights[name])
+        return cls(hparams, variables, device=device, path=path)
+
+    def checkpoint_tensors(self) -> Dict[str, "tf.Tensor"]:
+        """The weights in checkpoint layout (conv1d weights [1, in, out]), without copying."""
+        out = {}
+        for name, var in self.variables.items():
+            value = var.read_value() if hasattr(var, "read_value") else var
+            if name.endswith("/w"):
+                value = tf.expand_dims(value, 0)
+            out[name] = value
+        return out
+
+    def check_vocab_size(self, n: int) -> None:
+        """Raise ModelError unless a vocabulary of ``n`` entries matches n_vocab."""
+        check_vocab(self.hparams, n)
+
+    def __repr__(self) -> str:
+        hp = self.hparams
+        return (f"Model(n_layer={hp.n_layer}, n_embd={hp.n_embd}, n_head={hp.n_head}, n_ctx={hp.n_ctx}, "
+                f"n_vocab={hp.n_vocab}, device={self.device!r}, path={self.path!r})")
+
+    # ---------------------------------------------------------------- full sequences
+
+    def _block(self, x, p, batch, length, keep=None):
+        """One transformer block on x [B*T, E]; returns (x, k, v) with k, v [B, H, T, D].
+
+        ``keep``: attention mask broadcastable to [B, H, T, T] (1 = attend);
+        default causal.
+        """
+        hp = self.hparams
+        a = _layer_norm(x, p["ln_1/g"], p["ln_1/b"])
+        qkv = tf.matmul(a, p["attn/c_attn/w"]) + p["attn/c_attn/b"]
+        qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, hp.n_head, hp.head_dim]), [2, 0, 3, 1, 4])
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        w = tf.matmul(q, k, transpose_b=True) * self._scale
+        if keep is None:
+            keep = tf.linalg.band_part(tf.ones([length, length], tf.float32), -1, 0)
+        w = _softmax(_mask_scores(w, keep))
+        a = tf.matmul(w, v)  # [B, H, T, D]
+        a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [batch * length, hp.n_embd])
+        x = x + tf.matmul(a, p["attn/c_proj/w"]) + p["attn/c_proj/b"]
+        x = x + _mlp(_layer_norm(x, p["ln_2/g"], p["ln_2/b"]), p)
+        return x, k, v
+
+    def _embed(self, ids, positions):
+        # Gather from the variables' dense values: a sparse read (ResourceGather) would put
+        # the variable in copy-on-read mode and every later read of wte would copy 60+ MB.
+        return tf.gather(self._wte.value(), ids) + tf.gather(self._wpe.value(), positions)
+
+    def _forward_graph(self, ids, n_blocks: int, final_norm: bool, logits: bool):
+        batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
+        x = tf.reshape(self._embed(ids, tf.range(length)), [batch * length, self.hparams.n_embd])
+        for p in self._layers[:n_blocks]:
+            x, _, _ = self._block(x, p, batch, length)
+        if final_norm:
+            x = _layer_norm(x, *self._ln_f)
+        if logits:
+            x = tf.matmul(x, self._wte, transpose_b=True)
+        return tf.reshape(x, [batch, length, -1])
+
+    def _forward(self, kind: str, n_blocks: int, ids, lengths) -> np.ndarray:
+        arr, lens = _as_batch(ids, self.hparams.n_vocab, self.hparams.n_ctx, lengths)
+        key = (kind, n_blocks)
+        fn = self._forward_fns.get(key)
+        if fn is None:
+            final = kind != "residual"
+            graph = lambda x: self._forward_graph(x, n_blocks, final, kind == "logits")  # noqa: E731
+            fn = self._forward_fns[key] = tf.function(graph, input_signature=[_IDS_2D])
+        with tf.device(self.device):
+            out = fn(tf.constant(arr)).numpy()
+        if (lens < arr.shape[1]).any():
+            out[np.arange(arr.shape[1])[None, :] >= lens[:, None]] = 0.0
+        return out
+
+    def logits(self, ids, lengths=None) -> np.ndarray:
+        """Next-token logits at every position: float32 [batch, T, n_vocab].
+
+        ``ids``: list of id lists (unequal lengths are right-padded) or a 2-D
+        int array; ``lengths`` optionally gives each row's real length in a
+        padded array.  Rows are independent: a batch gives its rows' numbers.
+        """
+        return self._forward("logits", self.hparams.n_layer, ids, lengths)
+
+    def hidden(self, ids, layer: int = -1, lengths=None) -> np.ndarray:
+        """Hidden states, float32 [batch, T, n_embd]; never computes logits.
+
+        ``layer=-1`` (default): the final layer-normed states (after ``ln_f``,
+        what the original's ``h_flat`` holds).  ``layer=N`` (0-based): the
+        residual stream right after block N, without ``ln_f`` (blocks after N
+        are not run).
+        """
+        n_layer = self.hparams.n_layer
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -1 <= layer < n_layer:
+            raise ModelError(f"layer must be -1 (final output) or 0..{n_layer - 1}, got {layer!r}")
+        layer = int(layer)
+        if layer == -1:
+            return self._forward("hidden", n_layer, ids, lengths)
+        return self._forward("residual", layer + 1, ids, lengths)
+
+    # ---------------------------------------------------------------- incremental decoding
+
+    def _prefill_graph(self, ids, offsets, keys, values):
+        """ids [B, T] left-padded by offsets [B]; fills cache slots 0..T-1, returns logits at slot T-1."""
+        hp = self.hparams
+        batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
+        slots = tf.range(length)
+        positions = tf.maximum(slots[None, :] - offsets[:, None], 0)
+        x = tf.reshape(self._embed(ids, positions), [batch * length, hp.n_embd])
+        causal = slots[None, :, None] >= slots[None, None, :]                       # [1, T, T]
+        real = slots[None, None, :] >= offsets[:, None, None]                      # [B, 1, T]
+        keep = tf.cast(tf.logical_and(causal, real), tf.float32)[:, None, :, :]    # [B, 1, T, T]
+        where = _cache_index(batch, hp.n_head, slots)  # [B, H, T, 3]
+        for p, kc, vc in zip(self._layers, keys, values):
+            x, k, v = self._block(x, p, batch, length, keep)
+            kc.scatter_nd_update(where, k)
+            vc.scatter_nd_update(where, v)
+        h = tf.reshape(x, [batch, length, hp.n_embd])[:, -1, :]
+        h = _layer_norm(h, *self._ln_f)
+        return tf.matmul(h, self._wte, transpose_b=True)
+
+    def _decode_graph(self, ids, slot, offsets, keys, values, long_span: bool = False):
+        """ids [B] at cache slot ``slot`` (scalar); returns their logits [B, V].
+
+        Attention over the slots 0..slot is computed with elementwise
+        multiply-and-sum for short spans (a few cheap Eigen ops; batched
+        matmuls of a 1-row query cost more in fixed overhead than they save)
+        and with batched matmuls for long spans (``long_span``).
+        """
+        hp = self.hparams
+        H, D = hp.n_head, hp.head_dim
+        batch = tf.shape(ids)[0]
+        x = self._embed(ids, slot - offsets)  # [B, E]
+        span = slot + 1
+        keep = tf.cast(tf.range(span)[None, None, :] >= offsets[:, None, None], tf.float32)  # [B, 1, S]
+        where = _cache_index(batch, H, slot[None])        # [B, H, 1, 3]: this token's slot
+        upto = tf.broadcast_to(tf.range(span), [batch, H, span])  # slots 0..slot of every row and head
+        for lp, kc, vc in zip(self._layers, keys, values):
+            a = _layer_norm(x, lp["ln_1/g"], lp["ln_1/b"])
+            qkv = tf.matmul(a, lp["attn/c_attn/w"]) + lp["attn/c_attn/b"]
+            q, k, v = tf.split(qkv, 3, axis=1)
+            kc.scatter_nd_update(where, tf.reshape(k, [batch, H, 1, D]))
+            vc.scatter_nd_update(where, tf.reshape(v, [batch, H, 1, D]))
+            q = tf.reshape(q, [batch, H, 1, D])
+            ks, vs = _read_slots(kc, upto), _read_slots(vc, upto)  # [B, H, S, D]
+            if long_span:
+                w = tf.matmul(q, ks, transpose_b=True)[:, :, 0, :] * self._scale
+            else:
+                w = tf.reduce_sum(q * ks, axis=-1) * self._scale  # [B, H, S]
+            w = _softmax(_mask_scores(w, keep))
+            if long_span:
+                a = tf.matmul(w[:, :, None, :], vs)
+            else:
+                a = tf.reduce_sum(w[:, :, :, None] * vs, axis=2)  # [B, H, D]
+            a = tf.reshape(a, [batch, hp.n_embd])
+            x = x + tf.matmul(a, lp["attn/c_proj/w"]) + lp["attn/c_proj/b"]
+            x = x + _mlp(_layer_norm(x, lp["ln_2/g"], lp["ln_2/b"]), lp)
+        h = _layer_norm(x, *self._ln_f)
+        return tf.matmul(h, self._wte, transpose_b=True)
+
+    def _new_cache(self, batch: int, max_len: int, offsets: np.ndarray, slot: int) -> Cache:
+        hp = self.hparams
+        shape = [batch, hp.n_head, max_len, hp.head_dim]
+        loose = tf.TensorShape([None, hp.n_head, None, hp.head_dim])  # one trace for every batch/length
+        with tf.device(self.device):
+            keys = [tf.Variable(tf.zeros(shape, tf.float32), shape=loose, trainable=False)
+                    for _ in range(hp.n_layer)]
+            values = [tf.Variable(tf.zeros(shape, tf.float32), shape=loose, trainable=False)
+                      for _ in range(hp.n_layer)]
+            offsets_t = tf.constant(offsets.astype(np.int32))
+        return Cache(keys, values, offsets.astype(np.int64), offsets_t, slot, max_len)
+
+    def _cache_fn(self, kind, cache: Cache):
+        """The compiled prefill (kind 'prefill') or decode step (kind False/True: long span).
+
+        Each is traced once, on first use, with unknown batch size, length and
+        cache size, so that no later call retraces.
+        """
+        fn = self._prefill_fn if kind == "prefill" else self._decode_fns[kind]
+        if kind not in self._traced:
+            with tf.device(self.device):
+                if kind == "prefill":
+                    fn.get_concrete_function(_IDS_2D, _IDS_1D, cache.keys, cache.values)
+                else:
+                    fn.get_concrete_function(_IDS_1D, tf.TensorSpec([], tf.int32), _IDS_1D, cache.keys, cache.values)
+            self._traced.add(kind)
+        return fn
+
+    def start(self, ids, lengths=None, max_len: Optional[int] = None) -> Tuple[Cache, np.ndarray]:
+        """Prefill a cache with a batch of prompts: returns (cache, logits_last [batch, n_vocab]).
+
+        ``ids``: list of id lists (unequal lengths are right-padded) or a 2-D
+        array with optional ``lengths``.  ``logits_last[b]`` are the logits
+        after row b's last real token.  ``max_len`` (default n_ctx) is the
+        cache size: the longest prompt plus every step must fit in it;
+        a smaller one saves memory and time (the cache is
+        2 * n_layer * batch * max_len * n_embd floats).
+        """
+        hp = self.hparams
+        arr, lens = _as_batch(ids, hp.n_vocab, hp.n_ctx, lengths)
+        max_len = hp.n_ctx if max_len is None else int(max_len)
+        if not arr.shape[1] <= max_len <= hp.n_ctx:
+            raise ModelError(f"max_len must be between the prompt length {arr.shape[1]} and n_ctx {hp.n_ctx}, "
+                             f"got {max_len}")
+        width = arr.shape[1]
+        offsets = (width - lens).astype(np.int64)
+        if offsets.any():  # right-padded -> left-padded: every row ends at slot width-1
+            left = np.zeros_like(arr)
+            for b, (n, off) in enumerate(zip(lens, offsets)):
+                left[b, off:] = arr[b, :n]
+            arr = left
+        cache = self._new_cache(arr.shape[0], max_len, offsets, width)
+        with tf.device(self.device):
+            out = self._cache_fn("prefill", cache)(tf.constant(arr), cache._offsets_t, cache.keys, cache.values)
+        return cache, out.numpy()
+
+    def step(self, cache: Cache, next_ids) -> np.ndarray:
+        """Append one token per row to the cache; returns its logits [batch, n_vocab].
+
+        ``next_ids``: one id per row (sequence of ints or an int array of shape
+        [batch] or [batch, 1]).  The compiled step is shared by every batch
+        size and length.  Raises ModelError when the cache is full.
+        """
+        ids = np.asarray(next_ids).reshape(-1)
+        if ids.shape[0] != cache.batch_size:
+            raise ModelError(f"{ids.shape[0]} next ids for a cache of {cache.batch_size} rows")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ModelError(f"token ids must be integers, got {ids.dtype}")
+        if ((ids < 0) | (ids >= self.hparams.n_vocab)).any():
+            raise ModelError(f"token id outside the vocabulary (0..{self.hparams.n_vocab - 1})")
+        if cache.room <= 0:
+            raise ModelError(f"the cache is full ({cache.max_len} tokens); start with a larger max_len")
+        with tf.device(self.device):
+            decode = self._cache_fn(cache.slot >= _LONG_SPAN, cache)
+            out = decode(tf.constant(ids.astype(np.int32)), tf.constant(cache.slot, tf.int32),
+                         cache._offsets_t, cache.keys, cache.values)
+        cache.slot += 1
+        return out.numpy()
+
+
+# --------------------------------------------------------------------------- loading
+
+def _make_variable(name: str, value) -> "tf.Variable":
+    """A trainable float32 variable; conv1d weights [1, in, out] are stored as [in, out]."""
+    if name.endswith("/w"):
+        value = value[0]
+    return tf.Variable(tf.convert_to_tensor(value, tf.float32), name=name.replace("/", "_"), trainable=True)
+
+
+def load(model_dir: str | os.PathLike, device: Optional[str] = None) -> Model:
+    """Load a model directory (checkpoint + optional hparams.json) into a Model.
+
+    The checkpoint is found as ``find_checkpoint`` says; hparams come from
+    ``hparams.json`` or the variables' shapes; every variable is checked, then
+    read one at a time into a tf.Variable on ``device`` (default: CPU, or the
+    result of ``select_device``), so at most one extra variable is in memory
+    besides the weights.  Every failure is a one-line ModelError.
+    """
+    device = device or CPU
+    reader, hp = open_checkpoint(model_dir)
+    variables = {}
+    try:
+        with tf.device(device):
+            for name in variable_shapes(hp):
+                value = reader.get(name)
+                variables[name] = _make_variable(name, value)
+                del value
+    except ModelError:
+        raise
+    except read_errors() as e:
+        raise ModelError(f"cannot load {reader.prefix}: {_tf_message(e)}") from None
+    return Model(hp, variables, device=device, path=reader.prefix)
