@@ -1,0 +1,193 @@
+"""Flags, model/vocabulary resolution and output handling shared by the tools.
+
+Nothing here imports TensorFlow at module level, so ``--help`` stays fast;
+``load_model`` imports it when a tool really needs the model.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "gpt2ja-medium"
+
+
+def add_model_flags(p: argparse.ArgumentParser, gpu_default: str = "0") -> None:
+    """--model, --vocab, --gpu, --verbose: the flags every model tool has."""
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model directory (an unpacked gpt2ja-*.tar.bz2); default %(default)s")
+    p.add_argument("--vocab", metavar="DIR", default=None,
+                   help="directory with ja-bpe.txt and emoji.json (default: $GPT2JA_VOCAB, "
+                        "the encoder package directory, then the model directory)")
+    p.add_argument("--gpu", default=gpu_default,
+                   help="GPU device id, or -1 for the CPU; without that GPU the CPU is used "
+                        "(default %(default)s)")
+    p.add_argument("--verbose", action="store_true",
+                   help="log what happens (device, timings, TensorFlow's own messages) on stderr")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def log(args, message: str) -> None:
+    if getattr(args, "verbose", False):
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+
+def quiet_tensorflow(verbose: bool) -> None:
+    """TensorFlow's C++ and Python log lines go away unless --verbose."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
+def load_encoder(args):
+    """The encoder from --vocab, $GPT2JA_VOCAB, the package directory, or the
+    model directory -- in that order."""
+    import encoder
+
+    if args.vocab is not None:
+        return encoder.load(args.vocab)
+    try:
+        return encoder.load()
+    except encoder.VocabError as first:
+        model_dir = Path(args.model)
+        if (model_dir / encoder.VOCAB_FILE).is_file():
+            return encoder.load(model_dir)
+        raise encoder.VocabError(f"{first}; also looked in the model directory {model_dir}") from None
+
+
+def load_model(args, enc=None):
+    """Select the device (--gpu), load --model, check it against the vocabulary."""
+    quiet_tensorflow(args.verbose)
+    import model
+
+    device = model.select_device(str(args.gpu), verbose=args.verbose)
+    log(args, f"device: {device}")
+    m = model.load(args.model, device=device)
+    if enc is not None:
+        model.check_vocab(m.hparams, len(enc))
+    return m
+
+
+def read_stdin_text() -> str:
+    """All of stdin as text (strict UTF-8), or a UsageError."""
+    try:
+        data = sys.stdin.buffer.read()
+    except (OSError, ValueError, AttributeError) as e:
+        raise UsageError(f"cannot read standard input: {e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"standard input is not UTF-8 (invalid byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+def read_lines(path: str):
+    """(line number, text) for each line of a file or '-' (stdin), strict
+    UTF-8, line terminators removed; read lazily so pipelines stream."""
+    if path == "-":
+        stream = sys.stdin.buffer
+        name = "standard input"
+    else:
+        try:
+            stream = open(path, "rb")
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+        name = path
+    try:
+        for number, raw in enumerate(stream, 1):
+            if raw.endswith(b"\n"):
+                raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{name}, line {number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {name}: {e.strerror or e}") from None
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+class AtomicOutput:
+    """A text file written under a temporary name and renamed into place on
+    success; on failure the temporary file is removed and the target (if it
+    existed) is left untouched."""
+
+    def __init__(self, path: str, mode: str = "w"):
+        self.path = os.path.abspath(path)
+        self.mode = mode
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            raise UsageError(f"cannot write {path}: no such directory {directory}")
+        try:
+            fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=directory)
+        except OSError as e:
+            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+        self.file = os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
+                os.chmod(self.tmp, 0o666 & ~_umask())
+                os.replace(self.tmp, self.path)
+            except OSError as e:
+                self._discard()
+                raise UsageError(f"cannot write {self.path}: {e.strerror or e}") from None
+        else:
+            self._discard()
+        return False
+
+    def _discard(self):
+        try:
+            self.file.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def progress(iterable=None, total=None, desc=None, unit="it", force=False):
+    """A tqdm bar on stderr, shown only when stderr is a terminal (or forced)."""
+    from tqdm import tqdm
+
+    disable = not (force or sys.stderr.isatty())
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=disable, leave=False)

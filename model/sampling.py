@@ -1,0 +1,98 @@
+"""Choosing the next token: temperature, top-p / top-k, and sampling.
+
+Small functions over numpy logits, with the original sampler's semantics:
+temperature first; then top_p when > 0 (keep the most likely tokens whose
+exclusive cumulative probability is below p, and every token tied with the
+least likely of them), else top_k when > 0 (keep every logit at least the
+k-th largest, ties included), else the full distribution.  Filtered logits
+are set to -1e10, as the original does, so that a row with nothing left
+falls back to a uniform draw instead of failing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MASKED = np.float32(-1e10)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn.  ``temperature`` 0 means greedy (argmax).
+
+    ``min_length``: <|endoftext|> is never drawn for the first min_length
+    tokens of a sample.
+    """
+
+    top_k: int = 40
+    top_p: float = 0.0
+    temperature: float = 1.0
+    min_length: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be between 0 and 1, got {self.top_p}")
+        if not (self.temperature >= 0.0 and np.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
+        if self.min_length < 0:
+            raise ValueError(f"min_length must not be negative, got {self.min_length}")
+
+
+def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
+    """Logits [n] with every value below the k-th largest set to -1e10."""
+    n = logits.shape[-1]
+    if k <= 0 or k >= n:
+        return logits
+    kth = logits.max() if k == 1 else np.partition(logits, n - k)[n - k]
+    return np.where(logits < kth, MASKED, logits)
+
+
+def top_p_filter(logits: np.ndarray, p: float) -> np.ndarray:
+    """Logits [n] keeping the smallest set of most likely tokens whose
+    exclusive cumulative probability is below p (at least the most likely
+    one, and every token tied with the least likely kept one)."""
+    if p <= 0.0:
+        return logits
+    ordered = np.sort(logits)[::-1]
+    probs = softmax(ordered)
+    exclusive = np.cumsum(probs) - probs
+    kept = ordered[exclusive < p]
+    threshold = kept.min() if kept.size else ordered[0]
+    return np.where(logits < threshold, MASKED, logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(), dtype=np.float64)
+    return z / z.sum()
+
+
+def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+           forbid: int | None = None) -> int:
+    """One token from one row of logits [n_vocab].
+
+    ``forbid``: a token id that must not be drawn (<|endoftext|> during the
+    first min_length tokens); like the original, it is removed after the
+    top-k/top-p filter.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    if params.temperature == 0.0:
+        if forbid is not None:
+            logits = logits.copy()
+            logits[forbid] = -np.inf
+        return int(np.argmax(logits))
+    if params.temperature != 1.0:
+        logits = logits / np.float32(params.temperature)
+    if params.top_p > 0.0:
+        logits = top_p_filter(logits, params.top_p)
+    elif params.top_k > 0:
+        logits = top_k_filter(logits, params.top_k)
+    if forbid is not None:
+        logits = np.array(logits)
+        logits[forbid] = -np.inf
+    probs = softmax(logits)
+    cdf = np.cumsum(probs)
+    u = rng.random() * cdf[-1]
+    return min(int(np.searchsorted(cdf, u, side="right")), logits.shape[0] - 1)
