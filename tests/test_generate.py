@@ -1,0 +1,404 @@
+"""gpt2-generate.py and model.generate: goldens, properties, pipelines, errors."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import encoder
+import model
+from cli import generate as cli_generate
+from cli.errors import UsageError
+from model.generate import GenerateOptions, Generator, TextAssembler
+from model.npdecode import NumpyDecoder, cpu_weights
+from model.sampling import SamplingParams, choose, top_k_filter, top_p_filter
+
+from conftest import ROOT
+
+SCRIPT = str(ROOT / "gpt2-generate.py")
+
+
+@pytest.fixture(scope="module")
+def enc(vocab_dir):
+    return encoder.load(vocab_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return model.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def records(golden):
+    with open(golden / "tiny" / "generate.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def env(vocab_dir, monkeypatch):
+    monkeypatch.setenv("GPT2JA_VOCAB", str(vocab_dir))
+    e = dict(os.environ)
+    e["GPT2JA_VOCAB"] = str(vocab_dir)
+    return e
+
+
+def _main(argv, capsys):
+    """Run the CLI in this process (TensorFlow is loaded once for all tests)."""
+    assert cli_generate.main(argv) == 0
+    return capsys.readouterr()
+
+
+def _cli(args, env, stdin=None, timeout=180):
+    return subprocess.run([sys.executable, SCRIPT, *args], input=stdin, capture_output=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+
+
+# -- goldens ------------------------------------------------------------------------
+
+
+def test_golden_stdout_every_record(records, tiny_model_dir, env, capsys):
+    assert len(records) == 13
+    for r in records:
+        out = _main(["--model", str(tiny_model_dir), "--gpu", "-1", *r["args"]], capsys)
+        assert out.out == r["stdout"], r["args"]
+
+
+def test_golden_stdout_through_the_script(records, tiny_model_dir, env):
+    for r in (records[0], records[1], records[-1]):
+        p = _cli(["--model", str(tiny_model_dir), "--gpu", "-1", *r["args"]], env)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.decode("utf-8") == r["stdout"]
+        assert p.stderr == b""  # TensorFlow's chatter is silenced
+
+
+def test_golden_with_tensorflow_engine(records, tiny, enc):
+    gen = Generator(tiny, enc, engine="tf")
+    for r in records[:2]:
+        a = dict(zip(r["args"][::2], r["args"][1::2]))
+        opts = GenerateOptions(top_k=1, max_length=int(a["--max_length"]), min_length=int(a.get("--min_length", 0)))
+        texts = gen.generate(a["--context"], int(a["--num_generate"]), opts)
+        assert "\n========\n".join(texts) + "\n" == r["stdout"]
+
+
+# -- the decoding engines -------------------------------------------------------------
+
+
+def test_numpy_cache_equals_full_recompute(tiny, enc):
+    ids = enc.encode("俺の名前は坂本俊之。何処にでもいるサラリーマンだ。")
+    full = tiny.logits([ids])[0]
+    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
+    first = dec.start(np.array([ids[:5]]))
+    np.testing.assert_allclose(first[0], full[4], atol=1e-4)
+    for t in range(5, len(ids)):
+        step = dec.step([ids[t]])
+        np.testing.assert_allclose(step[0], full[t], atol=1e-4)
+
+
+def test_numpy_batch_equals_rows(tiny, enc):
+    rows = [enc.encode(t)[:4] for t in ("今日は良い天気です", "明日も晴れるかな", "江戸時代のインターネット回線")]
+    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
+    batch = dec.start(np.array(rows))
+    nxt = dec.step([1, 2, 3])
+    for b, row in enumerate(rows):
+        single = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
+        np.testing.assert_allclose(single.start(np.array([row]))[0], batch[b], atol=1e-5)
+        np.testing.assert_allclose(single.step([b + 1])[0], nxt[b], atol=1e-5)
+
+
+def test_numpy_weights_are_views_not_copies(tiny):
+    weights = cpu_weights(tiny)
+    assert not weights["model/wte"].flags["OWNDATA"]
+
+
+def test_rewind_and_keep(tiny, enc):
+    ids = enc.encode("明日も晴れるかな")
+    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
+    dec.start(np.array([ids, ids]))
+    dec.step([5, 6])
+    dec.rewind(len(ids))
+    dec.keep([1])
+    again = dec.step([6])[0]
+    np.testing.assert_allclose(again, tiny.logits([ids + [6]])[0, -1], atol=1e-4)
+
+
+def _small_ctx_model(n_ctx=24):
+    hp = model.HParams(n_vocab=20573, n_ctx=n_ctx, n_embd=32, n_head=2, n_layer=2)
+    return model.Model.from_weights(model.random_weights(hp, seed=3), hparams=hp)
+
+
+def test_sliding_window_past_the_context(enc):
+    m = _small_ctx_model()
+    gen = Generator(m, enc)
+    calls = []
+    engine = gen.engine()
+    original = engine.start
+    engine.start = lambda ids: calls.append(np.asarray(ids).copy()) or original(ids)
+    text = gen.generate("今日は", 1, GenerateOptions(temperature=0, max_length=200))[0]
+    assert len(calls) >= 2  # restarted from the window at least once
+    window = calls[1][0]
+    assert len(window) == m.hparams.n_ctx // 2
+    assert len(text) > 0
+
+
+def test_sliding_window_continues_from_the_recent_tokens(enc):
+    m = _small_ctx_model(n_ctx=16)
+    gen = Generator(m, enc)
+    engine = gen.engine()
+    fed = []  # ("start", window) and ("step", token) in order
+    real_start, real_step = engine.start, engine.step
+    engine.start = lambda ids: fed.append(("start", list(np.asarray(ids)[0]))) or real_start(ids)
+    engine.step = lambda ids: fed.append(("step", int(np.asarray(ids)[0]))) or real_step(ids)
+    gen.generate("今日は", 1, GenerateOptions(temperature=0, max_length=80))
+    windows = [w for kind, w in fed if kind == "start"]
+    assert len(windows) >= 3
+    seen = []
+    for kind, value in fed:
+        if kind == "start":
+            if seen:
+                # the new window is the most recent n_ctx/2 tokens, ending with the token just drawn
+                assert value[:-1] == seen[-(m.hparams.n_ctx // 2) + 1:]
+                assert len(value) == m.hparams.n_ctx // 2
+            seen = list(value)
+        else:
+            seen.append(value)
+        assert len(seen) <= m.hparams.n_ctx
+
+
+# -- sampling ---------------------------------------------------------------------------
+
+
+def _rows(tiny, enc, n=20):
+    ids = enc.encode("今日は良い天気です。明日も晴れるかな。江戸時代のインターネット回線")[:n]
+    return tiny.logits([ids])[0]
+
+
+def test_top_k_draws_only_the_k_best(tiny, enc):
+    rng = np.random.default_rng(0)
+    params = SamplingParams(top_k=5)
+    for logits in _rows(tiny, enc):
+        allowed = set(np.argsort(-logits)[:5].tolist())
+        for _ in range(30):
+            assert choose(logits, params, rng) in allowed
+
+
+def test_top_k_keeps_ties():
+    logits = np.array([1.0, 3.0, 2.0, 2.0, 0.5], np.float32)
+    kept = top_k_filter(logits, 2)
+    assert (kept > -1e9).tolist() == [False, True, True, True, False]
+
+
+def test_top_p_keeps_smallest_set_by_exclusive_cumulative_probability():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs).astype(np.float32)
+    kept = lambda p: (top_p_filter(logits, p) > -1e9).tolist()  # noqa: E731
+    assert kept(0.5) == [True, False, False, False]  # exclusive sums 0, .5, .8, .95
+    assert kept(0.51) == [True, True, False, False]
+    assert kept(0.81) == [True, True, True, False]
+    assert kept(1e-9) == [True, False, False, False]  # always at least one
+
+
+def test_top_p_draws_only_inside_the_nucleus(tiny, enc):
+    rng = np.random.default_rng(1)
+    params = SamplingParams(top_k=0, top_p=0.3)
+    for logits in _rows(tiny, enc, 10):
+        allowed = set(np.flatnonzero(top_p_filter(logits, 0.3) > -1e9).tolist())
+        for _ in range(30):
+            assert choose(logits, params, rng) in allowed
+
+
+def test_forbidden_token_never_drawn(enc):
+    rng = np.random.default_rng(2)
+    logits = np.zeros(len(enc), np.float32)
+    logits[enc.eos_id] = 10.0  # by far the most likely
+    for params in (SamplingParams(top_k=40), SamplingParams(top_k=1), SamplingParams(temperature=0)):
+        for _ in range(50):
+            assert choose(logits, params, rng, forbid=enc.eos_id) != enc.eos_id
+
+
+def test_min_length_blocks_end_of_text(tiny, enc):
+    gen = Generator(tiny, enc)
+    eos_steps = []
+    engine = gen.engine()
+    real_step = engine.step
+    # make <|endoftext|> the most likely token at every step
+    def step(ids):
+        out = real_step(ids)
+        out[:, enc.eos_id] = out.max() + 5.0
+        eos_steps.append(1)
+        return out
+    engine.step = step
+    real_start = engine.start
+    def start(ids):
+        out = real_start(ids)
+        out[:, enc.eos_id] = out.max() + 5.0
+        return out
+    engine.start = start
+    texts = gen.generate("今日は", 3, GenerateOptions(top_k=1, min_length=7, max_length=1000, seed=1))
+    # seven tokens drawn (one after the prefill, six after steps), then <|endoftext|>
+    assert len(eos_steps) == 7
+    assert all(texts)
+
+
+def test_temperature_zero_is_greedy(tiny, enc):
+    gen = Generator(tiny, enc)
+    a = gen.generate("明日も晴れるかな", 2, GenerateOptions(temperature=0, max_length=40, seed=1))
+    b = gen.generate("明日も晴れるかな", 1, GenerateOptions(top_k=1, max_length=40, seed=2))
+    assert a == [b[0], b[0]]
+
+
+def test_sampling_params_validate():
+    with pytest.raises(ValueError):
+        SamplingParams(top_k=-1)
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-0.1)
+
+
+# -- seeds, batches, streaming ------------------------------------------------------------
+
+
+def test_same_seed_same_samples(tiny, enc):
+    gen = Generator(tiny, enc)
+    opts = GenerateOptions(top_k=40, max_length=60, seed=7)
+    assert gen.generate("今日は", 3, opts) == gen.generate("今日は", 3, opts)
+    other = gen.generate("今日は", 3, GenerateOptions(top_k=40, max_length=60, seed=8))
+    assert other != gen.generate("今日は", 3, opts)
+
+
+def test_batch_equals_single_samples(tiny, enc):
+    gen = Generator(tiny, enc)
+    opts = GenerateOptions(top_k=20, max_length=50, seed=11)
+    batch = gen.generate("江戸時代の", 4, opts)
+    singles = [gen.generate("江戸時代の", 1, opts, first=i)[0] for i in range(4)]
+    assert batch == singles
+    assert len(set(batch)) > 1
+
+
+def test_text_assembler_holds_back_partial_characters(enc):
+    ids = enc.encode("a\U000e0100b😀")  # a character that only exists as byte tokens
+    asm = TextAssembler(enc)
+    pieces = [asm.push(i) for i in ids] + [asm.finish()]
+    assert "".join(pieces) == enc.decode(ids)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_equals_plain_output(tiny_model_dir, env, capsys):
+    base = ["--model", str(tiny_model_dir), "--gpu", "-1", "--num_generate", "1", "--max_length", "60",
+            "--seed", "5", "--context", "今日は"]
+    plain = _main(base, capsys).out
+    streamed = _main(base + ["--stream"], capsys).out
+    assert streamed == plain and len(plain) > 10
+
+
+def test_cli_seed_reproducible(tiny_model_dir, env, capsys):
+    args = ["--model", str(tiny_model_dir), "--gpu", "-1", "--num_generate", "2", "--max_length", "40", "--seed", "3"]
+    assert _main(args, capsys).out == _main(args, capsys).out
+
+
+# -- pipelines ------------------------------------------------------------------------------
+
+
+def test_jsonl_and_contexts_file(tiny_model_dir, tmp_path, env, capsys, records):
+    contexts = tmp_path / "contexts.txt"
+    contexts.write_text("文字列をフォント '0' の変換テーブルとして使用する。 詳しくは 'ac' 機能を参照すること。\n明日も晴れるかな\n",
+                        encoding="utf-8")
+    out = _main(["--model", str(tiny_model_dir), "--gpu", "-1", "--contexts", str(contexts), "--num_generate", "2",
+                 "--top_k", "1", "--max_length", "80", "--format", "jsonl"], capsys).out
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["context"], r["index"]) for r in rows] == [
+        ("文字列をフォント '0' の変換テーブルとして使用する。 詳しくは 'ac' 機能を参照すること。", 0),
+        ("文字列をフォント '0' の変換テーブルとして使用する。 詳しくは 'ac' 機能を参照すること。", 1),
+        ("明日も晴れるかな", 0), ("明日も晴れるかな", 1)]
+    assert rows[0]["text"] + "\n========\n" + rows[1]["text"] + "\n" == records[0]["stdout"]
+
+
+def test_context_from_stdin(tiny_model_dir, env, records):
+    r = records[0]
+    args = [a for a in r["args"]]
+    context = args[args.index("--context") + 1]
+    args[args.index("--context") + 1] = "-"
+    p = _cli(["--model", str(tiny_model_dir), "--gpu", "-1", *args], env, stdin=(context + "\n").encode("utf-8"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode("utf-8") == r["stdout"]
+
+
+def test_output_file_written_atomically(tiny_model_dir, tmp_path, env, capsys, records):
+    target = tmp_path / "out.txt"
+    r = records[0]
+    out = _main(["--model", str(tiny_model_dir), "--gpu", "-1", "--output_file", str(target), *r["args"]], capsys)
+    assert out.out == ""
+    assert target.read_text(encoding="utf-8") == r["stdout"]
+    # a run that fails half-way leaves the previous file as it was, and no temporary file
+    bad = tmp_path / "contexts.txt"
+    bad.write_bytes("今日は\n".encode() + b"\xff\xfe\n")
+    with pytest.raises(UsageError, match="line 2: invalid UTF-8"):
+        cli_generate.main(["--model", str(tiny_model_dir), "--gpu", "-1", "--contexts", str(bad),
+                           "--output_file", str(target), "--num_generate", "1", "--max_length", "10"])
+    assert target.read_text(encoding="utf-8") == r["stdout"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["contexts.txt", "out.txt"]
+
+
+def test_broken_pipe_is_quiet(tiny_model_dir, env):
+    p = subprocess.Popen([sys.executable, SCRIPT, "--model", str(tiny_model_dir), "--gpu", "-1", "--num_generate",
+                          "40", "--max_length", "300", "--format", "jsonl", "--seed", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    first = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read()
+    p.wait(timeout=180)
+    assert json.loads(first)["index"] == 0
+    assert err == b""
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--top_k", "-1"], "--top_k must not be negative"),
+    (["--top_p", "1.5"], "--top_p must be between 0 and 1"),
+    (["--top_k", "5", "--top_p", "0.5"], "exclusive"),
+    (["--temperature", "-1"], "--temperature must be positive"),
+    (["--stream", "--num_generate", "2"], "--stream prints one sample"),
+    (["--context", "x", "--contexts", "-"], "exclusive"),
+])
+def test_usage_errors_before_loading(args, message):
+    with pytest.raises(UsageError, match=message):
+        cli_generate.main(["--model", "/nonexistent", *args])
+
+
+def test_min_length_too_large(tiny_model_dir, env):
+    with pytest.raises(UsageError, match="--min_length must be below n_ctx/2 = 512"):
+        cli_generate.main(["--model", str(tiny_model_dir), "--gpu", "-1", "--min_length", "512"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--num_generate", "0"], "must be at least 1"),
+    (["--top_p", "2"], "--top_p must be between 0 and 1"),
+    (["--max_length", "-3"], "must not be negative"),
+    (["--vocab", "/nonexistent/vocab"], "ja-bpe.txt"),
+])
+def test_cli_errors_are_one_line(args, message, tiny_model_dir, env):
+    p = _cli(["--model", str(tiny_model_dir), "--gpu", "-1", *args], env)
+    err = p.stderr.decode("utf-8")
+    assert p.returncode == 2
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("gpt2-generate.py: error:")
+
+
+def test_invalid_stdin(tiny_model_dir, env):
+    p = _cli(["--model", str(tiny_model_dir), "--gpu", "-1", "--context", "-"], env, stdin=b"\xff\xfe")
+    assert p.returncode == 2 and b"not UTF-8" in p.stderr and b"Traceback" not in p.stderr
+
+
+def test_help_does_not_import_tensorflow(env):
+    code = ("import runpy, sys; sys.argv = ['gpt2-generate.py', '--help']\n"
+            "try:\n    runpy.run_path(%r, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('TF' if 'tensorflow' in sys.modules else 'NO TF', file=sys.stderr)" % SCRIPT)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT, timeout=60)
+    assert b"--num_generate" in p.stdout
+    assert p.stderr.strip().endswith(b"NO TF")
