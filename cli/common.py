@@ -56,6 +56,13 @@ def log(args, message: str) -> None:
         sys.stderr.flush()
 
 
+def warn(message: str) -> None:
+    """One warning line on stderr, prefixed with the tool's name."""
+    prog = os.path.basename(sys.argv[0]) or "gpt2-japanese"
+    sys.stderr.write(f"{prog}: warning: {message}\n")
+    sys.stderr.flush()
+
+
 def quiet_tensorflow(verbose: bool) -> None:
     """TensorFlow's C++ and Python log lines go away unless --verbose."""
     if not verbose:
