@@ -87,12 +87,26 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         logits = logits / np.float32(params.temperature)
     if params.top_p > 0.0:
         logits = top_p_filter(logits, params.top_p)
-    elif params.top_k > 0:
-        logits = top_k_filter(logits, params.top_k)
+    elif 0 < params.top_k < logits.shape[0]:
+        # Only the kept tokens can be drawn: work on them alone.  The draw
+        # is the same as over the whole masked row (masked tokens have
+        # probability 0 and do not move the cumulative sums).
+        n = logits.shape[0]
+        kth = logits.max() if params.top_k == 1 else np.partition(logits, n - params.top_k)[n - params.top_k]
+        kept = np.flatnonzero(logits >= kth)
+        if forbid is not None:
+            kept = kept[kept != forbid]
+        if kept.size:
+            return int(kept[_draw(logits[kept], rng)])
+        logits = np.full_like(logits, MASKED)  # only the forbidden token was kept: uniform, as the original
     if forbid is not None:
         logits = np.array(logits)
         logits[forbid] = -np.inf
-    probs = softmax(logits)
-    cdf = np.cumsum(probs)
+    return _draw(logits, rng)
+
+
+def _draw(logits: np.ndarray, rng: np.random.Generator) -> int:
+    """An index drawn with probability softmax(logits)."""
+    cdf = np.cumsum(softmax(logits))
     u = rng.random() * cdf[-1]
     return min(int(np.searchsorted(cdf, u, side="right")), logits.shape[0] - 1)
