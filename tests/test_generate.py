@@ -402,3 +402,16 @@ def test_help_does_not_import_tensorflow(env):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT, timeout=60)
     assert b"--num_generate" in p.stdout
     assert p.stderr.strip().endswith(b"NO TF")
+
+
+def test_ctrl_c_ends_quietly(tiny_model_dir, env):
+    import signal
+
+    p = subprocess.Popen([sys.executable, SCRIPT, "--model", str(tiny_model_dir), "--gpu", "-1", "--num_generate",
+                          "1", "--max_length", "100000", "--min_length", "500", "--stream", "--seed", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    assert p.stdout.read(3)  # it is generating
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
