@@ -6,6 +6,7 @@ Nothing here imports TensorFlow at module level, so ``--help`` stays fast;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -30,24 +31,21 @@ def add_model_flags(p: argparse.ArgumentParser, gpu_default: str = "0") -> None:
                    help="log what happens (device, timings, TensorFlow's own messages) on stderr")
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
+positive_int = _int_at_least(1, "must be at least 1")
+non_negative_int = _int_at_least(0, "must not be negative")
 
 
 def log(args, message: str) -> None:
@@ -184,6 +182,16 @@ class AtomicOutput:
             os.unlink(self.tmp)
         except OSError:
             pass
+
+
+@contextlib.contextmanager
+def output(path: str, binary: bool = False):
+    """stdout, or ``path`` written atomically when a path is given."""
+    if path:
+        with AtomicOutput(path, mode="wb" if binary else "w") as f:
+            yield f
+    else:
+        yield sys.stdout.buffer if binary else sys.stdout
 
 
 def _umask() -> int:

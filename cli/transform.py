@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from . import common
 from .errors import UsageError
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
             writer.write(text, vector)
         writer.flush()
 
-    def run(out, binary_target=None):
+    def run(out):
         writer = _Writer(out, args.format)
         bar = common.progress(desc="vectors", unit="line") if args.input is not None else None
         chunk = []
@@ -140,14 +139,8 @@ def main(argv=None) -> int:
             import numpy as np
 
             rows = np.stack(writer.rows) if writer.rows else np.zeros((0, m.hparams.n_embd), np.float32)
-            np.save(binary_target, rows.astype(np.float32))
+            np.save(out, rows.astype(np.float32))
 
-    if args.format == "npy":
-        with common.AtomicOutput(args.output_file, mode="wb") as f:
-            run(None, binary_target=f)
-    elif args.output_file:
-        with common.AtomicOutput(args.output_file) as f:
-            run(f)
-    else:
-        run(sys.stdout)
+    with common.output(args.output_file, binary=args.format == "npy") as out:
+        run(out)
     return 0

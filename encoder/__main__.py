@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from cli.common import read_lines
 from cli.errors import UsageError, run
 
 
@@ -35,25 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lines(stream):
-    """(line number, text) for each line of a binary stream, strict UTF-8."""
-    for number, raw in enumerate(stream, 1):
-        if raw.endswith(b"\n"):
-            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-        try:
-            yield number, raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UsageError(
-                f"line {number}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
-            ) from None
-
-
 def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _encode(enc, args, out) -> None:
-    for number, text in _lines(sys.stdin.buffer):
+    for number, text in read_lines("-"):
         try:
             ids = enc.encode(text, clean=args.clean)
         except ValueError as e:
@@ -63,7 +51,7 @@ def _encode(enc, args, out) -> None:
 
 def _decode(enc, args, out) -> None:
     n_vocab = len(enc)
-    for number, text in _lines(sys.stdin.buffer):
+    for number, text in read_lines("-"):
         try:
             ids = json.loads(text)
         except json.JSONDecodeError as e:

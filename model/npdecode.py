@@ -48,6 +48,25 @@ def _gelu(x):
     return x
 
 
+def _softmax_(w):
+    """Softmax over the last axis, in place."""
+    w -= w.max(axis=-1, keepdims=True)
+    np.exp(w, out=w)
+    w /= w.sum(axis=-1, keepdims=True)
+
+
+def _finish_block(x, a, wp, bp, g2, b2, wf, bf, wm, bm):
+    """The rest of a block after attention: x += proj(a); x += mlp(ln_2(x)), in place."""
+    o = a @ wp
+    o += bp
+    x += o
+    h = _layer_norm(x.copy(), g2, b2) @ wf
+    h += bf
+    o = _gelu(h) @ wm
+    o += bm
+    x += o
+
+
 def cpu_weights(model) -> dict:
     """Numpy views (no copies) of a CPU model's weights, conv1d as [in, out]."""
     return {name: np.asarray(var.value() if hasattr(var, "value") else var)
@@ -126,18 +145,9 @@ class NumpyDecoder:
             w = q @ k.transpose(0, 1, 3, 2)
             w *= self.scale
             w += causal
-            w -= w.max(axis=-1, keepdims=True)
-            np.exp(w, out=w)
-            w /= w.sum(axis=-1, keepdims=True)
+            _softmax_(w)
             a = (w @ v).transpose(0, 2, 1, 3).reshape(B * T, hp.n_embd)
-            o = a @ wp
-            o += bp
-            x += o
-            h = _layer_norm(x.copy(), g2, b2) @ wf
-            h += bf
-            o = _gelu(h) @ wm
-            o += bm
-            x += o
+            _finish_block(x, a, wp, bp, g2, b2, wf, bf, wm, bm)
         self.length = T
         return self._logits(x.reshape(B, T, hp.n_embd)[:, -1].copy())
 
@@ -162,17 +172,8 @@ class NumpyDecoder:
             vc[:, :, pos] = qkv[:, 2]
             w = np.matmul(kc[:, :, :n], qkv[:, 0, :, :, None])[..., 0]  # [B, H, n]
             w *= self.scale
-            w -= w.max(axis=-1, keepdims=True)
-            np.exp(w, out=w)
-            w /= w.sum(axis=-1, keepdims=True)
+            _softmax_(w)
             a = np.matmul(w[:, :, None, :], vc[:, :, :n]).reshape(B, hp.n_embd)
-            o = a @ wp
-            o += bp
-            x += o
-            h = _layer_norm(x.copy(), g2, b2) @ wf
-            h += bf
-            o = _gelu(h) @ wm
-            o += bm
-            x += o
+            _finish_block(x, a, wp, bp, g2, b2, wf, bf, wm, bm)
         self.length = n
         return self._logits(x)
