@@ -102,6 +102,14 @@ class _Writer:
         self.out.flush()
 
 
+def _stream_to(out):
+    def on_text(_, piece):
+        out.write(piece)
+        out.flush()
+
+    return on_text
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     _check(args)
@@ -124,11 +132,7 @@ def main(argv=None) -> int:
         bar = common.progress(desc="samples", unit="sample", total=None if args.contexts else args.num_generate)
         try:
             for index, context in _contexts(args):
-                on_text = None
-                if args.stream:
-                    def on_text(_, piece):
-                        out.write(piece)
-                        out.flush()
+                on_text = _stream_to(out) if args.stream else None
                 done = 0
                 while done < args.num_generate:
                     n = min(MAX_BATCH, args.num_generate - done)

@@ -46,3 +46,27 @@ def tiny_model_dir(shared) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def golden(shared) -> pathlib.Path:
     return shared / "golden"
+
+
+@pytest.fixture(scope="session")
+def enc(vocab_dir):
+    """The encoder over the official vocabulary."""
+    import encoder
+
+    return encoder.load(vocab_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """The tiny fixture checkpoint, loaded once."""
+    import model
+
+    return model.load(tiny_model_dir)
+
+
+@pytest.fixture
+def env(vocab_dir, monkeypatch):
+    """GPT2JA_VOCAB pointing at the vocabulary, in this process and as an
+    environment for subprocesses."""
+    monkeypatch.setenv("GPT2JA_VOCAB", str(vocab_dir))
+    return dict(os.environ)

@@ -1,6 +1,5 @@
 """The encoder against the original's outputs, and properties that must hold."""
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -1,14 +1,11 @@
 """gpt2-generate.py and model.generate: goldens, properties, pipelines, errors."""
-import io
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-import encoder
 import model
 from cli import generate as cli_generate
 from cli.errors import UsageError
@@ -21,14 +18,8 @@ from conftest import ROOT
 SCRIPT = str(ROOT / "gpt2-generate.py")
 
 
-@pytest.fixture(scope="module")
-def enc(vocab_dir):
-    return encoder.load(vocab_dir)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return model.load(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +28,6 @@ def records(golden):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture
-def env(vocab_dir, monkeypatch):
-    monkeypatch.setenv("GPT2JA_VOCAB", str(vocab_dir))
-    e = dict(os.environ)
-    e["GPT2JA_VOCAB"] = str(vocab_dir)
-    return e
 
 
 def _main(argv, capsys):

@@ -6,8 +6,6 @@ import sys
 import numpy as np
 import pytest
 
-import encoder
-import model
 from cli import transform as cli_transform
 from cli.errors import UsageError
 from model.vectors import Vectorizer
@@ -17,14 +15,8 @@ from conftest import ROOT
 SCRIPT = str(ROOT / "gpt2-transform.py")
 
 
-@pytest.fixture(scope="module")
-def enc(vocab_dir):
-    return encoder.load(vocab_dir)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return model.load(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +25,6 @@ def records(golden):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture
-def env(vocab_dir, monkeypatch):
-    monkeypatch.setenv("GPT2JA_VOCAB", str(vocab_dir))
-    import os
-
-    return dict(os.environ)
 
 
 def _main(argv, capsys):
