@@ -18,17 +18,23 @@ DEFAULT_MODEL = "gpt2ja-medium"
 
 
 def add_model_flags(p: argparse.ArgumentParser, gpu_default: str = "0") -> None:
-    """--model, --vocab, --gpu, --verbose: the flags every model tool has."""
+    """--model, --vocab, --gpu, --verbose, --no-download: the flags every model tool has."""
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model directory (an unpacked gpt2ja-*.tar.bz2); default %(default)s")
+                   help="model directory (an unpacked gpt2ja-*.tar.bz2), or a released model name "
+                        "(gpt2ja-small, gpt2ja-medium, gpt2ja-large), downloaded into $GPT2JA_HOME "
+                        "(default ~/.cache/gpt2-japanese) on first use; default %(default)s")
     p.add_argument("--vocab", metavar="DIR", default=None,
                    help="directory with ja-bpe.txt and emoji.json (default: $GPT2JA_VOCAB, "
-                        "the encoder package directory, then the model directory)")
+                        "the encoder package directory, the model directory, then the cache, "
+                        "downloading the files there when they are nowhere)")
     p.add_argument("--gpu", default=gpu_default,
                    help="GPU device id, or -1 for the CPU; without that GPU the CPU is used "
                         "(default %(default)s)")
     p.add_argument("--verbose", action="store_true",
                    help="log what happens (device, timings, TensorFlow's own messages) on stderr")
+    p.add_argument("--no-download", dest="no_download", action="store_true",
+                   help="never use the network (as GPT2JA_OFFLINE=1): a model or vocabulary that is "
+                        "not there is an error saying what to download and where to put it")
 
 
 def _int_at_least(minimum: int, what: str):
@@ -70,30 +76,45 @@ def quiet_tensorflow(verbose: bool) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 
+def _may_download(args) -> bool:
+    return not getattr(args, "no_download", False)
+
+
 def load_encoder(args):
-    """The encoder from --vocab, $GPT2JA_VOCAB, the package directory, or the
-    model directory -- in that order."""
+    """The encoder from --vocab, $GPT2JA_VOCAB, the package directory, the
+    model directory, or the cache -- in that order; when the files are in
+    none of them they are downloaded into the cache (unless --no-download or
+    GPT2JA_OFFLINE).  An explicit --vocab is never replaced by a download."""
     import encoder
+    from model import hub
 
     if args.vocab is not None:
         return encoder.load(args.vocab)
     try:
         return encoder.load()
-    except encoder.VocabError as first:
-        model_dir = Path(args.model)
-        if (model_dir / encoder.VOCAB_FILE).is_file():
-            return encoder.load(model_dir)
-        raise encoder.VocabError(f"{first}; also looked in the model directory {model_dir}") from None
+    except encoder.VocabError:
+        pass
+    model_dir = hub.model_path(args.model)
+    if (model_dir / encoder.VOCAB_FILE).is_file():
+        return encoder.load(model_dir)
+    looked_in = [f"$GPT2JA_VOCAB={os.environ['GPT2JA_VOCAB']}"] if os.environ.get("GPT2JA_VOCAB") else []
+    looked_in += [str(Path(encoder.__file__).resolve().parent), f"the model directory {model_dir}"]
+    return encoder.load(hub.resolve_vocab(download=_may_download(args), looked_in=looked_in))
 
 
 def load_model(args, enc=None):
-    """Select the device (--gpu), load --model, check it against the vocabulary."""
+    """Select the device (--gpu), load --model (a directory, or a released
+    name resolved to the cache and downloaded when missing), check it against
+    the vocabulary."""
+    from model import hub
+
     quiet_tensorflow(args.verbose)
+    model_dir = hub.resolve_model(args.model, download=_may_download(args))
     import model
 
     device = model.select_device(str(args.gpu), verbose=args.verbose)
     log(args, f"device: {device}")
-    m = model.load(args.model, device=device)
+    m = model.load(str(model_dir), device=device)
     if enc is not None:
         model.check_vocab(m.hparams, len(enc))
     return m

@@ -1,0 +1,689 @@
+"""Released models and the vocabulary, fetched on first use and cached.
+
+    from model import hub
+    d = hub.resolve_model("gpt2ja-small")   # a directory: as given, or the cache
+                                            # directory (downloaded when missing)
+    v = hub.resolve_vocab()                 # cached vocabulary, downloaded when missing
+
+Cache layout (``$GPT2JA_HOME``, default ``~/.cache/gpt2-japanese``)::
+
+    gpt2ja-small/              verified model directories (an unpacked archive)
+    vocab/                     ja-bpe.txt and emoji.json, checked against their sha256
+    .downloads/                partial downloads (*.part, resumed with HTTP Range),
+                               locks and extraction directories
+
+Nothing appears under a final name before it is complete and checked: an
+archive is downloaded to ``.downloads/NAME.tar.bz2.part``, renamed when all of
+it is there, extracted into a temporary directory inside ``.downloads``,
+checked to be a loadable checkpoint (every variable read, so that the
+checkpoint's own checksums are verified), and only then renamed to
+``gpt2ja-NAME``.  A crash at any point leaves either nothing, or a partial
+download that the next run resumes.
+
+Addresses: ``$GPT2JA_MODEL_URLS`` (comma-separated base addresses, tried in
+order; ``NAME.tar.bz2`` is appended) and ``$GPT2JA_VOCAB_URL`` (base address;
+``ja-bpe.txt`` and ``emoji.json`` are appended).  ``GPT2JA_OFFLINE=1`` turns
+every download off: what is missing is then an error saying what to fetch and
+where to put it.
+
+Only the standard library (urllib) and tqdm are used; TensorFlow is imported
+only to check an extracted checkpoint.  Model problems raise ``ModelError``,
+vocabulary problems ``encoder.VocabError``; both carry one-line messages.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .errors import ModelError
+
+#: The names under which the models are released.
+RELEASED_MODELS = ("gpt2ja-small", "gpt2ja-medium", "gpt2ja-large")
+#: Official addresses of the model archives, tried in order.
+MODEL_URLS = ("https://www.nama.ne.jp/models/", "http://ailab.nama.ne.jp/models/")
+#: The Japanese-BPEEncoder project's files.
+VOCAB_URL = "https://raw.githubusercontent.com/tanreinama/Japanese-BPEEncoder/master/"
+VOCAB_SHA256 = {
+    "ja-bpe.txt": "89d4732745dfb91282ca4202f8b64c0fc25f090399030ca246e8866ffcc3c9e4",
+    "emoji.json": "9f317e0456bf67a5d6b07b306a44def1ab166dfcc83b79b335b26217be0a6169",
+}
+DEFAULT_HOME = "~/.cache/gpt2-japanese"
+VOCAB_SUBDIR = "vocab"
+WORK_SUBDIR = ".downloads"
+
+#: Seconds to wait for a connection or for the next bytes of a response.
+TIMEOUT = 30.0
+#: Seconds before the first retry of an interrupted download (doubling, at most 30).
+RETRY_DELAY = 1.0
+#: Retries of one address in a row that bring no new bytes before giving up on it.
+MAX_STALLS = 3
+CHUNK = 1 << 20
+USER_AGENT = "gpt2-japanese (python urllib)"
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------- configuration
+
+def cache_dir() -> Path:
+    """``$GPT2JA_HOME``, or ``~/.cache/gpt2-japanese``."""
+    return Path(os.path.expanduser(os.environ.get("GPT2JA_HOME") or DEFAULT_HOME))
+
+
+def offline() -> bool:
+    """True when ``GPT2JA_OFFLINE`` is set to 1/true/yes/on."""
+    return os.environ.get("GPT2JA_OFFLINE", "").strip().lower() in _TRUE
+
+
+def _base(url: str) -> str:
+    return url if url.endswith("/") else url + "/"
+
+
+def model_urls(name: str) -> List[str]:
+    """The addresses of ``name``'s archive, in the order they are tried."""
+    env = os.environ.get("GPT2JA_MODEL_URLS", "")
+    bases = [b.strip() for b in env.split(",") if b.strip()] or list(MODEL_URLS)
+    return [_base(b) + f"{name}.tar.bz2" for b in bases]
+
+
+def vocab_urls() -> Dict[str, str]:
+    """File name -> address of the vocabulary files."""
+    base = _base(os.environ.get("GPT2JA_VOCAB_URL", "").strip() or VOCAB_URL)
+    return {f: base + f for f in VOCAB_SHA256}
+
+
+def _home_text(path: Path) -> str:
+    """A path as a user would type it (``~/...`` under the home directory)."""
+    home = os.path.expanduser("~")
+    s = str(path)
+    if home not in ("", "/", "~") and (s == home or s.startswith(home + os.sep)):
+        return "~" + s[len(home):]
+    return s
+
+
+def _downloads_off(download: bool) -> Optional[str]:
+    """Why downloading is not allowed, or None."""
+    if offline():
+        return "downloads are off (GPT2JA_OFFLINE=%s)" % os.environ.get("GPT2JA_OFFLINE", "").strip()
+    if not download:
+        return "downloads are off (--no-download)"
+    return None
+
+
+# --------------------------------------------------------------------------- models
+
+def is_released(name: str) -> bool:
+    return str(name) in RELEASED_MODELS
+
+
+def cached_model_dir(name: str) -> Path:
+    """Where the released model ``name`` lives in the cache (it may not exist yet)."""
+    return cache_dir() / name
+
+
+def model_path(model: str | os.PathLike) -> Path:
+    """Where ``--model`` points, without downloading: an existing path as given,
+    a released name's cache directory, or the path as given."""
+    p = Path(model)
+    if p.exists() or not is_released(str(model)):
+        return p
+    return cached_model_dir(str(model))
+
+
+def resolve_model(model: str | os.PathLike, download: bool = True, progress: Optional[bool] = None) -> Path:
+    """The model directory ``--model`` names, downloading a released model when needed.
+
+    An existing path is used as it is (a directory ``gpt2ja-small`` in the current
+    directory wins over the cache).  A released name that is not a path resolves
+    to the cache directory and is downloaded unless it is there already, or
+    ``download`` is false / ``GPT2JA_OFFLINE`` is set (then ModelError saying
+    what to fetch and where).  Anything else is a ModelError "does not exist".
+    """
+    p = Path(model)
+    if p.exists():
+        return p
+    name = str(model)
+    if not is_released(name):
+        hint = ""
+        if os.sep not in name and "/" not in name:
+            hint = "; released models, downloaded by name: " + ", ".join(RELEASED_MODELS)
+        raise ModelError(f"model directory {name} does not exist{hint}")
+    target = cached_model_dir(name)
+    if target.is_dir():
+        return target
+    why = _downloads_off(download)
+    if why is not None:
+        raise ModelError(_model_offline_message(name, why) + ", or pass --model DIR")
+    return download_model(name, progress=progress)
+
+
+def _model_offline_message(name: str, why: str) -> str:
+    url = model_urls(name)[0]
+    home = _home_text(cache_dir())
+    return (f"model {name} is not in the cache ({home}/{name}) and {why}: download {url} and unpack it "
+            f"there (tar xjf {name}.tar.bz2 -C {home})")
+
+
+def download_model(name: str, progress: Optional[bool] = None) -> Path:
+    """Download, extract and check the released model ``name`` into the cache;
+    return its directory (at once when it is there already).  Raises ModelError
+    (also when GPT2JA_OFFLINE is set and the model is missing)."""
+    if not is_released(name):
+        raise ModelError(f"unknown model {name!r}; released models: {', '.join(RELEASED_MODELS)}")
+    target = cached_model_dir(name)
+    if target.is_dir():
+        return target
+    why = _downloads_off(True)
+    if why is not None:
+        raise ModelError(_model_offline_message(name, why))
+    work = _work_dir(ModelError)
+    with _lock(work / f"{name}.lock", name):
+        if target.is_dir():  # another process finished it meanwhile
+            return target
+        _remove_stale(work, f"{name}.extract-")
+        archive = work / f"{name}.tar.bz2"
+        if not archive.is_file():
+            _download(model_urls(name), archive, f"model {name}", progress, ModelError)
+        _install_archive(archive, target, name, progress)
+    _note(f"model {name} is ready in {_home_text(target)}")
+    return target
+
+
+def _install_archive(archive: Path, target: Path, name: str, progress: Optional[bool]) -> None:
+    """Extract ``archive`` next to ``target``, check it, rename it into place.
+
+    The archive is removed once installed, or when it proved bad (corrupted,
+    unsafe, not a checkpoint: downloading it again is the fix); it is kept when
+    installing stopped for another reason (Ctrl-C, disk full), so that the next
+    run extracts it again without downloading it."""
+    tmp = archive.parent / f"{name}.extract-{os.getpid()}"
+    bad = False
+    try:
+        try:
+            extract(archive, tmp, progress=progress, desc=f"extracting {name}")
+        except ModelError:
+            bad = True
+            raise
+        except OSError as e:
+            if e.errno is not None:
+                raise ModelError(f"cannot extract {archive}: {e.strerror or e}") from None
+            bad = True
+            raise ModelError(f"the downloaded archive of {name} is corrupted ({e}); it was removed, "
+                             f"run again to download it anew") from None
+        except (tarfile.TarError, EOFError, ValueError) as e:
+            bad = True
+            raise ModelError(f"the downloaded archive of {name} is corrupted ({e}); it was removed, "
+                             f"run again to download it anew") from None
+        model_dir = _model_root(tmp)
+        if model_dir is None:
+            bad = True
+            raise ModelError(f"the archive of {name} holds no checkpoint (no 'checkpoint' state file or "
+                             f"model-N.index at its top or in its one top-level directory)")
+        try:
+            verify_checkpoint(model_dir)
+        except ModelError as e:
+            bad = True
+            raise ModelError(f"the archive of {name} is not a loadable checkpoint: {e}") from None
+        try:
+            os.rename(model_dir, target)
+        except OSError as e:
+            if not target.is_dir():
+                raise ModelError(f"cannot move the model into {target}: {e.strerror or e}") from None
+            # else someone put one there meanwhile: keep theirs
+        _fsync_dir(target.parent)
+        bad = True  # installed: the archive is no longer needed
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if bad:
+            with contextlib.suppress(OSError):
+                archive.unlink()
+
+
+def _model_root(directory: Path) -> Optional[Path]:
+    """The directory holding the checkpoint: the extraction directory itself,
+    or its only entry when that is a directory (``gpt2ja-small/...``)."""
+    def has_checkpoint(d: Path) -> bool:
+        return (d / "checkpoint").is_file() or any(f.name.endswith(".index") for f in d.iterdir())
+
+    if not directory.is_dir():
+        return None
+    if has_checkpoint(directory):
+        return directory
+    entries = list(directory.iterdir())
+    if len(entries) == 1 and entries[0].is_dir() and has_checkpoint(entries[0]):
+        return entries[0]
+    return None
+
+
+def verify_checkpoint(model_dir: str | os.PathLike) -> None:
+    """Open the checkpoint with the model loader (shapes checked) and read every
+    variable once, which verifies the checkpoint's own checksums.  Imports
+    TensorFlow.  Raises ModelError."""
+    from .checkpoint import open_checkpoint
+    from .hparams import variable_shapes
+
+    reader, hp = open_checkpoint(model_dir)
+    for var in variable_shapes(hp):
+        reader.get(var)
+
+
+# --------------------------------------------------------------------------- safe extraction
+
+def _member_problem(member: tarfile.TarInfo) -> Optional[str]:
+    name = member.name
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "an absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return "a '..' component"
+    if member.issym() or member.islnk():
+        return "a link"
+    if member.ischr() or member.isblk() or member.isfifo():
+        return "a device or pipe"
+    if not (member.isfile() or member.isdir()):
+        return "not a regular file or directory"
+    return None
+
+
+def extract(archive: str | os.PathLike, dest: str | os.PathLike, progress: Optional[bool] = None,
+            desc: str = "extracting") -> None:
+    """Extract a tar archive (any compression tarfile reads) into ``dest``, a new
+    directory, refusing members with absolute paths, '..', links, devices, or
+    that would land outside ``dest``.  Files get ordinary permissions (no
+    set-id bits, no owners).  Raises ModelError for a refused member; tarfile,
+    EOF and OS errors for a damaged archive or a failing disk."""
+    dest = Path(dest)
+    dest.mkdir(parents=True)
+    root = os.path.realpath(dest)
+    size = os.path.getsize(archive)
+    with open(archive, "rb") as raw, _bar(size, desc, progress) as bar:
+        counted = _CountingReader(raw, bar.update)
+        with tarfile.open(fileobj=counted, mode="r|*") as tar:
+            for member in tar:
+                problem = _member_problem(member)
+                if problem is None:
+                    path = os.path.realpath(os.path.join(root, member.name))
+                    if os.path.commonpath([root, path]) != root:
+                        problem = "a path outside the target directory"
+                if problem is not None:
+                    raise ModelError(f"unsafe archive {Path(archive).name}: member {member.name!r} is {problem}; "
+                                     f"nothing was installed")
+                if member.isdir():
+                    os.makedirs(path, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                source = tar.extractfile(member)
+                with open(path, "wb") as out:
+                    shutil.copyfileobj(source, out, CHUNK)
+                    out.flush()
+                    os.fsync(out.fileno())
+
+
+class _CountingReader:
+    """A read-only file wrapper reporting how many bytes were read."""
+
+    def __init__(self, raw, report: Callable[[int], object]):
+        self.raw = raw
+        self.report = report
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.report(len(data))
+        return data
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+def vocab_cache_dir() -> Path:
+    return cache_dir() / VOCAB_SUBDIR
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cached_vocab() -> Optional[Path]:
+    """The cache's vocabulary directory when both files are there and match
+    their digests, else None (a file that does not match is removed)."""
+    d = vocab_cache_dir()
+    ok = True
+    for fname, digest in VOCAB_SHA256.items():
+        path = d / fname
+        if not path.is_file():
+            ok = False
+            continue
+        try:
+            good = sha256_file(path) == digest
+        except OSError:
+            good = False
+        if not good:
+            ok = False
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return d if ok else None
+
+
+def vocab_offline_message(why: str, looked_in: Sequence[str] = ()) -> str:
+    urls = vocab_urls()
+    where = f" (looked in {', '.join(looked_in)})" if looked_in else ""
+    return (f"vocabulary files ja-bpe.txt and emoji.json not found{where} and {why}: download "
+            f"{urls['ja-bpe.txt']} and {urls['emoji.json']} into {_home_text(vocab_cache_dir())}")
+
+
+def resolve_vocab(download: bool = True, progress: Optional[bool] = None,
+                  looked_in: Sequence[str] = ()) -> Path:
+    """The cache's vocabulary directory, downloaded when missing (VocabError
+    when downloads are off; ``looked_in`` names places already searched, for
+    the message)."""
+    found = cached_vocab()
+    if found is not None:
+        return found
+    why = _downloads_off(download)
+    if why is not None:
+        from encoder import VocabError
+        raise VocabError(vocab_offline_message(why, [*looked_in, _home_text(vocab_cache_dir())])
+                         + ", or pass --vocab DIR")
+    return download_vocab(progress=progress)
+
+
+def download_vocab(progress: Optional[bool] = None) -> Path:
+    """Fetch ja-bpe.txt and emoji.json into the cache, each checked against its
+    sha256 before it is moved into place (a mismatch is a VocabError and the
+    file is not kept); return the directory."""
+    from encoder import VocabError
+
+    found = cached_vocab()
+    if found is not None:
+        return found
+    why = _downloads_off(True)
+    if why is not None:
+        raise VocabError(vocab_offline_message(why))
+    target = vocab_cache_dir()
+    work = _work_dir(VocabError)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise VocabError(f"cannot create {target}: {e.strerror or e} (set GPT2JA_HOME)") from None
+    urls = vocab_urls()
+    with _lock(work / "vocab.lock", "the vocabulary"):
+        for fname, digest in VOCAB_SHA256.items():
+            final = target / fname
+            if final.is_file():
+                continue  # checked by cached_vocab() above
+            done = work / fname
+            _download([urls[fname]], done, f"vocabulary file {fname}", progress, VocabError)
+            found_digest = sha256_file(done)
+            if found_digest != digest:
+                done.unlink()
+                raise VocabError(f"{fname} from {urls[fname]} has sha256 {found_digest}, expected {digest}; "
+                                 f"it was not kept")
+            os.replace(done, final)
+        _fsync_dir(target)
+    _note(f"the vocabulary is ready in {_home_text(target)}")
+    return target
+
+
+# --------------------------------------------------------------------------- HTTP
+
+class _Failed(Exception):
+    """One address failed; ``transient`` when retrying it may help."""
+
+    def __init__(self, reason: str, transient: bool = False):
+        super().__init__(reason)
+        self.transient = transient
+
+
+def _download(urls: Sequence[str], dest: Path, what: str, progress: Optional[bool], error) -> None:
+    """Fetch the first address that works into ``dest``: written as ``dest.part``
+    (resumed with HTTP Range when it exists), renamed when complete.  Raises
+    ``error`` with one line naming every address tried and why it failed."""
+    part = dest.with_name(dest.name + ".part")
+    failures = []
+    for url in urls:
+        stalls, delay = 0, RETRY_DELAY
+        kept = _size(part)
+        _note(f"downloading {what} from {url}" + (f", resuming at {_human(kept)}" if kept else ""))
+        while True:
+            before = _size(part)
+            try:
+                _fetch(url, part, what, progress)
+                os.replace(part, dest)
+                _meta_path(part).unlink(missing_ok=True)
+                return
+            except _Failed as e:
+                reason = str(e)
+                if not e.transient:
+                    break
+                stalls = 0 if _size(part) > before else stalls + 1
+                if stalls >= MAX_STALLS:
+                    break
+                _note(f"{what}: {reason}; resuming in {delay:g} s")
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except OSError as e:
+                raise error(f"cannot write {part}: {e.strerror or e}") from None
+        failures.append(f"{url}: {reason}")
+        if url != urls[-1]:
+            _note(f"{url}: {reason}; trying the next address")
+    kept = _size(part)
+    tail = ""
+    if kept:
+        tail = f" ({_human(kept)} kept in {_home_text(part)}; the next try resumes from there)"
+    raise error(f"cannot download {what}: " + "; ".join(failures) + tail)
+
+
+def _fetch(url: str, part: Path, what: str, progress: Optional[bool]) -> None:
+    """One attempt: append the rest of ``url`` to ``part`` (or start over when the
+    server cannot resume).  Returns only when the file is complete."""
+    offset = _size(part)
+    meta = _read_meta(part)
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if meta.get("url") == url and meta.get("validator"):
+            headers["If-Range"] = meta["validator"]
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code == 416 and offset:  # the partial file is not a prefix of this one
+            _truncate(part)
+            raise _Failed("the partial download did not fit; starting over", transient=True) from None
+        raise _Failed(f"HTTP {e.code} {e.reason}".strip()) from None
+    except urllib.error.URLError as e:
+        raise _Failed(_reason(e.reason)) from None
+    except (socket.timeout, TimeoutError):
+        raise _Failed(f"timed out after {TIMEOUT:g} s") from None
+    except (http.client.HTTPException, OSError) as e:
+        raise _Failed(_reason(e), transient=True) from None
+    with response:
+        total = None
+        if response.status == 206:
+            start, total = _content_range(response.headers.get("Content-Range", ""))
+            if start != offset or (meta.get("total") and total and meta["total"] != total):
+                _truncate(part)  # not the file we had begun: start over
+                raise _Failed("the server sent a different part of the file; starting over", transient=True)
+        else:
+            offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
+        if validator and validator.startswith("W/"):
+            validator = None  # weak validators cannot guard a byte range
+        _write_meta(part, {"url": url, "total": total, "validator": validator})
+        with open(part, "r+b" if offset else "wb") as f, _bar(total, what, progress, initial=offset) as bar:
+            f.seek(offset)
+            f.truncate()
+            written = offset
+            lost = None
+            while True:
+                try:
+                    chunk = response.read(CHUNK)
+                except (socket.timeout, TimeoutError):
+                    lost = f"timed out after {TIMEOUT:g} s without data"
+                    break
+                except (http.client.HTTPException, OSError) as e:
+                    lost = f"connection lost ({_reason(e)})"
+                    break
+                if not chunk:
+                    break
+                f.write(chunk)  # a local write error (disk full) propagates as OSError
+                written += len(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+    of_total = f" of {_human(total)}" if total else ""
+    if lost is not None:
+        raise _Failed(f"{lost} after {_human(written)}{of_total}", transient=True)
+    if total is not None and written != total:
+        if written > total:
+            _truncate(part)
+        raise _Failed(f"connection closed after {_human(written)}{of_total}", transient=True)
+
+
+def _content_range(value: str):
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value)
+    if not m:
+        raise _Failed(f"bad Content-Range {value!r}")
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), total
+
+
+def _reason(e) -> str:
+    if isinstance(e, (socket.timeout, TimeoutError)):
+        return f"timed out after {TIMEOUT:g} s"
+    if isinstance(e, socket.gaierror):
+        return f"cannot resolve the host name ({e.strerror or e})"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip()
+    return text or type(e).__name__
+
+
+# --------------------------------------------------------------------------- files, locks, progress
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _truncate(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        _meta_path(path).unlink()
+
+
+def _meta_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_meta(part: Path) -> dict:
+    try:
+        data = json.loads(_meta_path(part).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_meta(part: Path, meta: dict) -> None:
+    path = _meta_path(part)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _work_dir(error) -> Path:
+    work = cache_dir() / WORK_SUBDIR
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise error(f"cannot create the cache directory {work}: {e.strerror or e} (set GPT2JA_HOME)") from None
+    return work
+
+
+def _remove_stale(work: Path, prefix: str) -> None:
+    """Extraction directories left by a crashed run (we hold the lock)."""
+    for entry in work.iterdir():
+        if entry.name.startswith(prefix) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _lock(path: Path, what: str):
+    """An exclusive lock between processes sharing the cache (POSIX; elsewhere none)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _note(f"waiting for another process downloading {what}")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _note(message: str) -> None:
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    prog = os.path.basename(argv0)
+    if prog == "__main__.py":
+        prog = "python -m " + os.path.basename(os.path.dirname(os.path.abspath(argv0)))
+    elif prog in ("-c", ""):
+        prog = "gpt2-japanese"
+    sys.stderr.write(f"{prog}: {message}\n")
+    sys.stderr.flush()
+
+
+def _bar(total: Optional[int], desc: str, progress: Optional[bool], initial: int = 0):
+    """A byte-counting tqdm bar on stderr (bytes, rate, time left); shown when
+    stderr is a terminal, or when ``progress`` is true."""
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                file=sys.stderr, disable=not show, leave=False, dynamic_ncols=True)
+
+
+def _human(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
