@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 
 from . import common
 from .errors import UsageError
@@ -131,9 +130,6 @@ def main(argv=None) -> int:
         finally:
             bar.close()
 
-    if args.output_file:
-        with common.AtomicOutput(args.output_file) as f:
-            run(f)
-    else:
-        run(sys.stdout)
+    with common.output(args.output_file) as out:
+        run(out)
     return 0
