@@ -18,16 +18,10 @@ from conftest import ROOT
 SCRIPT = str(ROOT / "gpt2-generate.py")
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def records(golden):
     with open(golden / "tiny" / "generate.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]
-
-
 
 
 def _main(argv, capsys):
