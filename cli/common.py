@@ -159,6 +159,18 @@ def read_lines(path: str):
             stream.close()
 
 
+def lines_per_batch(path: str, default: int) -> int:
+    """How many input lines to gather before computing: one at a time when a
+    person types them (stdin is a terminal), else ``default``."""
+    if path == "-":
+        try:
+            if sys.stdin.isatty():
+                return 1
+        except (AttributeError, ValueError):
+            pass
+    return default
+
+
 class AtomicOutput:
     """A text file written under a temporary name and renamed into place on
     success; on failure the temporary file is removed and the target (if it

@@ -114,11 +114,12 @@ def main(argv=None) -> int:
         writer = _Writer(out, args.format, args.tokens, enc)
         bar = common.progress(desc="scored", unit="line")
         chunk = []
+        per_batch = common.lines_per_batch(args.input_file, CHUNK_LINES)
         try:
             try:
                 for item in _texts(args.input_file):
                     chunk.append(item)
-                    if len(chunk) >= CHUNK_LINES:
+                    if len(chunk) >= per_batch:
                         process(chunk, writer, bar)
                         chunk = []
             except UsageError:

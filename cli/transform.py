@@ -118,10 +118,11 @@ def main(argv=None) -> int:
         writer = _Writer(out, args.format)
         bar = common.progress(desc="vectors", unit="line") if args.input is not None else None
         chunk = []
+        per_batch = common.lines_per_batch(args.input, CHUNK_LINES) if args.input is not None else CHUNK_LINES
         try:
             for item in _texts(args):
                 chunk.append(item)
-                if len(chunk) >= CHUNK_LINES:
+                if len(chunk) >= per_batch:
                     process(chunk, writer)
                     if bar is not None:
                         bar.update(len(chunk))
