@@ -197,13 +197,17 @@ def main(argv=None) -> int:
     def save():
         if saved_at[0] == step:
             return
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut a save short
+        # A Ctrl-C during a save is held back until the save is complete (and then acted on).
+        held = []
+        previous = signal.signal(signal.SIGINT, lambda *a: held.append(True))
         try:
             prefix = T.save_run(trainer, run_dir, step)
         finally:
             signal.signal(signal.SIGINT, previous)
         saved_at[0] = step
         sys.stderr.write(f"saved {prefix}\n")
+        if held and previous is signal.default_int_handler:
+            raise KeyboardInterrupt
 
     def validate():
         v = trainer.evaluate(val, args.batch_size)

@@ -1,0 +1,235 @@
+"""Fine-tuning: loss, optimizers with the original's TF1 semantics, training step, checkpoints.
+
+    import model, model.train as T
+    m = model.load("gpt2ja-small")
+    tr = T.Trainer(m, optim="adam", learning_rate=5e-5, batch_size=1, accumulate=1)
+    loss = tr.train_step(ids, lengths)      # ids [B*accumulate, T] int32, lengths [B*accumulate]
+    T.save_run(tr, "checkpoint/run1", step=100)
+    step = T.restore_run(tr, "checkpoint/run1")   # weights + optimizer state, returns the step
+
+The loss is the mean cross-entropy of next-token prediction over the real
+tokens of each chunk (positions past a chunk's length are masked out), which
+for full chunks is exactly the original's ``reduce_mean`` over ``[B, T-1]``.
+
+Optimizers are written here with the update rules of the TF1 optimizers the
+original uses (AdamOptimizer beta1 0.9, beta2 0.98, epsilon 1e-7 with its
+bias-corrected step size; AdagradOptimizer with initial accumulator 0.1;
+GradientDescentOptimizer), so that their state is plain named arrays saved
+next to each checkpoint (``optimizer-N.npz``) and a resumed run continues with
+the same moments.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+from ._tf import import_tf
+from .errors import ModelError
+
+tf = import_tf()
+
+OPTIMIZERS = ("adam", "adagrad", "sgd")
+KEEP = 5  # checkpoints kept in a run directory, as the original's max_to_keep
+COUNTER_FILE = "counter"
+_CKPT_RE = re.compile(r"^model-(\d+)\.index$")
+
+
+def learning_rate_at(step, base: float, warmup_steps: int):
+    """Linear warm-up from 1e-10 to ``base`` over ``warmup_steps`` (TF1 polynomial_decay, power 1), then ``base``."""
+    if warmup_steps <= 0:
+        return tf.constant(base, tf.float32)
+    frac = tf.minimum(tf.cast(step, tf.float32), float(warmup_steps)) / float(warmup_steps)
+    return (1e-10 - base) * (1.0 - frac) + base
+
+
+class Trainer:
+    """A training loop's state: the model's variables, optimizer slots, compiled steps."""
+
+    def __init__(self, model, optim: str = "adam", learning_rate: float = 5e-5, warmup_steps: int = 0,
+                 accumulate: int = 1):
+        if optim not in OPTIMIZERS:
+            raise ModelError(f"unknown optimizer {optim!r} (choose from {', '.join(OPTIMIZERS)})")
+        self.model = model
+        self.optim = optim
+        self.learning_rate = float(learning_rate)
+        self.warmup_steps = int(warmup_steps)
+        self.accumulate = int(accumulate)
+        self.names = sorted(model.variables)
+        self.vars = [model.variables[n] for n in self.names]
+        with tf.device(model.device):
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            self.slots: Dict[str, tf.Variable] = {}
+            for n, v in zip(self.names, self.vars):
+                if optim == "adam":
+                    self.slots[f"{n}/Adam"] = tf.Variable(tf.zeros_like(v), trainable=False)
+                    self.slots[f"{n}/Adam_1"] = tf.Variable(tf.zeros_like(v), trainable=False)
+                elif optim == "adagrad":
+                    self.slots[f"{n}/Adagrad"] = tf.Variable(tf.fill(v.shape, 0.1), trainable=False)
+        self._step_fn = tf.function(self._train_graph, reduce_retracing=True)
+        self._loss_fn = tf.function(self._loss_graph, reduce_retracing=True)
+
+    # ------------------------------------------------------------------ graphs
+
+    def _loss_graph(self, ids, lengths):
+        """Mean next-token cross-entropy over real tokens; (sum of losses, token count)."""
+        logits = self.model._forward_graph(ids, self.model.hparams.n_layer, True, True)
+        labels = ids[:, 1:]
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits[:, :-1])
+        positions = tf.range(tf.shape(ids)[1] - 1)[None, :]
+        mask = tf.cast(positions < (lengths[:, None] - 1), tf.float32)
+        return tf.reduce_sum(ce * mask), tf.reduce_sum(mask)
+
+    def _apply(self, grads):
+        t = self.step + 1
+        lr = learning_rate_at(self.step, self.learning_rate, self.warmup_steps)
+        if self.optim == "adam":
+            b1, b2, eps = 0.9, 0.98, 1e-7
+            tf_ = tf.cast(t, tf.float32)
+            lr_t = lr * tf.sqrt(1.0 - tf.pow(b2, tf_)) / (1.0 - tf.pow(b1, tf_))
+        for n, v, g in zip(self.names, self.vars, grads):
+            if self.optim == "adam":
+                m = self.slots[f"{n}/Adam"]
+                s = self.slots[f"{n}/Adam_1"]
+                m.assign(b1 * m + (1.0 - b1) * g)
+                s.assign(b2 * s + (1.0 - b2) * tf.square(g))
+                v.assign_sub(lr_t * m / (tf.sqrt(s) + eps))
+            elif self.optim == "adagrad":
+                a = self.slots[f"{n}/Adagrad"]
+                a.assign_add(tf.square(g))
+                v.assign_sub(lr * g * tf.math.rsqrt(a))
+            else:
+                v.assign_sub(lr * g)
+        self.step.assign_add(1)
+
+    def _train_graph(self, ids, lengths):
+        """One optimizer step over ``accumulate`` micro-batches stacked along the batch axis."""
+        micro = tf.reshape(ids, [self.accumulate, -1, tf.shape(ids)[1]])
+        micro_len = tf.reshape(lengths, [self.accumulate, -1])
+        total_tokens = tf.maximum(tf.reduce_sum(tf.cast(lengths - 1, tf.float32)), 1.0)
+        acc = [tf.zeros_like(v) for v in self.vars]
+        loss_sum = tf.constant(0.0)
+        for i in range(self.accumulate):  # unrolled: accumulate is small
+            with tf.GradientTape() as tape:
+                s, _ = self._loss_graph(micro[i], micro_len[i])
+                scaled = s / total_tokens
+            grads = tape.gradient(scaled, self.vars)
+            acc = [a + tf.convert_to_tensor(g) for a, g in zip(acc, grads)]
+            loss_sum += s
+        self._apply(acc)
+        return loss_sum / total_tokens
+
+    # ------------------------------------------------------------------ API
+
+    def train_step(self, ids: np.ndarray, lengths: np.ndarray) -> float:
+        with tf.device(self.model.device):
+            return float(self._step_fn(tf.constant(ids, tf.int32), tf.constant(lengths, tf.int32)))
+
+    def evaluate(self, chunks, batch_size: int = 1) -> float:
+        """Mean token loss over every chunk of a ``dataset.Chunks``."""
+        total, count = 0.0, 0.0
+        for start in range(0, len(chunks), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(chunks)))
+            ids, lens = chunks.batch(idx)
+            with tf.device(self.model.device):
+                s, c = self._loss_fn(tf.constant(ids), tf.constant(lens))
+            total += float(s)
+            count += float(c)
+        return total / max(count, 1.0)
+
+    def optimizer_state(self) -> Dict[str, np.ndarray]:
+        state = {k: v.numpy() for k, v in self.slots.items()}
+        state["global_step"] = np.asarray(self.step.numpy())
+        return state
+
+    def load_optimizer_state(self, state) -> bool:
+        """Restore slots saved by ``optimizer_state``; False (nothing changed) when they do not fit."""
+        if set(state) != set(self.slots) | {"global_step"}:
+            return False
+        if any(tuple(state[k].shape) != tuple(v.shape) for k, v in self.slots.items()):
+            return False
+        for k, v in self.slots.items():
+            v.assign(state[k])
+        self.step.assign(int(state["global_step"]))
+        return True
+
+
+# ---------------------------------------------------------------------- run directory
+
+def checkpoint_steps(run_dir) -> list:
+    """Steps of the model-N checkpoints in ``run_dir`` (ascending)."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    return sorted(int(m.group(1)) for m in map(_CKPT_RE.match, os.listdir(d)) if m)
+
+
+def latest_step(run_dir) -> Optional[int]:
+    """The step of the checkpoint the state file names (None when there is none)."""
+    from .checkpoint import find_checkpoint
+    d = Path(run_dir)
+    if not (d / "checkpoint").is_file():
+        return None
+    prefix = find_checkpoint(d)
+    m = re.search(r"-(\d+)$", prefix)
+    return int(m.group(1)) if m else 0
+
+
+def _atomic_bytes(path: Path, write) -> None:
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
+    """Write ``optimizer-N.npz``, then the checkpoint (state file last, via ``model.save``),
+    then ``counter``; then remove checkpoints beyond the newest ``keep``.  A crash at any
+    point leaves the previous checkpoint named by the state file intact."""
+    from .checkpoint import save, write_state_file
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    state = trainer.optimizer_state()
+    _atomic_bytes(d / f"optimizer-{step}.npz", lambda f: np.savez(f, **state))
+    prefix = save(trainer.model, d, step=step)
+    _atomic_bytes(d / COUNTER_FILE, lambda f: f.write(f"{step}\n".encode()))
+    old = [s for s in checkpoint_steps(d) if s != step][:-keep + 1 or None] if keep > 0 else []
+    if old:
+        for s in old:
+            for f in list(d.glob(f"model-{s}.*")) + [d / f"optimizer-{s}.npz"]:
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
+        write_state_file(d, f"model-{step}")
+    return prefix
+
+
+def restore_optimizer(trainer: Trainer, run_dir, step: int) -> bool:
+    """Optimizer moments saved with checkpoint ``step``; False when missing or not matching."""
+    path = Path(run_dir) / f"optimizer-{step}.npz"
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as npz:
+            state = {k: npz[k] for k in npz.files}
+    except Exception:
+        return False
+    return trainer.load_optimizer_state(state)
+
+
+def write_json(path, obj) -> None:
+    _atomic_bytes(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
