@@ -287,12 +287,15 @@ def open_checkpoint(model_dir: str | os.PathLike) -> Tuple[CheckpointReader, HPa
 
 # --------------------------------------------------------------------------- writing
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write a file through ``write(binary_file)`` under a temporary name,
+    fsync it and rename it into place; on any failure nothing is left."""
+    path = Path(path)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -302,6 +305,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_state_file(out_dir: str | os.PathLike, name: str) -> None:

@@ -29,6 +29,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ._tf import import_tf
+from .checkpoint import atomic_write
 from .errors import ModelError
 
 tf = import_tf()
@@ -179,22 +180,6 @@ def latest_step(run_dir) -> Optional[int]:
     return int(m.group(1)) if m else 0
 
 
-def _atomic_bytes(path: Path, write) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
     """Write ``optimizer-N.npz``, then the checkpoint (state file last, via ``model.save``),
     then ``counter``; then remove checkpoints beyond the newest ``keep``.  A crash at any
@@ -203,9 +188,9 @@ def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     state = trainer.optimizer_state()
-    _atomic_bytes(d / f"optimizer-{step}.npz", lambda f: np.savez(f, **state))
+    atomic_write(d / f"optimizer-{step}.npz", lambda f: np.savez(f, **state))
     prefix = save(trainer.model, d, step=step)
-    _atomic_bytes(d / COUNTER_FILE, lambda f: f.write(f"{step}\n".encode()))
+    atomic_write(d / COUNTER_FILE, lambda f: f.write(f"{step}\n".encode()))
     old = [s for s in checkpoint_steps(d) if s != step][:-keep + 1 or None] if keep > 0 else []
     if old:
         for s in old:
@@ -232,4 +217,4 @@ def restore_optimizer(trainer: Trainer, run_dir, step: int) -> bool:
 
 
 def write_json(path, obj) -> None:
-    _atomic_bytes(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
