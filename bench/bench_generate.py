@@ -171,25 +171,15 @@ class _TimedEngine:
         self.times = []
         self.rows = []
 
-    def start(self, ids):
-        return self.inner.start(ids)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-    def step(self, ids):
+    def step(self, tokens, rows=None):
         self.times.append(time.perf_counter())
-        self.rows.append(int(np.asarray(ids).size))
+        self.rows.append(int(np.asarray(tokens).size))
         if len(self.times) > self.steps:
             raise _Stop
-        return self.inner.step(ids)
-
-    def rewind(self, length):
-        self.inner.rewind(length)
-
-    def keep(self, rows):
-        self.inner.keep(rows)
-
-    @property
-    def length(self):
-        return self.inner.length
+        return self.inner.step(tokens, rows)
 
 
 def generate_measure(m, enc, num: int, steps: int):

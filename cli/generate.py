@@ -8,7 +8,7 @@ from . import common
 from .errors import UsageError
 
 DEFAULT_TOP_K = 40
-MAX_BATCH = 16
+DEFAULT_BATCH_SIZE = 16
 
 
 def parser() -> argparse.ArgumentParser:
@@ -43,6 +43,9 @@ def parser() -> argparse.ArgumentParser:
                         "{context, index, text} per sample, flushed as it is done")
     p.add_argument("--stream", action="store_true",
                    help="print the text as it is produced (one sample, one context, text format)")
+    p.add_argument("--batch_size", type=common.positive_int, default=DEFAULT_BATCH_SIZE,
+                   help=f"samples decoded together, from as many contexts as it takes (default {DEFAULT_BATCH_SIZE}); "
+                        "larger batches give more tokens per second on a CPU and use more memory")
     p.add_argument("--engine", choices=("auto", "numpy", "tf"), default="auto",
                    help="decoding engine: numpy (fastest on a CPU), tf (TensorFlow; used on a GPU); default auto")
     return p
@@ -128,24 +131,22 @@ def main(argv=None) -> int:
     common.log(args, f"engine: {generator.engine_name}")
 
     def run(out):
+        if args.stream:
+            _, context = next(_contexts(args))
+            generator.generate(context, 1, options, on_text=_stream_to(out))
+            out.write("\n")
+            out.flush()
+            return
         writer = _Writer(out, args.format)
+        # Contexts typed by a person are answered one by one, not read ahead.
+        read_ahead = args.contexts is None or common.lines_per_batch(args.contexts, 2) > 1
+        contexts = (context for _, context in _contexts(args))
         bar = common.progress(desc="samples", unit="sample", total=None if args.contexts else args.num_generate)
         try:
-            for index, context in _contexts(args):
-                on_text = _stream_to(out) if args.stream else None
-                done = 0
-                while done < args.num_generate:
-                    n = min(MAX_BATCH, args.num_generate - done)
-                    texts = generator.generate(context, n, options, context_index=index, first=done,
-                                               on_text=on_text)
-                    for i, text in enumerate(texts):
-                        if args.stream:
-                            out.write("\n")
-                            out.flush()
-                        else:
-                            writer.sample(context, done + i, text)
-                    done += n
-                    bar.update(n)
+            for sample in generator.generate_many(contexts, args.num_generate, options, batch_size=args.batch_size,
+                                                  read_ahead=read_ahead):
+                writer.sample(sample.context, sample.index, sample.text)
+                bar.update(1)
         finally:
             bar.close()
 

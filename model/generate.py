@@ -32,12 +32,14 @@ samples are batched.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Deque, Iterable, Iterator, List, Optional
 
 import numpy as np
 
 from .errors import ModelError
+from .npdecode import NumpyDecoder, cpu_weights
 from .sampling import SamplingParams, choose
 
 RETRIES_FOR_EMPTY = 8
@@ -86,68 +88,104 @@ class TextAssembler:
         return piece
 
 
-class _NumpyEngine:
+class _NumpyEngine(NumpyDecoder):
+    """The numpy decoder over a CPU model's own weight buffers."""
+
     def __init__(self, model):
-        from .npdecode import NumpyDecoder, cpu_weights
-
-        self.decoder = NumpyDecoder(model.hparams, cpu_weights(model))
-
-    def start(self, ids):
-        return self.decoder.start(ids)
-
-    def step(self, ids):
-        return self.decoder.step(ids)
-
-    def rewind(self, length):
-        self.decoder.rewind(length)
-
-    def keep(self, rows):
-        self.decoder.keep(rows)
-
-    @property
-    def length(self):
-        return self.decoder.length
+        super().__init__(model.hparams, cpu_weights(model))
 
 
 class _TFEngine:
-    """The model's own TensorFlow cache (used on a GPU)."""
+    """The model's own TensorFlow cache (what a GPU uses).
+
+    Its rows share one cache position, so they move in lockstep: the
+    generator gives it the samples of one context at a time, which all
+    reach their rewinds and windows at the same step.  Finished rows stay in
+    the cache (dropping them would mean copying it); they are fed a dummy
+    token and their logits are ignored.
+    """
+
+    ragged = False
 
     def __init__(self, model):
         self.model = model
         self.cache = None
-        self.rows = None
-
-    def start(self, ids):
-        ids = np.asarray(ids)
-        self.cache, logits = self.model.start(ids, max_len=self.model.hparams.n_ctx)
-        self.rows = np.arange(ids.shape[0])
-        return logits
-
-    def step(self, ids):
-        # Finished rows stay in the cache (dropping them would mean copying
-        # it); they are fed a dummy token and their logits are ignored.
-        full = np.zeros(self.cache.batch_size, dtype=np.int64)
-        full[self.rows] = np.asarray(ids).reshape(-1)
-        return self.model.step(self.cache, full)[self.rows]
-
-    def rewind(self, length):
-        self.cache.slot = int(length)
-
-    def keep(self, rows):
-        self.rows = self.rows[np.asarray(rows, dtype=np.int64)]
+        self.live = np.zeros(0, dtype=np.int64)
 
     @property
-    def length(self):
-        return self.cache.slot
+    def rows(self) -> int:
+        return len(self.live)
+
+    def lengths(self) -> List[int]:
+        return [self.cache.slot] * len(self.live)
+
+    def clear(self) -> None:
+        self.cache = None
+        self.live = np.zeros(0, dtype=np.int64)
+
+    def _all(self, rows, what: str) -> None:
+        if sorted(int(r) for r in rows) != list(range(len(self.live))):
+            raise ValueError(f"the TensorFlow engine can only {what} every row at once")
+
+    def add(self, seqs) -> np.ndarray:
+        if len(self.live):
+            raise ValueError("the TensorFlow engine takes new rows only when it has none")
+        ids = np.asarray(seqs, dtype=np.int64)
+        self.cache, logits = self.model.start(ids, max_len=self.model.hparams.n_ctx)
+        self.live = np.arange(ids.shape[0])
+        return logits
+
+    def step(self, tokens, rows=None) -> np.ndarray:
+        if rows is not None:
+            self._all(rows, "step")
+        full = np.zeros(self.cache.batch_size, dtype=np.int64)
+        full[self.live] = np.asarray(tokens).reshape(-1)
+        return self.model.step(self.cache, full)[self.live]
+
+    def reset(self, rows, seqs) -> np.ndarray:
+        self._all(rows, "restart")
+        order = np.argsort(np.asarray(rows))
+        self.clear()
+        return self.add([seqs[j] for j in order])[np.argsort(order)]
+
+    def truncate(self, rows, length: int) -> None:
+        self._all(rows, "rewind")
+        if not 0 <= length <= self.cache.slot:
+            raise ValueError(f"cannot rewind to {length} from {self.cache.slot}")
+        self.cache.slot = int(length)
+
+    def keep(self, rows) -> None:
+        self.live = self.live[np.asarray(rows, dtype=np.int64)]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated sample: sample ``index`` of context number ``context_index``."""
+
+    context_index: int
+    context: str
+    index: int
+    text: str
+
+
+@dataclass
+class _Job:
+    context_index: int
+    context: str
+    index: int
+    ids: List[int]
+    rng: np.random.Generator
+    on_text: Optional[Callable[[str], None]] = None
+    attempt: int = 0
+    order: int = 0
 
 
 @dataclass
 class _Row:
-    rng: np.random.Generator
-    index: int
+    job: _Job
     assembler: TextAssembler
-    done: bool = False
-    on_text: Optional[Callable[[str], None]] = None
+    window: List[int]  # what the model sees
+    steps: int = 0
     emitted: int = 0
 
 
@@ -189,97 +227,196 @@ class Generator:
         return [np.random.default_rng(np.random.SeedSequence([seed, context_index, i]))
                 for i in range(first, first + count)]
 
+    def _check(self, num: int, options: "GenerateOptions") -> None:
+        if num < 1:
+            raise ValueError("num must be at least 1")
+        if options.max_length < 0:
+            raise ValueError("max_length must not be negative")
+        half = self.model.hparams.n_ctx // 2
+        if options.min_length >= half:
+            raise ModelError(f"--min_length must be below n_ctx/2 = {half}, got {options.min_length}")
+
+    def _jobs(self, context_index: int, context: str, num: int, seed: Optional[int], first: int = 0,
+              on_text: Optional[Callable[[int, str], None]] = None) -> List[_Job]:
+        ids = self.context_ids(context)
+        return [_Job(context_index, context, first + i, ids, rng,
+                     on_text=(lambda piece, i=first + i: on_text(i, piece)) if on_text else None)
+                for i, rng in enumerate(self.rngs(seed, context_index, num, first))]
+
     def generate(self, context: str, num: int = 1, options: GenerateOptions = GenerateOptions(),
                  context_index: int = 0, on_text: Optional[Callable[[int, str], None]] = None,
-                 first: int = 0) -> List[str]:
-        """``num`` samples for one context, computed as one batch.
+                 first: int = 0, batch_size: Optional[int] = None) -> List[str]:
+        """``num`` samples for one context (by default computed as one batch).
 
         The samples are numbers ``first .. first+num-1`` of context number
         ``context_index`` (which fixes their random streams when a seed is
         set).  ``on_text(i, piece)`` (optional) receives each sample's text as
         it is produced (pieces concatenate to the final text).
         """
-        if num < 1:
-            raise ValueError("num must be at least 1")
-        if options.max_length < 0:
-            raise ValueError("max_length must not be negative")
-        hp = self.model.hparams
-        if options.min_length >= hp.n_ctx // 2:
-            raise ModelError(f"--min_length must be below n_ctx/2 = {hp.n_ctx // 2}, got {options.min_length}")
-        params = options.sampling()
-        ids = self.context_ids(context)
-        rngs = self.rngs(options.seed, context_index, num, first)
-        texts: List[Optional[str]] = [None] * num
-        todo = list(range(num))
-        for attempt in range(RETRIES_FOR_EMPTY + 1):
-            rows = [_Row(rngs[i], i, TextAssembler(self.enc),
-                         on_text=(lambda piece, i=i: on_text(i, piece)) if on_text else None) for i in todo]
-            for row in self._run(ids, rows, params, options.max_length):
-                texts[row.index] = row.assembler.text[: options.max_length]
-            todo = [i for i in todo if texts[i] == "" and options.max_length > 0]
-            if not todo:
-                break
-        return [t or "" for t in texts]
+        self._check(num, options)
+        jobs = self._jobs(context_index, context, num, options.seed, first, on_text)
+        texts = [""] * num
+        for job, text in self._decode(iter([jobs]), options, batch_size or num, read_ahead=True):
+            texts[job.index - first] = text
+        return texts
+
+    def generate_many(self, contexts: Iterable[str], num: int = 1, options: GenerateOptions = GenerateOptions(),
+                      batch_size: int = 16, read_ahead: bool = True) -> Iterator[Sample]:
+        """``num`` samples for each context, yielded in order (context by
+        context, sample by sample) as soon as they and those before them are done.
+
+        Up to ``batch_size`` samples are decoded together, from as many
+        contexts as needed to fill the batch (with the numpy engine; the
+        TensorFlow engine takes one context at a time); a finished sample's
+        place goes to the next one.  Contexts are read lazily; with
+        ``read_ahead`` False the next context is read only when nothing is
+        left to decode (for contexts typed by a person).  Sample i of context
+        j draws from the same random stream as ``generate(context, ...,
+        context_index=j)`` would give it, so the texts do not depend on the
+        batching.
+        """
+        self._check(num, options)
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        counter = [0]
+
+        def sources():
+            for context_index, context in enumerate(contexts):
+                jobs = self._jobs(context_index, context, num, options.seed)
+                for job in jobs:
+                    job.order = counter[0]
+                    counter[0] += 1
+                yield jobs
+
+        done = {}
+        following = 0
+        for job, text in self._decode(sources(), options, batch_size, read_ahead):
+            done[job.order] = Sample(job.context_index, job.context, job.index, text)
+            while following in done:
+                yield done.pop(following)
+                following += 1
+
+    # -- decoding --------------------------------------------------------------------------
 
     def _emit(self, row: _Row, piece: str, max_length: int):
-        if row.on_text is None or not piece:
+        if row.job.on_text is None or not piece:
             return
         room = max_length - row.emitted
         if room > 0:
             piece = piece[:room]
             row.emitted += len(piece)
-            row.on_text(piece)
+            row.job.on_text(piece)
 
-    def _run(self, ids: List[int], rows: List[_Row], params: SamplingParams, max_length: int) -> Iterator[_Row]:
-        """Decode a batch of samples of one context; yields rows as they finish."""
+    def _decode(self, sources: Iterator[List[_Job]], options: GenerateOptions, batch_size: int,
+                read_ahead: bool) -> Iterator[tuple]:
+        """Decode the jobs that ``sources`` gives (a list of jobs per context);
+        yields (job, text) as samples finish."""
+        max_length = options.max_length
+        if max_length == 0:
+            for jobs in sources:
+                for job in jobs:
+                    yield job, ""
+            return
+        params = options.sampling()
         hp = self.model.hparams
+        half = hp.n_ctx // 2
         eos = self.enc.eos_id
         engine = self.engine()
-        active = list(rows)
-        if max_length == 0:
-            yield from active
-            return
-        window = [list(ids) for _ in active]  # what the model sees, per row
-        logits = engine.start(np.array(window, dtype=np.int64))
-        steps = 0
-        while active:
-            in_min = steps < params.min_length
-            tokens = [choose(logits[b], params, row.rng, forbid=eos if in_min else None)
-                      for b, row in enumerate(active)]
-            steps += 1
+        engine.clear()
+        pending: Deque[_Job] = deque()
+        exhausted = False
+        active: List[_Row] = []
+        logits = np.empty((0, hp.n_vocab), np.float32)
+
+        def take() -> List[_Job]:
+            """The jobs that join the batch now."""
+            nonlocal exhausted
+            if not engine.ragged and active:
+                return []
+            joining = []
+            while len(active) + len(joining) < batch_size:
+                if not pending:
+                    if exhausted or (not read_ahead and (active or joining)):
+                        break
+                    more = next(sources, None)
+                    if more is None:
+                        exhausted = True
+                        break
+                    pending.extend(more)
+                    continue
+                if not engine.ragged and joining and pending[0].ids != joining[0].ids:
+                    break
+                joining.append(pending.popleft())
+            return joining
+
+        while True:
+            joining = take()
+            if joining:
+                fresh = engine.add([job.ids for job in joining])
+                logits = np.concatenate([logits, fresh]) if active else fresh
+                active += [_Row(job, TextAssembler(self.enc), list(job.ids)) for job in joining]
+            if not active:
+                return
+            # One token for every row.
+            tokens = np.zeros(len(active), dtype=np.int64)
             finished = []
-            for b, (row, token) in enumerate(zip(active, tokens)):
+            for b, row in enumerate(active):
+                in_min = row.steps < params.min_length
+                token = choose(logits[b], params, row.job.rng, forbid=eos if in_min else None)
+                row.steps += 1
                 if token == eos and not in_min:
                     self._emit(row, row.assembler.finish(), max_length)
                     finished.append(b)
                     continue
                 self._emit(row, row.assembler.push(token), max_length)
+                tokens[b] = token
                 if len(row.assembler.text) >= max_length:
                     finished.append(b)
             if finished:
+                retry = []
                 for b in finished:
-                    active[b].done = True
-                    yield active[b]
-                keep = [b for b in range(len(active)) if b not in set(finished)]
-                if not keep:
-                    return
-                active = [active[b] for b in keep]
-                window = [window[b] for b in keep]
-                tokens = [tokens[b] for b in keep]
-                logits = None
+                    row = active[b]
+                    text = row.assembler.text[:max_length]
+                    if text == "" and row.job.attempt < RETRIES_FOR_EMPTY:
+                        row.job.attempt += 1  # the original draws an empty sample again
+                        retry.append(row.job)
+                    else:
+                        yield row.job, text
+                pending.extendleft(reversed(retry))
+                gone = set(finished)
+                keep = [b for b in range(len(active)) if b not in gone]
                 engine.keep(keep)
-            if params.min_length and steps == params.min_length:
-                # The original's second sampling loop starts from the cache
-                # of the context without its last token, then feeds the last
-                # token drawn.
-                base = len(ids) - 1
-                engine.rewind(base)
-                window = [w[:base] + [t] for w, t in zip(window, tokens)]
-            else:
-                window = [w + [t] for w, t in zip(window, tokens)]
-            if engine.length >= hp.n_ctx:
-                # Sliding window: continue from the most recent n_ctx/2 tokens.
-                window = [w[-(hp.n_ctx // 2):] for w in window]
-                logits = engine.start(np.array(window, dtype=np.int64))
-            else:
-                logits = engine.step(np.array(tokens, dtype=np.int64))
+                active = [active[b] for b in keep]
+                tokens = tokens[keep]
+                if not active:
+                    logits = np.empty((0, hp.n_vocab), np.float32)
+                    continue
+            # Feed them.
+            lengths = engine.lengths()
+            rewinds = {}
+            stepping, restarting = [], []
+            for b, row in enumerate(active):
+                token = int(tokens[b])
+                if params.min_length and row.steps == params.min_length:
+                    # The original's second sampling loop starts from the cache
+                    # of the context without its last token, then feeds the
+                    # last token drawn.
+                    base = len(row.job.ids) - 1
+                    rewinds.setdefault(base, []).append(b)
+                    lengths[b] = base
+                    row.window = row.window[:base] + [token]
+                else:
+                    row.window.append(token)
+                if lengths[b] >= hp.n_ctx:
+                    # Sliding window: continue from the most recent n_ctx/2 tokens.
+                    row.window = row.window[-half:]
+                    restarting.append(b)
+                else:
+                    stepping.append(b)
+            for base, rows in rewinds.items():
+                engine.truncate(rows, base)
+            logits = np.empty((len(active), hp.n_vocab), np.float32)
+            if stepping:
+                logits[stepping] = engine.step(tokens[stepping], rows=stepping)
+            if restarting:
+                logits[restarting] = engine.reset(restarting, [active[b].window for b in restarting])

@@ -103,33 +103,105 @@ def test_rewind_and_keep(tiny, enc):
     np.testing.assert_allclose(again, tiny.logits([ids + [6]])[0, -1], atol=1e-4)
 
 
+def test_ragged_rows_equal_full_recompute(tiny, enc):
+    """Rows of different lengths decode together; each matches its own full forward pass."""
+    seqs = [enc.encode(t) for t in ("今日は良い天気です", "明日もね", "江戸時代のインターネット回線は遅かった")]
+    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
+    first = dec.add([s[:-1] for s in seqs])
+    assert dec.lengths() == [len(s) - 1 for s in seqs]
+    for b, s in enumerate(seqs):
+        np.testing.assert_allclose(first[b], tiny.logits([s[:-1]])[0, -1], atol=1e-4)
+    both = dec.step([s[-1] for s in seqs])
+    for b, s in enumerate(seqs):
+        np.testing.assert_allclose(both[b], tiny.logits([s])[0, -1], atol=1e-4)
+    # a subset of rows steps; a row joins; a row is restarted; a row is rewound
+    only = dec.step([7], rows=[1])
+    np.testing.assert_allclose(only[0], tiny.logits([seqs[1] + [7]])[0, -1], atol=1e-4)
+    joined = dec.add([seqs[0]])
+    np.testing.assert_allclose(joined[0], both[0], atol=1e-5)
+    again = dec.reset([2], [[5, 6, 7]])
+    np.testing.assert_allclose(again[0], tiny.logits([[5, 6, 7]])[0, -1], atol=1e-4)
+    dec.truncate([0], 3)
+    assert dec.lengths() == [3, len(seqs[1]) + 1, 3, len(seqs[0])]
+    dec.keep([3, 0])
+    out = dec.step([9, 9])
+    np.testing.assert_allclose(out[0], tiny.logits([seqs[0] + [9]])[0, -1], atol=1e-4)
+    np.testing.assert_allclose(out[1], tiny.logits([seqs[0][:3] + [9]])[0, -1], atol=1e-4)
+
+
+def test_matrix_vector_rows_equal_matrix_product(tiny, enc):
+    """A few rows take one matrix-vector product each; the result is the batch's."""
+    from model import npdecode
+
+    ids = [enc.encode("明日も晴れるかな")[:5]] * 2
+    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
+    dec.start(np.array(ids))
+    as_vectors = dec.step([3, 4])
+    limit = npdecode.ROWS_AS_VECTORS
+    try:
+        npdecode.ROWS_AS_VECTORS = 0
+        dec.rewind(5)
+        as_matrix = dec.step([3, 4])
+    finally:
+        npdecode.ROWS_AS_VECTORS = limit
+    np.testing.assert_allclose(as_vectors, as_matrix, atol=1e-5)
+
+
+def test_identical_rows_are_prefilled_once(tiny, enc):
+    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
+    calls = []
+    real = dec._prefill
+    dec._prefill = lambda ids: calls.append(len(ids)) or real(ids)
+    ids = enc.encode("今日は")
+    logits = dec.add([ids, ids, ids])
+    assert calls == [len(ids)] and dec.rows == 3
+    np.testing.assert_array_equal(logits[0], logits[2])
+    out = dec.step([1, 2, 3])  # the rows do not share their caches
+    np.testing.assert_allclose(out[2], tiny.logits([ids + [3]])[0, -1], atol=1e-4)
+
+
 def _small_ctx_model(n_ctx=24):
     hp = model.HParams(n_vocab=20573, n_ctx=n_ctx, n_embd=32, n_head=2, n_layer=2)
     return model.Model.from_weights(model.random_weights(hp, seed=3), hparams=hp)
 
 
+def _record_feeding(engine, fed):
+    """Record what the engine is fed: ("start", window) for prefills, ("step", token) for steps."""
+    real_add, real_reset, real_step = engine.add, engine.reset, engine.step
+
+    def add(seqs):
+        fed.extend(("start", list(s)) for s in seqs)
+        return real_add(seqs)
+
+    def reset(rows, seqs):
+        fed.extend(("start", list(s)) for s in seqs)
+        return real_reset(rows, seqs)
+
+    def step(tokens, rows=None):
+        fed.extend(("step", int(t)) for t in np.asarray(tokens).reshape(-1))
+        return real_step(tokens, rows)
+
+    engine.add, engine.reset, engine.step = add, reset, step
+
+
 def test_sliding_window_past_the_context(enc):
     m = _small_ctx_model()
     gen = Generator(m, enc)
-    calls = []
-    engine = gen.engine()
-    original = engine.start
-    engine.start = lambda ids: calls.append(np.asarray(ids).copy()) or original(ids)
+    fed = []
+    _record_feeding(gen.engine(), fed)
     text = gen.generate("今日は", 1, GenerateOptions(temperature=0, max_length=200))[0]
-    assert len(calls) >= 2  # restarted from the window at least once
-    window = calls[1][0]
-    assert len(window) == m.hparams.n_ctx // 2
+    windows = [w for kind, w in fed if kind == "start"]
+    assert len(windows) >= 2  # restarted from the window at least once
+    assert len(windows[1]) == m.hparams.n_ctx // 2
     assert len(text) > 0
 
 
-def test_sliding_window_continues_from_the_recent_tokens(enc):
+@pytest.mark.parametrize("engine", ["numpy", "tf"])
+def test_sliding_window_continues_from_the_recent_tokens(enc, engine):
     m = _small_ctx_model(n_ctx=16)
-    gen = Generator(m, enc)
-    engine = gen.engine()
+    gen = Generator(m, enc, engine=engine)
     fed = []  # ("start", window) and ("step", token) in order
-    real_start, real_step = engine.start, engine.step
-    engine.start = lambda ids: fed.append(("start", list(np.asarray(ids)[0]))) or real_start(ids)
-    engine.step = lambda ids: fed.append(("step", int(np.asarray(ids)[0]))) or real_step(ids)
+    _record_feeding(gen.engine(), fed)
     gen.generate("今日は", 1, GenerateOptions(temperature=0, max_length=80))
     windows = [w for kind, w in fed if kind == "start"]
     assert len(windows) >= 3
@@ -201,20 +273,18 @@ def test_min_length_blocks_end_of_text(tiny, enc):
     gen = Generator(tiny, enc)
     eos_steps = []
     engine = gen.engine()
-    real_step = engine.step
+    real_step, real_add = engine.step, engine.add
     # make <|endoftext|> the most likely token at every step
-    def step(ids):
-        out = real_step(ids)
+    def step(tokens, rows=None):
+        out = real_step(tokens, rows)
         out[:, enc.eos_id] = out.max() + 5.0
         eos_steps.append(1)
         return out
-    engine.step = step
-    real_start = engine.start
-    def start(ids):
-        out = real_start(ids)
+    def add(seqs):
+        out = real_add(seqs)
         out[:, enc.eos_id] = out.max() + 5.0
         return out
-    engine.start = start
+    engine.step, engine.add = step, add
     texts = gen.generate("今日は", 3, GenerateOptions(top_k=1, min_length=7, max_length=1000, seed=1))
     # seven tokens drawn (one after the prefill, six after steps), then <|endoftext|>
     assert len(eos_steps) == 7
@@ -255,6 +325,91 @@ def test_batch_equals_single_samples(tiny, enc):
     singles = [gen.generate("江戸時代の", 1, opts, first=i)[0] for i in range(4)]
     assert batch == singles
     assert len(set(batch)) > 1
+
+
+CONTEXTS = ["江戸時代の", "今日は良い天気です。明日も晴れるかな", "", "文字列をフォント '0' の変換テーブルとして使用する。"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_contexts_batched_together_equal_separate_runs(tiny, enc, batch_size):
+    """Samples of several contexts share batches (rows of different lengths,
+    joining as others finish); every sample is what a run of its context alone gives."""
+    gen = Generator(tiny, enc)
+    opts = GenerateOptions(top_k=20, max_length=40, seed=5, min_length=3)
+    many = list(gen.generate_many(iter(CONTEXTS), 3, opts, batch_size=batch_size))
+    assert [(s.context_index, s.context, s.index) for s in many] == [
+        (j, c, i) for j, c in enumerate(CONTEXTS) for i in range(3)]
+    for j, context in enumerate(CONTEXTS):
+        alone = gen.generate(context, 3, opts, context_index=j)
+        assert [s.text for s in many if s.context_index == j] == alone
+
+
+def test_contexts_batched_with_sliding_windows_equal_separate_runs(enc):
+    """Rows of different lengths slide their windows at different steps, each as it would alone."""
+    m = _small_ctx_model(n_ctx=16)
+    gen = Generator(m, enc)
+    opts = GenerateOptions(top_k=5, max_length=60, seed=2)
+    contexts = ["今日は", "江戸時代のインターネット回線は", "あ"]
+    many = list(gen.generate_many(contexts, 2, opts, batch_size=4))
+    for j, context in enumerate(contexts):
+        assert [s.text for s in many if s.context_index == j] == gen.generate(context, 2, opts, context_index=j)
+
+
+def test_contexts_with_the_tensorflow_engine(tiny, enc):
+    opts = GenerateOptions(top_k=1, max_length=30, seed=1)
+    tf_many = [s.text for s in Generator(tiny, enc, engine="tf").generate_many(CONTEXTS[:2], 2, opts, batch_size=3)]
+    np_many = [s.text for s in Generator(tiny, enc).generate_many(CONTEXTS[:2], 2, opts, batch_size=3)]
+    assert tf_many == np_many
+
+
+def test_contexts_are_read_lazily(tiny, enc):
+    gen = Generator(tiny, enc)
+    pulled = []
+
+    def contexts():
+        for c in ("今日は", "明日は", "昨日は"):
+            pulled.append(c)
+            yield c
+
+    opts = GenerateOptions(top_k=1, max_length=10, seed=1)
+    samples = gen.generate_many(contexts(), 1, opts, batch_size=8, read_ahead=False)
+    first = next(samples)
+    assert first.context == "今日は" and pulled == ["今日は"]  # answered before the next line is read
+    assert [s.context for s in samples] == ["明日は", "昨日は"]
+    pulled.clear()
+    list(gen.generate_many(contexts(), 1, opts, batch_size=8))
+    assert pulled == ["今日は", "明日は", "昨日は"]
+
+
+def test_empty_samples_are_drawn_again(tiny, enc):
+    """A sample that ends at once is drawn again (as the original does), up to 8 more times."""
+    from model.generate import RETRIES_FOR_EMPTY
+
+    gen = Generator(tiny, enc)
+    engine = gen.engine()
+    real_add = engine.add
+    prefills = []
+
+    def add(seqs):
+        out = real_add(seqs)
+        prefills.append(len(seqs))
+        out[:, enc.eos_id] = out.max() + 50.0  # <|endoftext|> first: an empty sample
+        return out
+
+    engine.add = add
+    texts = gen.generate("今日は", 2, GenerateOptions(top_k=1, max_length=20, seed=1))
+    assert texts == ["", ""]
+    assert sum(prefills) == 2 * (RETRIES_FOR_EMPTY + 1)
+
+
+def test_cli_batch_size_does_not_change_the_output(tiny_model_dir, tmp_path, env, capsys):
+    contexts = tmp_path / "contexts.txt"
+    contexts.write_text("\n".join(CONTEXTS) + "\n", encoding="utf-8")
+    base = ["--model", str(tiny_model_dir), "--gpu", "-1", "--contexts", str(contexts), "--num_generate", "2",
+            "--max_length", "30", "--seed", "9"]
+    outs = {n: _main(base + ["--batch_size", n], capsys).out for n in ("1", "5", "16")}
+    assert outs["1"] == outs["5"] == outs["16"]
+    assert outs["1"].count("========") == 2 * len(CONTEXTS) - 1
 
 
 def test_text_assembler_holds_back_partial_characters(enc):
