@@ -3,6 +3,8 @@
     from model.generate import Generator, GenerateOptions
     gen = Generator(m, enc)
     texts = gen.generate("江戸時代の", num=3, options=GenerateOptions(top_k=20, seed=1))
+    for s in gen.generate_many(["今日は", "明日は"], num=2, options=GenerateOptions(seed=1)):
+        print(s.context_index, s.index, s.text)
 
 What the original does, and this module with it:
 - the context is encoded and only its last n_ctx/2 tokens are kept; an empty
@@ -21,14 +23,21 @@ What the original does, and this module with it:
 Where this module differs on purpose: the original generates n_ctx/2 tokens
 at a time and, when a sample needs more, restarts from the last 256
 characters of the generated text alone (forgetting the context).  Here the
-model keeps a sliding window instead: when the window of n_ctx tokens is
-full, decoding continues from the most recent n_ctx/2 tokens (context and
+model keeps a sliding window instead: when a sample's window of n_ctx tokens
+is full, decoding continues from its most recent n_ctx/2 tokens (context and
 generated text together).  Results are identical until a sample passes
 n_ctx/2 generated tokens.
 
-Every sample has its own random stream: sample i of context j with seed s
-draws from ``SeedSequence([s, j, i])``, so a sample does not depend on how
-samples are batched.
+Batching: ``generate_many`` decodes up to ``batch_size`` samples together,
+from as many contexts as it takes.  With the numpy engine every sample is a
+row with its own cache and length (``npdecode``): rows of different contexts
+share a batch, a finished row's place goes to the next sample at once, and
+each row rewinds and slides its window on its own, exactly as it would
+alone.  The TensorFlow engine's rows share one cache position, so it takes
+the samples of one context at a time.  Every sample has its own random
+stream: sample i of context j with seed s draws from
+``SeedSequence([s, j, i])``, so a sample does not depend on how samples are
+batched.
 """
 from __future__ import annotations
 
@@ -415,6 +424,9 @@ class Generator:
                     stepping.append(b)
             for base, rows in rewinds.items():
                 engine.truncate(rows, base)
+            if not restarting:
+                logits = engine.step(tokens, rows=stepping)
+                continue
             logits = np.empty((len(active), hp.n_vocab), np.float32)
             if stepping:
                 logits[stepping] = engine.step(tokens[stepping], rows=stepping)

@@ -75,11 +75,25 @@ def _softmax_(w):
     w /= w.sum(axis=-1, keepdims=True)
 
 
+#: Row counts that OpenBLAS multiplies faster when padded with zero rows
+#: (measured on the reference machine, a whole decoding step of the small
+#: shape: 6 rows 57.9 ms, padded to 8 50.8 ms; 14 rows 72.2 ms, padded to
+#: 16 58.7 ms; 5 and 7 rows about the same either way).
+PAD_ROWS = {5: 8, 6: 8, 7: 8, 13: 16, 14: 16, 15: 16}
+
+
 def _mm(x, w):
     """x [B, K] @ w [K, N], one matrix-vector product per row for a few rows."""
     rows = x.shape[0]
-    if rows == 1 or rows > ROWS_AS_VECTORS:
+    if rows == 1:
         return x @ w
+    if rows > ROWS_AS_VECTORS:
+        padded = PAD_ROWS.get(rows)
+        if padded is None:
+            return x @ w
+        xp = np.zeros((padded, x.shape[1]), np.float32)
+        xp[:rows] = x
+        return (xp @ w)[:rows]
     out = np.empty((rows, w.shape[1]), np.float32)
     for r in range(rows):
         np.matmul(x[r:r + 1], w, out=out[r:r + 1])

@@ -129,22 +129,25 @@ def test_ragged_rows_equal_full_recompute(tiny, enc):
     np.testing.assert_allclose(out[1], tiny.logits([seqs[0][:3] + [9]])[0, -1], atol=1e-4)
 
 
-def test_matrix_vector_rows_equal_matrix_product(tiny, enc):
-    """A few rows take one matrix-vector product each; the result is the batch's."""
+@pytest.mark.parametrize("rows", [2, 6])
+def test_row_strategies_equal_plain_matrix_product(tiny, enc, rows):
+    """A few rows take one matrix-vector product each, some row counts are
+    padded with zero rows; either way the result is the plain product's."""
     from model import npdecode
 
-    ids = [enc.encode("明日も晴れるかな")[:5]] * 2
+    ids = [enc.encode("明日も晴れるかな")[:5]] * rows
+    tokens = list(range(3, 3 + rows))
     dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
     dec.start(np.array(ids))
-    as_vectors = dec.step([3, 4])
-    limit = npdecode.ROWS_AS_VECTORS
+    tuned = dec.step(tokens)
+    limit, pad = npdecode.ROWS_AS_VECTORS, npdecode.PAD_ROWS
     try:
-        npdecode.ROWS_AS_VECTORS = 0
+        npdecode.ROWS_AS_VECTORS, npdecode.PAD_ROWS = 0, {}
         dec.rewind(5)
-        as_matrix = dec.step([3, 4])
+        plain = dec.step(tokens)
     finally:
-        npdecode.ROWS_AS_VECTORS = limit
-    np.testing.assert_allclose(as_vectors, as_matrix, atol=1e-5)
+        npdecode.ROWS_AS_VECTORS, npdecode.PAD_ROWS = limit, pad
+    np.testing.assert_allclose(tuned, plain, atol=1e-5)
 
 
 def test_identical_rows_are_prefilled_once(tiny, enc):
