@@ -515,6 +515,7 @@ def test_min_length_too_large(tiny_model_dir, env):
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/model"], "does not exist"),
     (["--num_generate", "0"], "must be at least 1"),
+    (["--batch_size", "0"], "must be at least 1"),
     (["--top_p", "2"], "--top_p must be between 0 and 1"),
     (["--max_length", "-3"], "must not be negative"),
     (["--vocab", "/nonexistent/vocab"], "ja-bpe.txt"),
