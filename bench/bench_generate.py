@@ -187,31 +187,8 @@ CONTEXTS = ["今日は", "江戸時代の", "明日の天気は晴れでしょ�
             "人工知能の研究は", "東京駅から新幹線に乗って", "昔々、ある所に", "この文章は"]
 
 
-def contexts_measure(m, enc, steps: int, batch_size: int = 8):
-    """A function timing Generator.generate_many over 8 different contexts, one
-    sample each, decoded as one batch (top_k 40, seed 1), prefills excluded."""
-    from model.generate import GenerateOptions, Generator, _NumpyEngine
-
-    gen = Generator(m, enc, engine="numpy")
-    inner = _NumpyEngine(m)
-    options = GenerateOptions(top_k=40, max_length=10 ** 9, seed=1)
-
-    def measure():
-        engine = _TimedEngine(inner, steps)
-        gen._engine = engine
-        try:
-            list(gen.generate_many(CONTEXTS, 1, options, batch_size=batch_size))
-        except _Stop:
-            pass
-        if len(engine.times) < 2:
-            raise RuntimeError("generation ended before two steps")
-        return sum(engine.rows[1:]) / (engine.times[-1] - engine.times[0])
-
-    return measure
-
-
-def generate_measure(m, enc, num: int, steps: int):
-    """A function timing Generator.generate (top_k 40, seed 1) with ``num`` samples, prefill excluded.
+def _loop_measure(m, enc, steps: int, run):
+    """A function timing ``run(generator, options)`` (top_k 40, seed 1), prefills excluded.
 
     Between two step() entries the loop computes one step's logits, samples
     from them and assembles text: the tokens fed to the next step() are the
@@ -227,7 +204,7 @@ def generate_measure(m, enc, num: int, steps: int):
         engine = _TimedEngine(inner, steps)
         gen._engine = engine
         try:
-            gen.generate(CONTEXT, num, options)
+            run(gen, options)
         except _Stop:
             pass
         if len(engine.times) < 2:
@@ -235,6 +212,17 @@ def generate_measure(m, enc, num: int, steps: int):
         return sum(engine.rows[1:]) / (engine.times[-1] - engine.times[0])
 
     return measure
+
+
+def generate_measure(m, enc, num: int, steps: int):
+    """Generator.generate with ``num`` samples of one context."""
+    return _loop_measure(m, enc, steps, lambda g, options: g.generate(CONTEXT, num, options))
+
+
+def contexts_measure(m, enc, steps: int, batch_size: int = 8):
+    """Generator.generate_many over 8 different contexts, one sample each, as one batch."""
+    return _loop_measure(m, enc, steps,
+                         lambda g, options: list(g.generate_many(CONTEXTS, 1, options, batch_size=batch_size)))
 
 
 # -- 4. cold start ---------------------------------------------------------------------------------
