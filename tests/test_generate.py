@@ -359,7 +359,7 @@ def test_contexts_batched_with_sliding_windows_equal_separate_runs(enc):
 
 
 def test_contexts_with_the_tensorflow_engine(tiny, enc):
-    opts = GenerateOptions(top_k=1, max_length=30, seed=1)
+    opts = GenerateOptions(top_k=1, max_length=30, seed=1, min_length=4)
     tf_many = [s.text for s in Generator(tiny, enc, engine="tf").generate_many(CONTEXTS[:2], 2, opts, batch_size=3)]
     np_many = [s.text for s in Generator(tiny, enc).generate_many(CONTEXTS[:2], 2, opts, batch_size=3)]
     assert tf_many == np_many
