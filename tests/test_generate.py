@@ -453,6 +453,33 @@ def test_jsonl_and_contexts_file(tiny_model_dir, tmp_path, env, capsys, records)
     assert rows[0]["text"] + "\n========\n" + rows[1]["text"] + "\n" == records[0]["stdout"]
 
 
+def test_contexts_typed_on_a_terminal_are_answered_one_by_one(tiny_model_dir, env):
+    import os
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, SCRIPT, "--model", str(tiny_model_dir), "--gpu", "-1", "--contexts", "-",
+                          "--num_generate", "2", "--max_length", "20", "--seed", "1", "--format", "jsonl"],
+                         stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    os.close(slave)
+    try:
+        os.write(master, "今日は\n".encode("utf-8"))
+        ready, _, _ = select.select([p.stdout], [], [], 120)
+        assert ready, "no answer before the next line was typed"
+        assert json.loads(p.stdout.readline())["context"] == "今日は"
+        assert json.loads(p.stdout.readline())["index"] == 1
+        os.write(master, "明日は\n".encode("utf-8") + b"\x04")  # a second line, then Ctrl-D
+        rest = p.stdout.read().decode("utf-8").splitlines()
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    assert p.returncode == 0, p.stderr.read()
+    assert [json.loads(line)["context"] for line in rest] == ["明日は", "明日は"]
+
+
 def test_context_from_stdin(tiny_model_dir, env, records):
     r = records[0]
     args = [a for a in r["args"]]
