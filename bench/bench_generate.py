@@ -294,6 +294,8 @@ def bench_shape(shape: str, model_dir: str, enc, steps: int, batch8: bool) -> di
     dec = NumpyDecoder(hp, w)
     r["decode_b1_pos8"] = repeat(decode_measure(dec, hp, 1, 8, steps), bound)
     r["decode_b1_pos300"] = repeat(decode_measure(dec, hp, 1, 300, steps), bound)
+    # Bytes of keys and values a step reads there, which the bound does not count.
+    r["kv_bytes_pos300"] = 2 * hp.n_layer * 300 * hp.n_embd * 4
     r["generate_b1"] = repeat(generate_measure(m, enc, 1, steps), bound)
     if batch8:
         r["decode_b8_pos8"] = repeat(decode_measure(dec, hp, 8, 8, steps), bound, max_reps=4)
@@ -332,6 +334,10 @@ def print_table(results: dict) -> None:
             else:
                 target = ""
             print(f"  {label:<36} {v:7.1f} tok/s  {ratio:8.2f}  {paired:6.2f}  {target}")
+            if key == "decode_b1_pos300":
+                kv = r["kv_bytes_pos300"]
+                print(f"  {'':<36} (also reads {kv / 1e6:.0f} MB of keys/values per step: at the bound's "
+                      f"bandwidth that is {b['weight_bytes'] / (b['weight_bytes'] + kv):.2f} x bound)")
     cold = results.get("cold_start")
     if cold:
         print("cold start (small, gpt2-generate.py --gpu -1 --stream --max_length 200, best of 2):")
