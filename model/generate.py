@@ -41,6 +41,7 @@ batched.
 """
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Deque, Iterable, Iterator, List, Optional
@@ -287,14 +288,13 @@ class Generator:
         self._check(num, options)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        counter = [0]
+        numbers = itertools.count()
 
         def sources():
             for context_index, context in enumerate(contexts):
                 jobs = self._jobs(context_index, context, num, options.seed)
                 for job in jobs:
-                    job.order = counter[0]
-                    counter[0] += 1
+                    job.order = next(numbers)
                 yield jobs
 
         done = {}
@@ -316,6 +316,59 @@ class Generator:
             row.emitted += len(piece)
             row.job.on_text(piece)
 
+    def _draw(self, active: List[_Row], logits: np.ndarray, params: SamplingParams, max_length: int):
+        """One token for every row: (tokens, indices of the rows that finished)."""
+        eos = self.enc.eos_id
+        tokens = np.zeros(len(active), dtype=np.int64)
+        finished = []
+        for b, row in enumerate(active):
+            in_min = row.steps < params.min_length
+            token = choose(logits[b], params, row.job.rng, forbid=eos if in_min else None)
+            row.steps += 1
+            if token == eos and not in_min:
+                self._emit(row, row.assembler.finish(), max_length)
+                finished.append(b)
+                continue
+            self._emit(row, row.assembler.push(token), max_length)
+            tokens[b] = token
+            if len(row.assembler.text) >= max_length:
+                finished.append(b)
+        return tokens, finished
+
+    def _feed(self, engine, active: List[_Row], tokens: np.ndarray, params: SamplingParams) -> np.ndarray:
+        """Feed every row its token; the logits that follow [rows, n_vocab]."""
+        hp = self.model.hparams
+        lengths = engine.lengths()
+        rewinds = {}
+        stepping, restarting = [], []
+        for b, row in enumerate(active):
+            token = int(tokens[b])
+            if params.min_length and row.steps == params.min_length:
+                # The original's second sampling loop starts from the cache
+                # of the context without its last token, then feeds the last
+                # token drawn.
+                base = len(row.job.ids) - 1
+                rewinds.setdefault(base, []).append(b)
+                lengths[b] = base
+                row.window = row.window[:base] + [token]
+            else:
+                row.window.append(token)
+            if lengths[b] >= hp.n_ctx:
+                # Sliding window: continue from the most recent n_ctx/2 tokens.
+                row.window = row.window[-(hp.n_ctx // 2):]
+                restarting.append(b)
+            else:
+                stepping.append(b)
+        for base, rows in rewinds.items():
+            engine.truncate(rows, base)
+        if not restarting:
+            return engine.step(tokens, rows=stepping)
+        logits = np.empty((len(active), hp.n_vocab), np.float32)
+        if stepping:
+            logits[stepping] = engine.step(tokens[stepping], rows=stepping)
+        logits[restarting] = engine.reset(restarting, [active[b].window for b in restarting])
+        return logits
+
     def _decode(self, sources: Iterator[List[_Job]], options: GenerateOptions, batch_size: int,
                 read_ahead: bool) -> Iterator[tuple]:
         """Decode the jobs that ``sources`` gives (a list of jobs per context);
@@ -328,8 +381,6 @@ class Generator:
             return
         params = options.sampling()
         hp = self.model.hparams
-        half = hp.n_ctx // 2
-        eos = self.enc.eos_id
         engine = self.engine()
         engine.clear()
         pending: Deque[_Job] = deque()
@@ -366,21 +417,7 @@ class Generator:
                 active += [_Row(job, TextAssembler(self.enc), list(job.ids)) for job in joining]
             if not active:
                 return
-            # One token for every row.
-            tokens = np.zeros(len(active), dtype=np.int64)
-            finished = []
-            for b, row in enumerate(active):
-                in_min = row.steps < params.min_length
-                token = choose(logits[b], params, row.job.rng, forbid=eos if in_min else None)
-                row.steps += 1
-                if token == eos and not in_min:
-                    self._emit(row, row.assembler.finish(), max_length)
-                    finished.append(b)
-                    continue
-                self._emit(row, row.assembler.push(token), max_length)
-                tokens[b] = token
-                if len(row.assembler.text) >= max_length:
-                    finished.append(b)
+            tokens, finished = self._draw(active, logits, params, max_length)
             if finished:
                 retry = []
                 for b in finished:
@@ -400,35 +437,4 @@ class Generator:
                 if not active:
                     logits = np.empty((0, hp.n_vocab), np.float32)
                     continue
-            # Feed them.
-            lengths = engine.lengths()
-            rewinds = {}
-            stepping, restarting = [], []
-            for b, row in enumerate(active):
-                token = int(tokens[b])
-                if params.min_length and row.steps == params.min_length:
-                    # The original's second sampling loop starts from the cache
-                    # of the context without its last token, then feeds the
-                    # last token drawn.
-                    base = len(row.job.ids) - 1
-                    rewinds.setdefault(base, []).append(b)
-                    lengths[b] = base
-                    row.window = row.window[:base] + [token]
-                else:
-                    row.window.append(token)
-                if lengths[b] >= hp.n_ctx:
-                    # Sliding window: continue from the most recent n_ctx/2 tokens.
-                    row.window = row.window[-half:]
-                    restarting.append(b)
-                else:
-                    stepping.append(b)
-            for base, rows in rewinds.items():
-                engine.truncate(rows, base)
-            if not restarting:
-                logits = engine.step(tokens, rows=stepping)
-                continue
-            logits = np.empty((len(active), hp.n_vocab), np.float32)
-            if stepping:
-                logits[stepping] = engine.step(tokens[stepping], rows=stepping)
-            if restarting:
-                logits[restarting] = engine.reset(restarting, [active[b].window for b in restarting])
+            logits = self._feed(engine, active, tokens, params)
