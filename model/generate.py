@@ -33,8 +33,10 @@ from as many contexts as it takes.  With the numpy engine every sample is a
 row with its own cache and length (``npdecode``): rows of different contexts
 share a batch, a finished row's place goes to the next sample at once, and
 each row rewinds and slides its window on its own, exactly as it would
-alone.  The TensorFlow engine's rows share one cache position, so it takes
-the samples of one context at a time.  Every sample has its own random
+alone.  The TensorFlow engine's rows share one cache slot counter, so its
+rows join only together (a batch of samples of several contexts, the next
+batch when all are done); each row still ends up with exactly the numbers
+it would have alone.  Every sample has its own random
 stream: sample i of context j with seed s draws from
 ``SeedSequence([s, j, i])``, so a sample does not depend on how samples are
 batched.
@@ -104,68 +106,103 @@ class _NumpyEngine(NumpyDecoder):
     def __init__(self, model):
         super().__init__(model.hparams, cpu_weights(model))
 
+    def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
+        """Rows ``stepping`` take one token each, rows ``restarting`` restart
+        from their windows; the logits that follow, for every row."""
+        if not restarting:
+            return self.step(tokens, rows=stepping)
+        logits = np.empty((self.rows, self.hparams.n_vocab), np.float32)
+        if stepping:
+            logits[stepping] = self.step(tokens, rows=stepping)
+        logits[restarting] = self.reset(restarting, windows)
+        return logits
+
 
 class _TFEngine:
     """The model's own TensorFlow cache (what a GPU uses).
 
-    Its rows share one cache position, so they move in lockstep: the
-    generator gives it the samples of one context at a time, which all
-    reach their rewinds and windows at the same step.  Finished rows stay in
-    the cache (dropping them would mean copying it); they are fed a dummy
-    token and their logits are ignored.
+    Its rows share one cache slot counter (a shorter prompt is preceded by
+    masked padding slots), so rows join only together: the generator fills
+    a batch with samples of as many contexts as fit and starts the next
+    batch when all are done.  The engine keeps every row's tokens, so that
+    when rows diverge (one row restarts from its window, rows rewind to
+    different slots, or the cache is full while a row still has room) it
+    prefills every row again from its own tokens: each row then holds
+    exactly what it would hold alone.  Finished rows stay in the cache
+    (dropping them would mean copying it); they are fed a dummy token and
+    their logits are ignored.
     """
 
-    ragged = False
+    joins_running = False
 
     def __init__(self, model):
         self.model = model
-        self.cache = None
-        self.live = np.zeros(0, dtype=np.int64)
+        self.clear()
 
     @property
     def rows(self) -> int:
-        return len(self.live)
+        return len(self.seqs)
 
     def lengths(self) -> List[int]:
-        return [self.cache.slot] * len(self.live)
+        return [len(s) for s in self.seqs]
 
     def clear(self) -> None:
         self.cache = None
         self.live = np.zeros(0, dtype=np.int64)
+        self.seqs: List[List[int]] = []
 
-    def _all(self, rows, what: str) -> None:
-        if sorted(int(r) for r in rows) != list(range(len(self.live))):
-            raise ValueError(f"the TensorFlow engine can only {what} every row at once")
-
-    def add(self, seqs) -> np.ndarray:
-        if len(self.live):
-            raise ValueError("the TensorFlow engine takes new rows only when it has none")
-        ids = np.asarray(seqs, dtype=np.int64)
-        self.cache, logits = self.model.start(ids, max_len=self.model.hparams.n_ctx)
-        self.live = np.arange(ids.shape[0])
+    def _prefill(self) -> np.ndarray:
+        """A new cache holding every live row's tokens; logits after each."""
+        self.cache, logits = self.model.start(self.seqs, max_len=self.model.hparams.n_ctx)
+        self.live = np.arange(len(self.seqs))
         return logits
 
-    def step(self, tokens, rows=None) -> np.ndarray:
-        if rows is not None:
-            self._all(rows, "step")
+    def add(self, seqs) -> np.ndarray:
+        if self.seqs:
+            raise ValueError("the TensorFlow engine takes new rows only when it has none")
+        self.seqs = [[int(t) for t in np.asarray(s).reshape(-1)] for s in seqs]
+        return self._prefill()
+
+    def step(self, tokens) -> np.ndarray:
+        """One token for every row."""
+        self._sync()
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         full = np.zeros(self.cache.batch_size, dtype=np.int64)
-        full[self.live] = np.asarray(tokens).reshape(-1)
+        full[self.live] = tokens
+        for seq, t in zip(self.seqs, tokens):
+            seq.append(int(t))
         return self.model.step(self.cache, full)[self.live]
 
-    def reset(self, rows, seqs) -> np.ndarray:
-        self._all(rows, "restart")
-        order = np.argsort(np.asarray(rows))
-        self.clear()
-        return self.add([seqs[j] for j in order])[np.argsort(order)]
+    def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
+        """As _NumpyEngine.feed; a restart means prefilling every row again."""
+        if not restarting:
+            return self.step(tokens)
+        for r, t in zip(stepping, tokens):
+            self.seqs[r].append(int(t))
+        for r, window in zip(restarting, windows):
+            self.seqs[r] = [int(t) for t in window]
+        return self._prefill()
+
+    def _sync(self) -> None:
+        """Make the cache match the rows' tokens before a step."""
+        slots = {int(self.cache.offsets[self.live[b]]) + len(s) for b, s in enumerate(self.seqs)}
+        if len(slots) == 1:
+            self.cache.slot = slots.pop()  # every row ends at the same slot (after a rewind, say)
+            if self.cache.room > 0:
+                return
+        # Rows at different slots, or a full cache with room left in the rows.
+        self._prefill()
 
     def truncate(self, rows, length: int) -> None:
-        self._all(rows, "rewind")
-        if not 0 <= length <= self.cache.slot:
-            raise ValueError(f"cannot rewind to {length} from {self.cache.slot}")
-        self.cache.slot = int(length)
+        for r in rows:
+            if not 0 <= length <= len(self.seqs[int(r)]):
+                raise ValueError(f"cannot rewind row {r} to {length} from {len(self.seqs[int(r)])}")
+            del self.seqs[int(r)][length:]
 
     def keep(self, rows) -> None:
-        self.live = self.live[np.asarray(rows, dtype=np.int64)]
+        rows = np.asarray(rows, dtype=np.int64)
+        self.live = self.live[rows]
+        self.seqs = [self.seqs[r] for r in rows]
 
 
 @dataclass(frozen=True)
@@ -276,9 +313,9 @@ class Generator:
         context, sample by sample) as soon as they and those before them are done.
 
         Up to ``batch_size`` samples are decoded together, from as many
-        contexts as needed to fill the batch (with the numpy engine; the
-        TensorFlow engine takes one context at a time); a finished sample's
-        place goes to the next one.  Contexts are read lazily; with
+        contexts as needed to fill the batch; with the numpy engine a
+        finished sample's place goes to the next one at once, the
+        TensorFlow engine starts the next batch when all are done.  Contexts are read lazily; with
         ``read_ahead`` False the next context is read only when nothing is
         left to decode (for contexts typed by a person).  Sample i of context
         j draws from the same random stream as ``generate(context, ...,
@@ -361,13 +398,7 @@ class Generator:
                 stepping.append(b)
         for base, rows in rewinds.items():
             engine.truncate(rows, base)
-        if not restarting:
-            return engine.step(tokens, rows=stepping)
-        logits = np.empty((len(active), hp.n_vocab), np.float32)
-        if stepping:
-            logits[stepping] = engine.step(tokens[stepping], rows=stepping)
-        logits[restarting] = engine.reset(restarting, [active[b].window for b in restarting])
-        return logits
+        return engine.feed(tokens[stepping], stepping, restarting, [active[b].window for b in restarting])
 
     def _decode(self, sources: Iterator[List[_Job]], options: GenerateOptions, batch_size: int,
                 read_ahead: bool) -> Iterator[tuple]:
@@ -391,7 +422,7 @@ class Generator:
         def take() -> List[_Job]:
             """The jobs that join the batch now."""
             nonlocal exhausted
-            if not engine.ragged and active:
+            if active and not engine.joins_running:
                 return []
             joining = []
             while len(active) + len(joining) < batch_size:
@@ -404,8 +435,6 @@ class Generator:
                         break
                     pending.extend(more)
                     continue
-                if not engine.ragged and joining and pending[0].ids != joining[0].ids:
-                    break
                 joining.append(pending.popleft())
             return joining
 

@@ -157,7 +157,7 @@ class NumpyDecoder:
     case of equal rows.
     """
 
-    ragged = True
+    joins_running = True  # rows may join while others are decoding
 
     def __init__(self, hparams: HParams, weights: dict):
         self.hparams = hparams

@@ -170,21 +170,18 @@ def _small_ctx_model(n_ctx=24):
 
 def _record_feeding(engine, fed):
     """Record what the engine is fed: ("start", window) for prefills, ("step", token) for steps."""
-    real_add, real_reset, real_step = engine.add, engine.reset, engine.step
+    real_add, real_feed = engine.add, engine.feed
 
     def add(seqs):
         fed.extend(("start", list(s)) for s in seqs)
         return real_add(seqs)
 
-    def reset(rows, seqs):
-        fed.extend(("start", list(s)) for s in seqs)
-        return real_reset(rows, seqs)
-
-    def step(tokens, rows=None):
+    def feed(tokens, stepping, restarting, windows):
         fed.extend(("step", int(t)) for t in np.asarray(tokens).reshape(-1))
-        return real_step(tokens, rows)
+        fed.extend(("start", list(w)) for w in windows)
+        return real_feed(tokens, stepping, restarting, windows)
 
-    engine.add, engine.reset, engine.step = add, reset, step
+    engine.add, engine.feed = add, feed
 
 
 def test_sliding_window_past_the_context(enc):
@@ -333,11 +330,11 @@ def test_batch_equals_single_samples(tiny, enc):
 CONTEXTS = ["江戸時代の", "今日は良い天気です。明日も晴れるかな", "", "文字列をフォント '0' の変換テーブルとして使用する。"]
 
 
-@pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_contexts_batched_together_equal_separate_runs(tiny, enc, batch_size):
+@pytest.mark.parametrize("batch_size,engine", [(1, "numpy"), (3, "numpy"), (16, "numpy"), (16, "tf")])
+def test_contexts_batched_together_equal_separate_runs(tiny, enc, batch_size, engine):
     """Samples of several contexts share batches (rows of different lengths,
     joining as others finish); every sample is what a run of its context alone gives."""
-    gen = Generator(tiny, enc)
+    gen = Generator(tiny, enc, engine=engine)
     opts = GenerateOptions(top_k=20, max_length=40, seed=5, min_length=3)
     many = list(gen.generate_many(iter(CONTEXTS), 3, opts, batch_size=batch_size))
     assert [(s.context_index, s.context, s.index) for s in many] == [
@@ -347,10 +344,11 @@ def test_contexts_batched_together_equal_separate_runs(tiny, enc, batch_size):
         assert [s.text for s in many if s.context_index == j] == alone
 
 
-def test_contexts_batched_with_sliding_windows_equal_separate_runs(enc):
+@pytest.mark.parametrize("engine", ["numpy", "tf"])
+def test_contexts_batched_with_sliding_windows_equal_separate_runs(enc, engine):
     """Rows of different lengths slide their windows at different steps, each as it would alone."""
     m = _small_ctx_model(n_ctx=16)
-    gen = Generator(m, enc)
+    gen = Generator(m, enc, engine=engine)
     opts = GenerateOptions(top_k=5, max_length=60, seed=2)
     contexts = ["今日は", "江戸時代のインターネット回線は", "あ"]
     many = list(gen.generate_many(contexts, 2, opts, batch_size=4))
