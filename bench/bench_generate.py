@@ -164,7 +164,8 @@ class _Stop(Exception):
 
 
 class _TimedEngine:
-    """Wraps the Generator's engine: times step() entries, stops after ``steps`` steps."""
+    """Wraps the Generator's engine: times feed() entries (one per decoding
+    step), stops after ``steps`` steps."""
 
     def __init__(self, inner, steps: int):
         self.inner = inner
@@ -175,12 +176,12 @@ class _TimedEngine:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def step(self, tokens, rows=None):
+    def feed(self, tokens, stepping, restarting, windows):
         self.times.append(time.perf_counter())
-        self.rows.append(int(np.asarray(tokens).size))
+        self.rows.append(len(stepping) + len(restarting))
         if len(self.times) > self.steps:
             raise _Stop
-        return self.inner.step(tokens, rows)
+        return self.inner.feed(tokens, stepping, restarting, windows)
 
 
 CONTEXTS = ["今日は", "江戸時代の", "明日の天気は晴れでしょうか", "吾輩は猫である。名前はまだ無い。",
@@ -190,8 +191,8 @@ CONTEXTS = ["今日は", "江戸時代の", "明日の天気は晴れでしょ�
 def _loop_measure(m, enc, steps: int, run):
     """A function timing ``run(generator, options)`` (top_k 40, seed 1), prefills excluded.
 
-    Between two step() entries the loop computes one step's logits, samples
-    from them and assembles text: the tokens fed to the next step() are the
+    Between two feed() entries the loop computes one step's logits, samples
+    from them and assembles text: the tokens fed to the next feed() are the
     ones produced in that interval.  The loop is stopped after ``steps`` steps.
     """
     from model.generate import GenerateOptions, Generator, _NumpyEngine

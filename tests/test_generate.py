@@ -578,3 +578,18 @@ def test_ctrl_c_ends_quietly(tiny_model_dir, env):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+
+
+# -- the benchmark's timed loops ---------------------------------------------------------------
+
+
+def test_bench_loops_time_real_steps(tiny, enc):
+    """bench/bench_generate.py's measures run against the current engine interface."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "bench_generate.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for measure in (bench.generate_measure(tiny, enc, 2, 4), bench.contexts_measure(tiny, enc, 4),
+                    bench.decode_measure(NumpyDecoder(tiny.hparams, cpu_weights(tiny)), tiny.hparams, 2, 8, 4)):
+        assert measure() > 0
