@@ -139,10 +139,6 @@ class _TFEngine:
         self.model = model
         self.clear()
 
-    @property
-    def rows(self) -> int:
-        return len(self.seqs)
-
     def lengths(self) -> List[int]:
         return [len(s) for s in self.seqs]
 
