@@ -97,6 +97,8 @@ def load_encoder(args):
     model_dir = hub.model_path(args.model)
     if (model_dir / encoder.VOCAB_FILE).is_file():
         return encoder.load(model_dir)
+    if not model_dir.exists() and not hub.is_released(str(args.model)):
+        hub.resolve_model(args.model, download=False)  # a mistyped --model: say so before fetching a vocabulary
     looked_in = [f"$GPT2JA_VOCAB={os.environ['GPT2JA_VOCAB']}"] if os.environ.get("GPT2JA_VOCAB") else []
     looked_in += [str(Path(encoder.__file__).resolve().parent), f"the model directory {model_dir}"]
     return encoder.load(hub.resolve_vocab(download=_may_download(args), looked_in=looked_in))

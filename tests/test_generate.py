@@ -593,3 +593,13 @@ def test_bench_loops_time_real_steps(tiny, enc):
     for measure in (bench.generate_measure(tiny, enc, 2, 4), bench.contexts_measure(tiny, enc, 4),
                     bench.decode_measure(NumpyDecoder(tiny.hparams, cpu_weights(tiny)), tiny.hparams, 2, 8, 4)):
         assert measure() > 0
+
+
+def test_mistyped_model_is_reported_before_any_vocabulary_download(env, tmp_path):
+    """No vocabulary anywhere and a --model that does not exist: the model is what the user hears about."""
+    bare = {k: v for k, v in env.items() if k != "GPT2JA_VOCAB"}
+    bare.update(GPT2JA_HOME=str(tmp_path), GPT2JA_VOCAB_URL="http://127.0.0.1:9/")
+    p = _cli(["--model", str(tmp_path / "no-such-model"), "--gpu", "-1"], bare)
+    err = p.stderr.decode("utf-8")
+    assert p.returncode == 2
+    assert "does not exist" in err and "vocabulary" not in err and "Traceback" not in err
