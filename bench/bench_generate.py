@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -119,7 +120,7 @@ class Bound:
 
 
 def repeat(measure, bound: Bound, min_reps: int = 3, max_reps: int = 6, agree: float = 0.05) -> dict:
-    """Repeat ``measure()`` (returns tokens/s) until the best two agree within ``agree`` (at least
+    """Repeat ``measure()`` (returns a Timed run) until the best two agree within ``agree`` (at least
     ``min_reps``, at most ``max_reps`` times); a bound sample is taken before each repeat.
 
     ``ratio``: best rate / best bound; ``paired``: median over repeats of the rate over the
@@ -128,7 +129,7 @@ def repeat(measure, bound: Bound, min_reps: int = 3, max_reps: int = 6, agree: f
     rates, paired = [], []
     while len(rates) < max_reps:
         t_bound = bound.sample()
-        rate = measure()
+        rate = measure().rate
         rates.append(rate)
         paired.append(rate * t_bound)
         top = sorted(rates, reverse=True)
@@ -138,6 +139,17 @@ def repeat(measure, bound: Bound, min_reps: int = 3, max_reps: int = 6, agree: f
 
 
 # -- 2/3. decoding -------------------------------------------------------------------------------
+
+
+class Timed(NamedTuple):
+    """What one timed run did: ``tokens`` decoded in ``seconds``."""
+
+    tokens: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
 
 
 def decode_measure(dec, hp, batch: int, position: int, steps: int):
@@ -154,7 +166,7 @@ def decode_measure(dec, hp, batch: int, position: int, steps: int):
         t0 = time.perf_counter()
         for s in range(steps):
             dec.step(tokens[s + 2])
-        return batch * steps / (time.perf_counter() - t0)
+        return Timed(batch * steps, time.perf_counter() - t0)
 
     return measure
 
@@ -210,7 +222,7 @@ def _loop_measure(m, enc, steps: int, run):
             pass
         if len(engine.times) < 2:
             raise RuntimeError("generation ended before two steps")
-        return sum(engine.rows[1:]) / (engine.times[-1] - engine.times[0])
+        return Timed(sum(engine.rows[1:]), engine.times[-1] - engine.times[0])
 
     return measure
 
@@ -262,7 +274,9 @@ def _run_cli(cmd, env) -> tuple:
 
 
 def cold_start(model_dir: str, vocab: str, runs: int = 2) -> dict:
-    env = dict(os.environ, GPT2JA_VOCAB=vocab)
+    env = dict(os.environ)
+    if vocab:
+        env["GPT2JA_VOCAB"] = vocab
     cmd = [sys.executable, os.path.join(REPO, "gpt2-generate.py"), "--model", model_dir, "--gpu", "-1",
            "--num_generate", "1", "--stream", "--max_length", "200", "--seed", "1", "--context", CONTEXT]
     first, total, rss = zip(*(_run_cli(cmd, env) for _ in range(runs)))
@@ -364,8 +378,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=64, help="decoding steps timed per repeat (default 64)")
     parser.add_argument("--batch-shapes", default="small", help="shapes measured at batch 8 (default small)")
     parser.add_argument("--skip-cold", action="store_true", help="skip the CLI cold-start measurement")
-    parser.add_argument("--vocab", default=os.environ.get("GPT2JA_VOCAB")
-                        or os.path.join(os.path.dirname(REPO), "shared", "vocab"))
+    parser.add_argument("--vocab", default=None, help="vocabulary directory (default: encoder/)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]

@@ -5,8 +5,9 @@
 
 MODEL_DIR defaults to /tmp/gpt2ja-small-rand (make it with
 ``python bench/make_checkpoint.py small /tmp/gpt2ja-small-rand``); the
-vocabulary comes from $GPT2JA_VOCAB or ../shared/vocab.  Scores the first
---lines lines of ../shared/corpus/ja-man.txt (as gpt2-score.py does: stripped,
+vocabulary is the one in encoder/.  Scores the first
+--lines lines of --text (default: the repository's synthetic golden texts;
+../shared/corpus/ja-man.txt for the reference figures) (as gpt2-score.py does: stripped,
 <|endoftext|> before and after each line) and prints:
 
 - lines/s and tokens/s of ``Scorer.score`` on chunks of lines as gpt2-score.py
@@ -28,10 +29,10 @@ import sys
 import time
 
 import numpy as np
+from texts import add_text_flag, read_texts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED = os.environ.get("GPT2JA_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
 
 
 def gemm_gflops(rows: int, n_embd: int, seconds: float = 3.0) -> float:
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lines", type=int, default=1000, help="corpus lines to score (default 1000)")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="padded tokens per batch (default 2048)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs, each printed with its own bound (default 2)")
+    add_text_flag(parser)
     args = parser.parse_args(argv)
 
     import encoder
@@ -74,11 +76,10 @@ def main(argv=None) -> int:
     from cli.score import CHUNK_LINES
     from model.score import Scorer
 
-    enc = encoder.load(os.environ.get("GPT2JA_VOCAB") or os.path.join(SHARED, "vocab"))
+    enc = encoder.load()
     m = model.load(args.model_dir)
     hp = m.hparams
-    with open(os.path.join(SHARED, "corpus", "ja-man.txt"), encoding="utf-8") as f:
-        texts = [line.strip() for _, line in zip(range(args.lines), f)]
+    texts = [t.strip() for t in read_texts(args.text, args.lines)]
     texts = [t for t in texts if t]
     print(f"model {m.path}: {hp.n_layer} layers, {hp.n_embd} wide, {hp.n_params:,} parameters")
 

@@ -2,7 +2,8 @@
 
     python bench/bench_transform.py [--model DIR] [--lines 1000] [--skip-cold]
 
-* vectors/s for the first N lines of ../shared/corpus/ja-man.txt (what
+* vectors/s for the first N lines of --text (default: the repository's
+  synthetic golden texts; ../shared/corpus/ja-man.txt for the reference figures) (what
   ``gpt2-transform.py --input`` does: encode, batch by length, forward pass,
   pool), with the model already loaded;
 * the compute bound: the floating-point operations those lines need (the
@@ -24,9 +25,9 @@ import sys
 import time
 
 import numpy as np
+from texts import add_text_flag, read_texts
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
 
@@ -64,6 +65,7 @@ def main():
     p.add_argument("--lines", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--skip-cold", action="store_true")
+    add_text_flag(p)
     args = p.parse_args()
     ensure_model(args.model)
 
@@ -71,11 +73,10 @@ def main():
     import model
     from model.vectors import Vectorizer
 
-    enc = encoder.load(SHARED / "vocab")
+    enc = encoder.load()
     m = model.load(args.model)
     hp = m.hparams
-    with open(SHARED / "corpus" / "ja-man.txt", encoding="utf-8") as f:
-        lines = [next(f).rstrip("\n") for _ in range(args.lines)]
+    lines = read_texts(args.text, args.lines)
     vec = Vectorizer(m, enc)
     vec.vectors_of_ids([vec.ids(t)[0] for t in lines[:64]])  # warm up (first call traces)
 
@@ -96,7 +97,7 @@ def main():
     print(f"vectors/s: {len(lines) / best:.0f}  ({achieved:.0f} GFLOP/s, {achieved / gflops:.2f} x bound; target 0.7)")
 
     if not args.skip_cold:
-        env = dict(os.environ, GPT2JA_VOCAB=str(SHARED / "vocab"))
+        env = dict(os.environ)
         cold = float("inf")
         for _ in range(2):
             t = time.perf_counter()

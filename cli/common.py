@@ -10,7 +10,6 @@ import contextlib
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 from .errors import UsageError
 
@@ -24,17 +23,16 @@ def add_model_flags(p: argparse.ArgumentParser, gpu_default: str = "0") -> None:
                         "(gpt2ja-small, gpt2ja-medium, gpt2ja-large), downloaded into $GPT2JA_HOME "
                         "(default ~/.cache/gpt2-japanese) on first use; default %(default)s")
     p.add_argument("--vocab", metavar="DIR", default=None,
-                   help="directory with ja-bpe.txt and emoji.json (default: $GPT2JA_VOCAB, "
-                        "the encoder package directory, the model directory, then the cache, "
-                        "downloading the files there when they are nowhere)")
+                   help="directory with another ja-bpe.txt and emoji.json (default: $GPT2JA_VOCAB, "
+                        "else the vocabulary of the released models, which ships in encoder/)")
     p.add_argument("--gpu", default=gpu_default,
                    help="GPU device id, or -1 for the CPU; without that GPU the CPU is used "
                         "(default %(default)s)")
     p.add_argument("--verbose", action="store_true",
                    help="log what happens (device, timings, TensorFlow's own messages) on stderr")
     p.add_argument("--no-download", dest="no_download", action="store_true",
-                   help="never use the network (as GPT2JA_OFFLINE=1): a model or vocabulary that is "
-                        "not there is an error saying what to download and where to put it")
+                   help="never use the network (as GPT2JA_OFFLINE=1): a released model that is "
+                        "not in the cache is an error saying what to download and where to put it")
 
 
 def _int_at_least(minimum: int, what: str):
@@ -81,27 +79,11 @@ def _may_download(args) -> bool:
 
 
 def load_encoder(args):
-    """The encoder from --vocab, $GPT2JA_VOCAB, the package directory, the
-    model directory, or the cache -- in that order; when the files are in
-    none of them they are downloaded into the cache (unless --no-download or
-    GPT2JA_OFFLINE).  An explicit --vocab is never replaced by a download."""
+    """The encoder from --vocab, else $GPT2JA_VOCAB, else the vocabulary that
+    ships in the encoder package (``encoder.find_vocab``)."""
     import encoder
-    from model import hub
 
-    if args.vocab is not None:
-        return encoder.load(args.vocab)
-    try:
-        return encoder.load()
-    except encoder.VocabError:
-        pass
-    model_dir = hub.model_path(args.model)
-    if (model_dir / encoder.VOCAB_FILE).is_file():
-        return encoder.load(model_dir)
-    if not model_dir.exists() and not hub.is_released(str(args.model)):
-        hub.resolve_model(args.model, download=False)  # a mistyped --model: say so before fetching a vocabulary
-    looked_in = [f"$GPT2JA_VOCAB={os.environ['GPT2JA_VOCAB']}"] if os.environ.get("GPT2JA_VOCAB") else []
-    looked_in += [str(Path(encoder.__file__).resolve().parent), f"the model directory {model_dir}"]
-    return encoder.load(hub.resolve_vocab(download=_may_download(args), looked_in=looked_in))
+    return encoder.load(args.vocab)
 
 
 def load_model(args, enc=None):

@@ -6,11 +6,11 @@ import os
 import sys
 
 from . import common
-from .errors import UsageError
+from .errors import ArgumentParser, UsageError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="gpt2-encode.py",
         description="Encode a directory of .txt files (recursively) into an .npz dataset for "
                     "gpt2-finetune.py, in the format of the original encode_bpe.py: members arr_0, arr_1, ... "
@@ -25,11 +25,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clean_text", action="store_true",
                    help="replace URLs, e-mail addresses, phone numbers, dates and prices by tags, as the original")
     p.add_argument("--vocab", metavar="DIR", default=None,
-                   help="directory with ja-bpe.txt and emoji.json (default: as the other tools)")
+                   help="directory with another ja-bpe.txt and emoji.json (default: as the other tools)")
     p.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
     p.add_argument("--verbose", action="store_true", help="say what happens on stderr")
-    p.add_argument("--no-download", dest="no_download", action="store_true",
-                   help="never use the network for the vocabulary")
     return p
 
 
@@ -51,7 +49,6 @@ def encode_dataset(src, dst, enc, clean=False, processes=1, combine=50000, show_
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    args.model = common.DEFAULT_MODEL
     from model.dataset import DatasetError
 
     enc = common.load_encoder(args)

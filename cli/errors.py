@@ -7,12 +7,22 @@ A command's ``main(argv)`` raises ``UsageError`` (or the library errors
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: bad flag value, unreadable input..."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the tools' error format: a bad flag is one line,
+    ``prog: error: ... (see --help)``, and exit status 2 -- no usage block."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
 
 
 def _user_errors() -> tuple:

@@ -10,7 +10,7 @@ import sys
 import time
 
 from . import common
-from .errors import UsageError
+from .errors import ArgumentParser, UsageError
 
 
 def _positive_float(text: str) -> float:
@@ -24,7 +24,7 @@ def _positive_float(text: str) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="gpt2-finetune.py",
         description="Fine-tune a Japanese GPT-2 model on your own text. Checkpoints go to "
                     "CHECKPOINT_DIR/RUN_NAME in the released layout (load them with --model "

@@ -5,14 +5,14 @@ import argparse
 import json
 
 from . import common
-from .errors import UsageError
+from .errors import ArgumentParser, UsageError
 
 DEFAULT_TOP_K = 40
 DEFAULT_BATCH_SIZE = 16
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="gpt2-generate.py",
         description="Generate text with a Japanese GPT-2 model (gpt2ja-small/medium/large).",
         epilog="Samples are separated by a line '========'. Example: "

@@ -6,13 +6,13 @@ import json
 import math
 
 from . import common
-from .errors import UsageError
+from .errors import ArgumentParser, UsageError
 
 CHUNK_LINES = 512  # lines read, batched and written at a time
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="gpt2-score.py",
         description="Score each line of a text with a Japanese GPT-2 model: the sum of its tokens' natural-log "
                     "probabilities, with <|endoftext|> before the tokens (and after them unless --exclude-end).",

@@ -5,13 +5,13 @@ import argparse
 import json
 
 from . import common
-from .errors import UsageError
+from .errors import ArgumentParser, UsageError
 
 CHUNK_LINES = 512  # lines read, batched and written at a time with --input
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="gpt2-transform.py",
         description="Sentence vectors from a Japanese GPT-2 model: the final layer-normed hidden state "
                     "at the last token (as the original tool), or other poolings and layers.",

@@ -17,11 +17,11 @@ import json
 import sys
 
 from cli.common import read_lines
-from cli.errors import UsageError, run
+from cli.errors import ArgumentParser, UsageError, run
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m encoder",
         description="Japanese BPE encoder of the gpt2ja models, for pipelines.",
     )

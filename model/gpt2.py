@@ -231,6 +231,15 @@ class Model:
             out[name] = value
         return out
 
+    def tracing_count(self) -> int:
+        """How many times this model's compiled functions were traced so far.
+
+        Every forward, prefill and decoding function is traced with unknown
+        batch and length dimensions, so new batch sizes or lengths must not
+        raise this number (a retrace costs seconds)."""
+        fns = [*self._forward_fns.values(), self._prefill_fn, *self._decode_fns.values()]
+        return sum(fn.experimental_get_tracing_count() for fn in fns)
+
     def check_vocab_size(self, n: int) -> None:
         """Raise ModelError unless a vocabulary of ``n`` entries matches n_vocab."""
         check_vocab(self.hparams, n)

@@ -1,14 +1,14 @@
-"""Released models and the vocabulary, fetched on first use and cached.
+"""Released models, fetched on first use and cached.
 
     from model import hub
     d = hub.resolve_model("gpt2ja-small")   # a directory: as given, or the cache
                                             # directory (downloaded when missing)
-    v = hub.resolve_vocab()                 # cached vocabulary, downloaded when missing
+
+(The vocabulary ships with the ``encoder`` package and is never downloaded.)
 
 Cache layout (``$GPT2JA_HOME``, default ``~/.cache/gpt2-japanese``)::
 
     gpt2ja-small/              verified model directories (an unpacked archive)
-    vocab/                     ja-bpe.txt and emoji.json, checked against their sha256
     .downloads/                partial downloads (*.part, resumed with HTTP Range),
                                locks and extraction directories
 
@@ -21,19 +21,17 @@ checkpoint's own checksums are verified), and only then renamed to
 download that the next run resumes.
 
 Addresses: ``$GPT2JA_MODEL_URLS`` (comma-separated base addresses, tried in
-order; ``NAME.tar.bz2`` is appended) and ``$GPT2JA_VOCAB_URL`` (base address;
-``ja-bpe.txt`` and ``emoji.json`` are appended).  ``GPT2JA_OFFLINE=1`` turns
+order; ``NAME.tar.bz2`` is appended).  ``GPT2JA_OFFLINE=1`` turns
 every download off: what is missing is then an error saying what to fetch and
 where to put it.
 
 Only the standard library (urllib) and tqdm are used; TensorFlow is imported
-only to check an extracted checkpoint.  Model problems raise ``ModelError``,
-vocabulary problems ``encoder.VocabError``; both carry one-line messages.
+only to check an extracted checkpoint.  Problems raise ``ModelError`` with a
+one-line message.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -46,7 +44,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from .errors import ModelError
 
@@ -54,14 +52,7 @@ from .errors import ModelError
 RELEASED_MODELS = ("gpt2ja-small", "gpt2ja-medium", "gpt2ja-large")
 #: Official addresses of the model archives, tried in order.
 MODEL_URLS = ("https://www.nama.ne.jp/models/", "http://ailab.nama.ne.jp/models/")
-#: The Japanese-BPEEncoder project's files.
-VOCAB_URL = "https://raw.githubusercontent.com/tanreinama/Japanese-BPEEncoder/master/"
-VOCAB_SHA256 = {
-    "ja-bpe.txt": "89d4732745dfb91282ca4202f8b64c0fc25f090399030ca246e8866ffcc3c9e4",
-    "emoji.json": "9f317e0456bf67a5d6b07b306a44def1ab166dfcc83b79b335b26217be0a6169",
-}
 DEFAULT_HOME = "~/.cache/gpt2-japanese"
-VOCAB_SUBDIR = "vocab"
 WORK_SUBDIR = ".downloads"
 
 #: Seconds to wait for a connection or for the next bytes of a response.
@@ -97,12 +88,6 @@ def model_urls(name: str) -> List[str]:
     env = os.environ.get("GPT2JA_MODEL_URLS", "")
     bases = [b.strip() for b in env.split(",") if b.strip()] or list(MODEL_URLS)
     return [_base(b) + f"{name}.tar.bz2" for b in bases]
-
-
-def vocab_urls() -> Dict[str, str]:
-    """File name -> address of the vocabulary files."""
-    base = _base(os.environ.get("GPT2JA_VOCAB_URL", "").strip() or VOCAB_URL)
-    return {f: base + f for f in VOCAB_SHA256}
 
 
 def _home_text(path: Path) -> str:
@@ -342,101 +327,6 @@ class _CountingReader:
         data = self.raw.read(n)
         self.report(len(data))
         return data
-
-
-# --------------------------------------------------------------------------- vocabulary
-
-def vocab_cache_dir() -> Path:
-    return cache_dir() / VOCAB_SUBDIR
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cached_vocab() -> Optional[Path]:
-    """The cache's vocabulary directory when both files are there and match
-    their digests, else None (a file that does not match is removed)."""
-    d = vocab_cache_dir()
-    ok = True
-    for fname, digest in VOCAB_SHA256.items():
-        path = d / fname
-        if not path.is_file():
-            ok = False
-            continue
-        try:
-            good = sha256_file(path) == digest
-        except OSError:
-            good = False
-        if not good:
-            ok = False
-            with contextlib.suppress(OSError):
-                path.unlink()
-    return d if ok else None
-
-
-def vocab_offline_message(why: str, looked_in: Sequence[str] = ()) -> str:
-    urls = vocab_urls()
-    where = f" (looked in {', '.join(looked_in)})" if looked_in else ""
-    return (f"vocabulary files ja-bpe.txt and emoji.json not found{where} and {why}: download "
-            f"{urls['ja-bpe.txt']} and {urls['emoji.json']} into {_home_text(vocab_cache_dir())}")
-
-
-def resolve_vocab(download: bool = True, progress: Optional[bool] = None,
-                  looked_in: Sequence[str] = ()) -> Path:
-    """The cache's vocabulary directory, downloaded when missing (VocabError
-    when downloads are off; ``looked_in`` names places already searched, for
-    the message)."""
-    found = cached_vocab()
-    if found is not None:
-        return found
-    why = _downloads_off(download)
-    if why is not None:
-        from encoder import VocabError
-        raise VocabError(vocab_offline_message(why, [*looked_in, _home_text(vocab_cache_dir())])
-                         + ", or pass --vocab DIR")
-    return download_vocab(progress=progress)
-
-
-def download_vocab(progress: Optional[bool] = None) -> Path:
-    """Fetch ja-bpe.txt and emoji.json into the cache, each checked against its
-    sha256 before it is moved into place (a mismatch is a VocabError and the
-    file is not kept); return the directory."""
-    from encoder import VocabError
-
-    found = cached_vocab()
-    if found is not None:
-        return found
-    why = _downloads_off(True)
-    if why is not None:
-        raise VocabError(vocab_offline_message(why))
-    target = vocab_cache_dir()
-    work = _work_dir(VocabError)
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise VocabError(f"cannot create {target}: {e.strerror or e} (set GPT2JA_HOME)") from None
-    urls = vocab_urls()
-    with _lock(work / "vocab.lock", "the vocabulary"):
-        for fname, digest in VOCAB_SHA256.items():
-            final = target / fname
-            if final.is_file():
-                continue  # checked by cached_vocab() above
-            done = work / fname
-            _download([urls[fname]], done, f"vocabulary file {fname}", progress, VocabError)
-            found_digest = sha256_file(done)
-            if found_digest != digest:
-                done.unlink()
-                raise VocabError(f"{fname} from {urls[fname]} has sha256 {found_digest}, expected {digest}; "
-                                 f"it was not kept")
-            os.replace(done, final)
-        _fsync_dir(target)
-    _note(f"the vocabulary is ready in {_home_text(target)}")
-    return target
 
 
 # --------------------------------------------------------------------------- HTTP

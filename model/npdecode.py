@@ -167,6 +167,8 @@ class NumpyDecoder:
         self.ln_f = (weights["model/ln_f/g"], weights["model/ln_f/b"])
         self.scale = np.float32(1.0 / math.sqrt(hparams.head_dim))
         self._rows: List[_Row] = []
+        #: Tokens run through prefills so far (identical new rows count once).
+        self.prefilled_tokens = 0
 
     # -- rows -------------------------------------------------------------------------
 
@@ -225,6 +227,7 @@ class NumpyDecoder:
         H, D = hp.n_head, hp.head_dim
         shape = (hp.n_layer, H, _capacity(T + 1, hp.n_ctx), D)
         row = _Row(np.empty(shape, np.float32), np.empty(shape, np.float32), T)
+        self.prefilled_tokens += T
         x = self.wte[ids] + self.wpe[:T]
         causal = np.triu(np.full((T, T), -1e10, np.float32), 1)
         for i, (g1, b1, wa, ba, wp, bp, g2, b2, wf, bf, wm, bm) in enumerate(self.layers):

@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import encoder
 import model
 from model import hub
 
@@ -154,10 +153,8 @@ def archive(tiny_model_dir):
 
 
 @pytest.fixture
-def server(vocab_dir):
+def server():
     s = Server()
-    s.files["/vocab/ja-bpe.txt"] = (vocab_dir / "ja-bpe.txt").read_bytes()
-    s.files["/vocab/emoji.json"] = (vocab_dir / "emoji.json").read_bytes()
     yield s
     s.close()
 
@@ -168,7 +165,6 @@ def home(tmp_path, server, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("GPT2JA_HOME", str(cache))
     monkeypatch.setenv("GPT2JA_MODEL_URLS", f"{server.url}/a/,{server.url}/b")
-    monkeypatch.setenv("GPT2JA_VOCAB_URL", f"{server.url}/vocab/")
     for var in ("GPT2JA_OFFLINE", "GPT2JA_VOCAB", *PROXY_VARS):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(hub, "RETRY_DELAY", 0.0)
@@ -407,38 +403,6 @@ def test_unknown_name(home, server):
     assert server.requests == []
 
 
-# -- vocabulary -----------------------------------------------------------------------
-
-
-def test_vocabulary_download(home, server, vocab_dir):
-    d = hub.resolve_vocab()
-    assert d == home / "vocab"
-    for f in ("ja-bpe.txt", "emoji.json"):
-        assert (d / f).read_bytes() == (vocab_dir / f).read_bytes()
-    assert len(encoder.load(d)) == 20573
-    assert _leftovers(home) == []
-    hub.resolve_vocab()
-    assert len(server.requests) == 2  # cached, verified, not fetched again
-
-
-def test_vocabulary_checksum_mismatch(home, server):
-    server.files["/vocab/emoji.json"] = server.files["/vocab/emoji.json"].replace(b"emoji", b"EMOJI", 1)
-    with pytest.raises(encoder.VocabError, match="emoji.json from .* has sha256 .*, expected 9f317e04") as e:
-        hub.resolve_vocab()
-    assert "\n" not in str(e.value)
-    assert not (home / "vocab" / "emoji.json").exists()
-    assert _leftovers(home) == []
-    assert hub.cached_vocab() is None
-
-
-def test_tampered_cached_vocabulary_is_fetched_again(home, server):
-    d = hub.resolve_vocab()
-    (d / "ja-bpe.txt").write_text("tampered")
-    assert hub.cached_vocab() is None
-    assert hub.resolve_vocab() == d
-    assert hub.sha256_file(d / "ja-bpe.txt") == hub.VOCAB_SHA256["ja-bpe.txt"]
-
-
 # -- offline ----------------------------------------------------------------------------
 
 
@@ -451,9 +415,6 @@ def test_offline_never_touches_the_network(home, server, monkeypatch):
     assert "GPT2JA_OFFLINE=1" in msg
     with pytest.raises(model.ModelError, match="GPT2JA_OFFLINE"):
         hub.download_model(NAME)
-    with pytest.raises(encoder.VocabError) as e:
-        hub.resolve_vocab()
-    assert f"{server.url}/vocab/ja-bpe.txt and {server.url}/vocab/emoji.json into {home / 'vocab'}" in str(e.value)
     assert server.requests == [] and not home.exists()
 
 
@@ -462,8 +423,7 @@ def test_offline_never_touches_the_network(home, server, monkeypatch):
 
 def _env(home, server):
     env = {k: v for k, v in os.environ.items() if k not in ("GPT2JA_VOCAB", "GPT2JA_OFFLINE", *PROXY_VARS)}
-    env.update(GPT2JA_HOME=str(home), GPT2JA_MODEL_URLS=f"{server.url}/a/,{server.url}/b/",
-               GPT2JA_VOCAB_URL=f"{server.url}/vocab")
+    env.update(GPT2JA_HOME=str(home), GPT2JA_MODEL_URLS=f"{server.url}/a/,{server.url}/b/")
     return env
 
 
@@ -472,8 +432,8 @@ def _run(args, env, cwd):
 
 
 def test_generate_with_a_released_name_on_a_fresh_machine(home, server, archive, golden, tmp_path):
-    """gpt2-generate.py --model gpt2ja-small: vocabulary and model fetched, same
-    output as the golden run on the fixture directory."""
+    """gpt2-generate.py --model gpt2ja-small: the model fetched (the vocabulary
+    ships with the encoder), same output as the golden run on the fixture directory."""
     with open(golden / "tiny" / "generate.jsonl", encoding="utf-8") as f:
         record = json.loads(f.readline())
     server.files["/b" + ARCHIVE] = archive
@@ -482,7 +442,8 @@ def test_generate_with_a_released_name_on_a_fresh_machine(home, server, archive,
     assert p.returncode == 0, p.stderr.decode()
     assert p.stdout.decode("utf-8") == record["stdout"]
     assert b"Traceback" not in p.stderr
-    assert (home / NAME / "checkpoint").is_file() and hub.cached_vocab() == home / "vocab"
+    assert (home / NAME / "checkpoint").is_file()
+    assert [r[0] for r in server.requests] == ["/a" + ARCHIVE, "/b" + ARCHIVE]  # 404, then the mirror
     # now offline, from the cache only
     n = len(server.requests)
     p = _run([str(ROOT / "gpt2-generate.py"), "--model", NAME, "--gpu", "-1", "--no-download", *record["args"]],
@@ -493,20 +454,13 @@ def test_generate_with_a_released_name_on_a_fresh_machine(home, server, archive,
 
 
 @pytest.mark.parametrize("how", ["--no-download", "GPT2JA_OFFLINE"])
-def test_tools_offline_fail_in_one_line(how, home, server, vocab_dir, tmp_path):
+def test_tools_offline_fail_in_one_line(how, home, server, tmp_path):
     env = _env(home, server)
     args = ["--gpu", "-1", "--context", "x"]
     if how == "GPT2JA_OFFLINE":
         env["GPT2JA_OFFLINE"] = "1"
     else:
         args.append(how)
-    # the vocabulary is missing
-    p = _run([str(ROOT / "gpt2-transform.py"), "--model", NAME, *args], env, tmp_path)
-    err = p.stderr.decode()
-    assert p.returncode == 2 and len(err.strip().splitlines()) == 1, err
-    assert "gpt2-transform.py: error: vocabulary files" in err and f"{server.url}/vocab/ja-bpe.txt" in err
-    # the vocabulary is there, the model is not
-    env["GPT2JA_VOCAB"] = str(vocab_dir)
     p = _run([str(ROOT / "gpt2-transform.py"), "--model", NAME, *args], env, tmp_path)
     err = p.stderr.decode()
     assert p.returncode == 2 and len(err.strip().splitlines()) == 1, err
@@ -514,9 +468,8 @@ def test_tools_offline_fail_in_one_line(how, home, server, vocab_dir, tmp_path):
     assert server.requests == []
 
 
-def test_download_failure_from_the_tool_is_one_line(home, server, vocab_dir, tmp_path):
+def test_download_failure_from_the_tool_is_one_line(home, server, tmp_path):
     env = _env(home, server)
-    env["GPT2JA_VOCAB"] = str(vocab_dir)
     p = _run([str(ROOT / "gpt2-generate.py"), "--model", NAME, "--gpu", "-1"], env, tmp_path)
     err = p.stderr.decode().strip().splitlines()
     assert p.returncode == 2
@@ -532,7 +485,6 @@ def test_python_m_model_download(home, server, archive, tiny_model_dir, tmp_path
     assert p.returncode == 0, p.stderr.decode()
     assert p.stdout.decode().splitlines() == [str(home / NAME)]
     _same_files(home / NAME, tiny_model_dir)
-    assert hub.cached_vocab() == home / "vocab"  # fetched too, so that the tools run offline
     # again: found in the cache, nothing fetched
     n = len(server.requests)
     p = subprocess.run([sys.executable, *cmd], capture_output=True, env=env, cwd=ROOT, timeout=180)
@@ -544,15 +496,6 @@ def test_python_m_model_download(home, server, archive, tiny_model_dir, tmp_path
     assert p.returncode == 2
     assert p.stderr.decode().strip() == ("python -m model: error: unknown model 'gpt2ja-huge'; released models: "
                                          "gpt2ja-small, gpt2ja-medium, gpt2ja-large")
-
-
-def test_python_m_model_download_vocab_only(home, server):
-    env = _env(home, server)
-    p = subprocess.run([sys.executable, "-m", "model", "download", "--vocab"], capture_output=True, env=env,
-                       cwd=ROOT, timeout=60)
-    assert p.returncode == 0, p.stderr.decode()
-    assert p.stdout.decode().splitlines() == [str(home / "vocab")]
-    assert sorted(f.name for f in (home / "vocab").iterdir()) == ["emoji.json", "ja-bpe.txt"]
 
 
 def test_hub_does_not_import_tensorflow():

@@ -22,18 +22,12 @@ def _run(script, args, env, cwd, timeout=180):
                           cwd=cwd, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def corpus_lines(shared):
-    with open(shared / "corpus" / "ja-man.txt", encoding="utf-8") as f:
-        return f.read().splitlines()[:300]
-
-
 @pytest.fixture
 def src_dir(tmp_path, corpus_lines):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "a.txt").write_text("\n".join(corpus_lines[:150]), encoding="utf-8")
-    (src / "sub" / "b.txt").write_text("\n".join(corpus_lines[150:]), encoding="utf-8")
+    (src / "sub" / "b.txt").write_text("\n".join(corpus_lines[150:300]), encoding="utf-8")
     (src / "skip.md").write_text("not a .txt file", encoding="utf-8")
     return src
 
@@ -186,7 +180,7 @@ def test_save_keeps_five_and_a_failed_save_keeps_the_previous(tiny_model_dir, tm
     def crash(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(C, "write_state_file", crash)
-    with pytest.raises(Exception):
+    with pytest.raises(model.ModelError, match="cannot write checkpoint .*model-8: disk full"):
         T.save_run(tr, run, 8)
     assert T.latest_step(run) == 7
     assert model.load(run).path.endswith("model-7")
@@ -253,22 +247,10 @@ def test_cli_ctrl_c_saves_and_exits_quietly(tiny_model_dir, dataset_npz, tmp_pat
     assert (tmp_path / "checkpoint" / "r" / "counter").read_text() == f"{step}\n"
 
 
-def test_cli_errors_are_one_line(tiny_model_dir, dataset_npz, src_dir, tmp_path, env):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "blank.txt").write_text("", encoding="utf-8")
+def test_cli_refuses_a_run_directory_of_another_shape(tiny_model_dir, dataset_npz, tmp_path, env):
     other = tmp_path / "other"
     weights = model.random_weights(model.HParams(n_vocab=20573, n_ctx=1024, n_embd=64, n_head=4, n_layer=1))
     model.save(weights, other, step=0)
-    cases = [
-        (["--model", str(tiny_model_dir), "--dataset", str(empty)], "empty"),
-        (["--model", str(tmp_path / "missing"), "--dataset", str(dataset_npz)], "cannot load the base model"),
-        (["--model", str(tiny_model_dir), "--dataset", str(tmp_path / "nothing.npz")], "no such dataset"),
-    ]
-    for args, message in cases:
-        r = _run(FINETUNE, [*args, "--run_name", "e"], env, tmp_path)
-        assert r.returncode == 2, (args, r.stderr)
-        assert r.stderr.count("\n") == 1 and message in r.stderr and "error:" in r.stderr, r.stderr
     # a run directory of another shape
     # (a directory of .txt files as the dataset, and --epochs: 60 chunks x 0.02 -> 2 steps)
     r = _finetune(tmp_path / "src", tmp_path, env, "--epochs", "0.02", "--num_process", "2", base=other)

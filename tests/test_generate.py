@@ -152,12 +152,9 @@ def test_row_strategies_equal_plain_matrix_product(tiny, enc, rows):
 
 def test_identical_rows_are_prefilled_once(tiny, enc):
     dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
-    calls = []
-    real = dec._prefill
-    dec._prefill = lambda ids: calls.append(len(ids)) or real(ids)
     ids = enc.encode("今日は")
     logits = dec.add([ids, ids, ids])
-    assert calls == [len(ids)] and dec.rows == 3
+    assert dec.prefilled_tokens == len(ids) and dec.rows == 3
     np.testing.assert_array_equal(logits[0], logits[2])
     out = dec.step([1, 2, 3])  # the rows do not share their caches
     np.testing.assert_allclose(out[2], tiny.logits([ids + [3]])[0, -1], atol=1e-4)
@@ -438,16 +435,15 @@ def test_cli_seed_reproducible(tiny_model_dir, env, capsys):
 
 
 def test_jsonl_and_contexts_file(tiny_model_dir, tmp_path, env, capsys, records):
+    args = dict(zip(records[0]["args"][::2], records[0]["args"][1::2]))
+    assert args["--num_generate"] == "2" and "--min_length" not in args
     contexts = tmp_path / "contexts.txt"
-    contexts.write_text("文字列をフォント '0' の変換テーブルとして使用する。 詳しくは 'ac' 機能を参照すること。\n明日も晴れるかな\n",
-                        encoding="utf-8")
+    contexts.write_text(args["--context"] + "\n明日も晴れるかな\n", encoding="utf-8")
     out = _main(["--model", str(tiny_model_dir), "--gpu", "-1", "--contexts", str(contexts), "--num_generate", "2",
-                 "--top_k", "1", "--max_length", "80", "--format", "jsonl"], capsys).out
+                 "--top_k", "1", "--max_length", args["--max_length"], "--format", "jsonl"], capsys).out
     rows = [json.loads(line) for line in out.splitlines()]
     assert [(r["context"], r["index"]) for r in rows] == [
-        ("文字列をフォント '0' の変換テーブルとして使用する。 詳しくは 'ac' 機能を参照すること。", 0),
-        ("文字列をフォント '0' の変換テーブルとして使用する。 詳しくは 'ac' 機能を参照すること。", 1),
-        ("明日も晴れるかな", 0), ("明日も晴れるかな", 1)]
+        (args["--context"], 0), (args["--context"], 1), ("明日も晴れるかな", 0), ("明日も晴れるかな", 1)]
     assert rows[0]["text"] + "\n========\n" + rows[1]["text"] + "\n" == records[0]["stdout"]
 
 
@@ -504,18 +500,6 @@ def test_output_file_written_atomically(tiny_model_dir, tmp_path, env, capsys, r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["contexts.txt", "out.txt"]
 
 
-def test_broken_pipe_is_quiet(tiny_model_dir, env):
-    p = subprocess.Popen([sys.executable, SCRIPT, "--model", str(tiny_model_dir), "--gpu", "-1", "--num_generate",
-                          "40", "--max_length", "300", "--format", "jsonl", "--seed", "1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    first = p.stdout.readline()
-    p.stdout.close()
-    err = p.stderr.read()
-    p.wait(timeout=180)
-    assert json.loads(first)["index"] == 0
-    assert err == b""
-
-
 # -- errors ---------------------------------------------------------------------------------
 
 
@@ -535,36 +519,6 @@ def test_usage_errors_before_loading(args, message):
 def test_min_length_too_large(tiny_model_dir, env):
     with pytest.raises(UsageError, match="--min_length must be below n_ctx/2 = 512"):
         cli_generate.main(["--model", str(tiny_model_dir), "--gpu", "-1", "--min_length", "512"])
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--model", "/nonexistent/model"], "does not exist"),
-    (["--num_generate", "0"], "must be at least 1"),
-    (["--batch_size", "0"], "must be at least 1"),
-    (["--top_p", "2"], "--top_p must be between 0 and 1"),
-    (["--max_length", "-3"], "must not be negative"),
-    (["--vocab", "/nonexistent/vocab"], "ja-bpe.txt"),
-])
-def test_cli_errors_are_one_line(args, message, tiny_model_dir, env):
-    p = _cli(["--model", str(tiny_model_dir), "--gpu", "-1", *args], env)
-    err = p.stderr.decode("utf-8")
-    assert p.returncode == 2
-    assert message in err and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("gpt2-generate.py: error:")
-
-
-def test_invalid_stdin(tiny_model_dir, env):
-    p = _cli(["--model", str(tiny_model_dir), "--gpu", "-1", "--context", "-"], env, stdin=b"\xff\xfe")
-    assert p.returncode == 2 and b"not UTF-8" in p.stderr and b"Traceback" not in p.stderr
-
-
-def test_help_does_not_import_tensorflow(env):
-    code = ("import runpy, sys; sys.argv = ['gpt2-generate.py', '--help']\n"
-            "try:\n    runpy.run_path(%r, run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "print('TF' if 'tensorflow' in sys.modules else 'NO TF', file=sys.stderr)" % SCRIPT)
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, env=env, cwd=ROOT, timeout=60)
-    assert b"--num_generate" in p.stdout
-    assert p.stderr.strip().endswith(b"NO TF")
 
 
 def test_ctrl_c_ends_quietly(tiny_model_dir, env):
@@ -590,16 +544,11 @@ def test_bench_loops_time_real_steps(tiny, enc):
     spec = importlib.util.spec_from_file_location("bench_generate", ROOT / "bench" / "bench_generate.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    for measure in (bench.generate_measure(tiny, enc, 2, 4), bench.contexts_measure(tiny, enc, 4),
-                    bench.decode_measure(NumpyDecoder(tiny.hparams, cpu_weights(tiny)), tiny.hparams, 2, 8, 4)):
-        assert measure() > 0
-
-
-def test_mistyped_model_is_reported_before_any_vocabulary_download(env, tmp_path):
-    """No vocabulary anywhere and a --model that does not exist: the model is what the user hears about."""
-    bare = {k: v for k, v in env.items() if k != "GPT2JA_VOCAB"}
-    bare.update(GPT2JA_HOME=str(tmp_path), GPT2JA_VOCAB_URL="http://127.0.0.1:9/")
-    p = _cli(["--model", str(tmp_path / "no-such-model"), "--gpu", "-1"], bare)
-    err = p.stderr.decode("utf-8")
-    assert p.returncode == 2
-    assert "does not exist" in err and "vocabulary" not in err and "Traceback" not in err
+    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
+    runs = {"generate 2 samples": (bench.generate_measure(tiny, enc, 2, 4), 2 * 4),
+            "8 contexts": (bench.contexts_measure(tiny, enc, 4), 8 * 4),
+            "decoder steps": (bench.decode_measure(dec, tiny.hparams, 2, 8, 4), 2 * 4)}
+    for name, (measure, tokens) in runs.items():
+        timed = measure()
+        assert timed.tokens == tokens and timed.seconds > 0, name
+    assert dec.lengths() == [8 + 4, 8 + 4]  # the decoder really took the timed steps
