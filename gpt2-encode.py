@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cli.encode_dataset import main  # noqa: E402
+from cli.encode import main  # noqa: E402
 from cli.errors import run  # noqa: E402
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def _loop_measure(m, enc, steps: int, run):
     from them and assembles text: the tokens fed to the next feed() are the
     ones produced in that interval.  The loop is stopped after ``steps`` steps.
     """
-    from model.generate import GenerateOptions, Generator, _NumpyEngine
+    from tasks.generate import GenerateOptions, Generator, _NumpyEngine
 
     gen = Generator(m, enc, engine="numpy")
     inner = _NumpyEngine(m)

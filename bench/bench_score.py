@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     import encoder
     import model
     from cli.score import CHUNK_LINES
-    from model.score import Scorer
+    from tasks.score import Scorer
 
     enc = encoder.load()
     m = model.load(args.model_dir)

@@ -2,7 +2,7 @@
 
     python bench/bench_train.py [--model DIR] [--batch 1] [--chunk 1024] [--steps 5] [--optim adam]
 
-* training tokens/s of ``model.train.Trainer.train_step`` (forward, backward,
+* training tokens/s of ``tasks.train.Trainer.train_step`` (forward, backward,
   Adam update) at batch 1 x 1,024 tokens, with the step already compiled;
 * the compute bound: a training step needs about three times the forward
   pass's floating-point operations (forward, plus about twice that for the
@@ -42,7 +42,7 @@ def main():
     ensure_model(args.model)
 
     import model
-    from model import train as T
+    from tasks import train as T
 
     m = model.load(args.model, device=model.select_device("0"))
     hp = m.hparams

@@ -71,7 +71,7 @@ def main():
 
     import encoder
     import model
-    from model.vectors import Vectorizer
+    from tasks.vectors import Vectorizer
 
     enc = encoder.load()
     m = model.load(args.model)

@@ -9,7 +9,8 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
+
+from util.files import atomic_file, check_writable
 
 from .errors import UsageError
 
@@ -90,7 +91,7 @@ def load_model(args, enc=None):
     """Select the device (--gpu), load --model (a directory, or a released
     name resolved to the cache and downloaded when missing), check it against
     the vocabulary."""
-    from model import hub
+    import hub
 
     quiet_tensorflow(args.verbose)
     model_dir = hub.resolve_model(args.model, download=_may_download(args))
@@ -155,66 +156,24 @@ def lines_per_batch(path: str, default: int) -> int:
     return default
 
 
-class AtomicOutput:
-    """A text file written under a temporary name and renamed into place on
-    success; on failure the temporary file is removed and the target (if it
-    existed) is left untouched."""
-
-    def __init__(self, path: str, mode: str = "w"):
-        self.path = os.path.abspath(path)
-        self.mode = mode
-        directory = os.path.dirname(self.path)
-        if not os.path.isdir(directory):
-            raise UsageError(f"cannot write {path}: no such directory {directory}")
-        try:
-            fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=directory)
-        except OSError as e:
-            raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-        self.file = os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8")
-
-    def __enter__(self):
-        return self.file
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            try:
-                self.file.flush()
-                os.fsync(self.file.fileno())
-                self.file.close()
-                os.chmod(self.tmp, 0o666 & ~_umask())
-                os.replace(self.tmp, self.path)
-            except OSError as e:
-                self._discard()
-                raise UsageError(f"cannot write {self.path}: {e.strerror or e}") from None
-        else:
-            self._discard()
-        return False
-
-    def _discard(self):
-        try:
-            self.file.close()
-        except OSError:
-            pass
-        try:
-            os.unlink(self.tmp)
-        except OSError:
-            pass
-
-
 @contextlib.contextmanager
 def output(path: str, binary: bool = False):
-    """stdout, or ``path`` written atomically when a path is given."""
-    if path:
-        with AtomicOutput(path, mode="wb" if binary else "w") as f:
-            yield f
-    else:
+    """stdout, or ``path`` written atomically when a path is given (``util.files``:
+    a regular file is replaced only when everything was written; a device or
+    FIFO is written directly; a symlink's target is replaced)."""
+    if not path:
         yield sys.stdout.buffer if binary else sys.stdout
+        return
+    try:
+        check_writable(path)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with atomic_file(path, "wb" if binary else "w") as f:
+            yield f
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def progress(iterable=None, total=None, desc=None, unit="it", force=False):

@@ -75,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load_dataset(args, enc):
-    from model import dataset as D
+    from tasks import dataset as D
 
     path = args.dataset
     if os.path.isfile(path) and path.endswith(".npz"):
@@ -92,7 +92,8 @@ def _load_dataset(args, enc):
 
 def _base_hparams(args):
     """The base model's hparams without loading its weights (None when not at hand)."""
-    from model import hub, RELEASED
+    import hub
+    from model import RELEASED
     from model.checkpoint import open_checkpoint
 
     if os.path.isdir(args.model):
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
     if not 0.0 <= args.val_fraction < 1.0:
         raise UsageError(f"--val_fraction must be at least 0 and below 1, got {args.val_fraction}")
     common.quiet_tensorflow(args.verbose)
-    from model import dataset as D
+    from tasks import dataset as D
     from model.errors import ModelError
 
     enc = common.load_encoder(args)
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
 
     run_dir = os.path.join(args.checkpoint_dir, args.run_name)
     import model
-    from model import train as T
+    from tasks import train as T
 
     resume = T.latest_step(run_dir) if os.path.isfile(os.path.join(run_dir, "checkpoint")) else None
     if resume is not None:

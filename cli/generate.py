@@ -116,7 +116,7 @@ def _stream_to(out):
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     _check(args)
-    from model.generate import GenerateOptions, Generator
+    from tasks.generate import GenerateOptions, Generator
 
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
     if args.top_p > 0:

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     n_ctx = m.hparams.n_ctx
     if args.stride is not None and args.stride >= n_ctx:
         raise UsageError(f"--stride must be below the model's context of {n_ctx} tokens, got {args.stride}")
-    from model.score import Scorer, TextScore
+    from tasks.score import Scorer, TextScore
 
     scorer = Scorer(m, enc, exclude_end=args.exclude_end, stride=args.stride, max_tokens=args.batch_tokens)
 

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     n_layer = m.hparams.n_layer
     if not -1 <= args.layer < n_layer:
         raise UsageError(f"--layer must be -1 (final) or 0..{n_layer - 1} for this model, got {args.layer}")
-    from model.vectors import Vectorizer
+    from tasks.vectors import Vectorizer
 
     vec = Vectorizer(m, enc, pooling=args.pooling, layer=args.layer, normalize=args.normalize,
                      max_tokens=args.batch_tokens)

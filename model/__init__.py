@@ -17,6 +17,7 @@
 importing TensorFlow (for fast ``--help``); everything else is loaded on first
 use (module ``__getattr__``), importing TensorFlow quietly then.
 """
+from ._tf import import_tf
 from .errors import ModelError
 from .hparams import RELEASED, HParams, check_vocab, variable_shapes
 
@@ -31,7 +32,7 @@ _LAZY = {
     "select_device": "device",
 }
 
-__all__ = ["ModelError", "HParams", "RELEASED", "check_vocab", "variable_shapes", *_LAZY]
+__all__ = ["ModelError", "import_tf", "HParams", "RELEASED", "check_vocab", "variable_shapes", *_LAZY]
 
 
 def __getattr__(name):

@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
+
+from util.files import atomic_write
 
 from .errors import ModelError
 from .hparams import HEAD_WIDTH, HParams, variable_shapes
@@ -287,28 +288,8 @@ def open_checkpoint(model_dir: str | os.PathLike) -> Tuple[CheckpointReader, HPa
 
 # --------------------------------------------------------------------------- writing
 
-def atomic_write(path: Path, write) -> None:
-    """Write a file through ``write(binary_file)`` under a temporary name,
-    fsync it and rename it into place; on any failure nothing is left."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def write_state_file(out_dir: str | os.PathLike, name: str) -> None:

@@ -485,14 +485,10 @@ def load(model_dir: str | os.PathLike, device: Optional[str] = None) -> Model:
     result of ``select_device``), so at most one extra variable is in memory
     besides the weights.  Every failure is a one-line ModelError.
 
-    A released name (``gpt2ja-small``, ...) that is not an existing directory
-    means the cached copy, downloaded first when missing (``model.hub``).
+    A released name (``gpt2ja-small``, ...) is resolved to a directory above
+    this layer: ``hub.load(name)`` (or ``model.load(hub.resolve_model(name))``).
     """
-    from . import hub
-
     device = device or CPU
-    if str(model_dir) in hub.RELEASED_MODELS and not os.path.exists(model_dir):
-        model_dir = hub.resolve_model(model_dir)
     reader, hp = open_checkpoint(model_dir)
     variables = {}
     try:

@@ -79,7 +79,7 @@ ERRORS = [
 
 @pytest.fixture
 def npz(tmp_path, enc):
-    from model import dataset as D
+    from tasks import dataset as D
 
     path = tmp_path / "data.npz"
     D.save_npz(path, [np.asarray(enc.encode("吾輩は猫である。") + [enc.eos_id], np.uint16)])

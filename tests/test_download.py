@@ -9,13 +9,15 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 import model
-from model import hub
+import hub
+from hub import download as hub_download
 
 from conftest import ROOT
 
@@ -167,7 +169,7 @@ def home(tmp_path, server, monkeypatch):
     monkeypatch.setenv("GPT2JA_MODEL_URLS", f"{server.url}/a/,{server.url}/b")
     for var in ("GPT2JA_OFFLINE", "GPT2JA_VOCAB", *PROXY_VARS):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(hub, "RETRY_DELAY", 0.0)
+    monkeypatch.setattr(hub_download, "RETRY_DELAY", 0.0)
     monkeypatch.chdir(tmp_path)
     return cache
 
@@ -275,7 +277,7 @@ def test_every_address_failing_is_one_line(home, server, monkeypatch):
 def test_timeout(home, server, archive, monkeypatch):
     server.files["/a" + ARCHIVE] = archive
     server.delay = 2.0
-    monkeypatch.setattr(hub, "TIMEOUT", 0.3)
+    monkeypatch.setattr(hub_download, "TIMEOUT", 0.3)
     monkeypatch.setenv("GPT2JA_MODEL_URLS", f"{server.url}/a/")
     with pytest.raises(model.ModelError, match="timed out after 0.3 s"):
         hub.download_model(NAME)
@@ -293,7 +295,7 @@ def test_server_that_cannot_resume(home, server, archive, monkeypatch):
     with pytest.raises(model.ModelError, match=r"connection closed after 19.5 KiB of [\d.]+ MiB"):
         hub.download_model(NAME)
     hits = server.hits(path)
-    assert [r[1] for r in hits] == [None] + ["bytes=20000-"] * (hub.MAX_STALLS)
+    assert [r[1] for r in hits] == [None] + ["bytes=20000-"] * (hub_download.MAX_STALLS)
     assert not (home / NAME).exists()
 
 
@@ -304,7 +306,7 @@ def test_truncated_body_without_progress(home, server, archive, monkeypatch):
     monkeypatch.setenv("GPT2JA_MODEL_URLS", f"{server.url}/a/")
     with pytest.raises(model.ModelError, match=r"connection closed after 0 B of [\d.]+ MiB$"):
         hub.download_model(NAME)
-    assert len(server.hits(path)) == hub.MAX_STALLS
+    assert len(server.hits(path)) == hub_download.MAX_STALLS
     assert not (home / NAME).exists() and _leftovers(home) == [f"{NAME}.tar.bz2.part", f"{NAME}.tar.bz2.part.json"]
 
 
@@ -372,18 +374,18 @@ def test_unsafe_archive_is_refused(kind, problem, home, server, tiny_model_dir, 
 
 def test_crash_during_installation_leaves_no_model_directory(home, server, archive, monkeypatch):
     server.files["/a" + ARCHIVE] = archive
-    verify = hub.verify_checkpoint
+    verify = hub_download.verify_checkpoint
 
     def crash(_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hub, "verify_checkpoint", crash)
+    monkeypatch.setattr(hub_download, "verify_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
         hub.resolve_model(NAME)
     assert not (home / NAME).exists()
     # the complete archive is kept (not trusted: the next run extracts and checks it again)
     assert _leftovers(home) == [f"{NAME}.tar.bz2"]
-    monkeypatch.setattr(hub, "verify_checkpoint", verify)
+    monkeypatch.setattr(hub_download, "verify_checkpoint", verify)
     n = len(server.requests)
     assert hub.resolve_model(NAME) == home / NAME
     assert len(server.requests) == n and _leftovers(home) == []
@@ -391,7 +393,7 @@ def test_crash_during_installation_leaves_no_model_directory(home, server, archi
 
 def test_a_directory_of_that_name_wins(home, server, tiny_model_dir, tmp_path):
     shutil.copytree(tiny_model_dir, tmp_path / NAME)  # the current directory is tmp_path
-    assert hub.resolve_model(NAME) == hub.Path(NAME)
+    assert hub.resolve_model(NAME) == Path(NAME)
     assert server.requests == []
 
 
@@ -499,6 +501,6 @@ def test_python_m_model_download(home, server, archive, tiny_model_dir, tmp_path
 
 
 def test_hub_does_not_import_tensorflow():
-    code = "import model.hub, cli.common, sys; print('tensorflow' in sys.modules)"
+    code = "import hub, cli.common, sys; print('tensorflow' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=60)
     assert p.stdout.strip() == b"False"

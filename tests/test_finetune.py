@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import model
-from model import dataset as D
+from tasks import dataset as D
 
 from conftest import ROOT
 
@@ -116,7 +116,7 @@ def test_dataset_errors(tmp_path):
 # ---------------------------------------------------------------------------- training
 
 def test_loss_falls_and_save_load_gives_identical_logits(tiny_model_dir, dataset_npz, enc, tmp_path):
-    from model import train as T
+    from tasks import train as T
 
     m = model.load(tiny_model_dir)
     chunks = D.Chunks.from_arrays(D.load_npz(dataset_npz), CHUNK, enc.eos_id)
@@ -152,7 +152,7 @@ def test_loss_falls_and_save_load_gives_identical_logits(tiny_model_dir, dataset
 
 
 def test_accumulation_equals_the_big_batch(tiny_model_dir, dataset_npz, enc):
-    from model import train as T
+    from tasks import train as T
 
     chunks = D.Chunks.from_arrays(D.load_npz(dataset_npz), CHUNK, enc.eos_id)
     ids, lens = chunks.batch([0, 1, 2, 3])
@@ -168,7 +168,7 @@ def test_accumulation_equals_the_big_batch(tiny_model_dir, dataset_npz, enc):
 
 def test_save_keeps_five_and_a_failed_save_keeps_the_previous(tiny_model_dir, tmp_path, monkeypatch):
     from model import checkpoint as C
-    from model import train as T
+    from tasks import train as T
 
     tr = T.Trainer(model.load(tiny_model_dir), optim="sgd")
     run = tmp_path / "run"
@@ -220,7 +220,7 @@ def test_cli_trains_resumes_and_the_result_loads(tiny_model_dir, dataset_npz, tm
 
 
 def T_latest(run):
-    from model import train as T
+    from tasks import train as T
     return T.latest_step(run)
 
 

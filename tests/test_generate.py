@@ -1,4 +1,4 @@
-"""gpt2-generate.py and model.generate: goldens, properties, pipelines, errors."""
+"""gpt2-generate.py and tasks.generate: goldens, properties, pipelines, errors."""
 import json
 import subprocess
 import sys
@@ -9,9 +9,9 @@ import pytest
 import model
 from cli import generate as cli_generate
 from cli.errors import UsageError
-from model.generate import GenerateOptions, Generator, TextAssembler
+from tasks.generate import GenerateOptions, Generator, TextAssembler
 from model.npdecode import NumpyDecoder, cpu_weights
-from model.sampling import SamplingParams, choose, top_k_filter, top_p_filter
+from tasks.sampling import SamplingParams, choose, top_k_filter, top_p_filter
 
 from conftest import ROOT
 
@@ -381,7 +381,7 @@ def test_contexts_are_read_lazily(tiny, enc):
 
 def test_empty_samples_are_drawn_again(tiny, enc):
     """A sample that ends at once is drawn again (as the original does), up to 8 more times."""
-    from model.generate import RETRIES_FOR_EMPTY
+    from tasks.generate import RETRIES_FOR_EMPTY
 
     gen = Generator(tiny, enc)
     engine = gen.engine()

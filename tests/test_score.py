@@ -1,4 +1,4 @@
-"""gpt2-score.py and model.score: goldens, batching, sliding window, formats, pipelines, errors."""
+"""gpt2-score.py and tasks.score: goldens, batching, sliding window, formats, pipelines, errors."""
 import json
 import math
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 import model
 from cli import score as cli_score
 from cli.errors import UsageError
-from model.score import Scorer, score_ids, score_sequences, windows
+from tasks.score import Scorer, score_ids, score_sequences, windows
 
 from conftest import ROOT
 
@@ -171,7 +171,7 @@ def test_batched_equals_one_by_one(tiny, enc, corpus_lines):
 
 
 def test_results_stream_in_input_order(tiny, enc, monkeypatch):
-    import model.score as score_module
+    import tasks.score as score_module
 
     calls = []
     real = score_module.score_ids
@@ -188,7 +188,7 @@ def test_results_stream_in_input_order(tiny, enc, monkeypatch):
 
 
 def test_plan_respects_the_budget_and_covers_every_row():
-    from model.score import _plan
+    from tasks.score import _plan
 
     rng = np.random.default_rng(3)
     widths = [int(w) for w in rng.integers(1, 70, 300)] + [1024, 1024, 900]

@@ -1,4 +1,4 @@
-"""gpt2-transform.py and model.vectors: goldens, batching, formats, options, errors."""
+"""gpt2-transform.py and tasks.vectors: goldens, batching, formats, options, errors."""
 import json
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 
 from cli import transform as cli_transform
 from cli.errors import UsageError
-from model.vectors import Vectorizer
+from tasks.vectors import Vectorizer
 
 from conftest import ROOT
 

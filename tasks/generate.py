@@ -1,6 +1,6 @@
 """Text generation: the original gpt2-generate.py's semantics, decoded incrementally.
 
-    from model.generate import Generator, GenerateOptions
+    from tasks.generate import Generator, GenerateOptions
     gen = Generator(m, enc)
     texts = gen.generate("江戸時代の", num=3, options=GenerateOptions(top_k=20, seed=1))
     for s in gen.generate_many(["今日は", "明日は"], num=2, options=GenerateOptions(seed=1)):
@@ -50,8 +50,8 @@ from typing import Callable, Deque, Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from .errors import ModelError
-from .npdecode import NumpyDecoder, cpu_weights
+from model.errors import ModelError
+from model.npdecode import NumpyDecoder, cpu_weights
 from .sampling import SamplingParams, choose
 
 RETRIES_FOR_EMPTY = 8

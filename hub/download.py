@@ -1,6 +1,6 @@
 """Released models, fetched on first use and cached.
 
-    from model import hub
+    import hub
     d = hub.resolve_model("gpt2ja-small")   # a directory: as given, or the cache
                                             # directory (downloaded when missing)
 
@@ -46,7 +46,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from .errors import ModelError
+from model.errors import ModelError
+from util.files import atomic_write, fsync_directory
 
 #: The names under which the models are released.
 RELEASED_MODELS = ("gpt2ja-small", "gpt2ja-medium", "gpt2ja-large")
@@ -228,7 +229,7 @@ def _install_archive(archive: Path, target: Path, name: str, progress: Optional[
             if not target.is_dir():
                 raise ModelError(f"cannot move the model into {target}: {e.strerror or e}") from None
             # else someone put one there meanwhile: keep theirs
-        _fsync_dir(target.parent)
+        fsync_directory(target.parent)
         bad = True  # installed: the archive is no longer needed
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -257,8 +258,8 @@ def verify_checkpoint(model_dir: str | os.PathLike) -> None:
     """Open the checkpoint with the model loader (shapes checked) and read every
     variable once, which verifies the checkpoint's own checksums.  Imports
     TensorFlow.  Raises ModelError."""
-    from .checkpoint import open_checkpoint
-    from .hparams import variable_shapes
+    from model.checkpoint import open_checkpoint
+    from model.hparams import variable_shapes
 
     reader, hp = open_checkpoint(model_dir)
     for var in variable_shapes(hp):
@@ -497,10 +498,7 @@ def _read_meta(part: Path) -> dict:
 
 
 def _write_meta(part: Path, meta: dict) -> None:
-    path = _meta_path(part)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(_meta_path(part), lambda f: f.write(json.dumps(meta)), mode="w")
 
 
 def _work_dir(error) -> Path:
@@ -517,15 +515,6 @@ def _remove_stale(work: Path, prefix: str) -> None:
     for entry in work.iterdir():
         if entry.name.startswith(prefix) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -31,9 +31,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def encode_dataset(src, dst, enc, clean=False, processes=1, combine=50000, show_progress=False):
+def encode(src, dst, enc, clean=False, processes=1, combine=50000, show_progress=False):
     """Library form of the tool: returns (files, tokens, path written)."""
-    from model import dataset as D
+    from tasks import dataset as D
 
     if not dst.endswith(".npz"):
         dst += ".npz"
@@ -49,11 +49,11 @@ def encode_dataset(src, dst, enc, clean=False, processes=1, combine=50000, show_
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    from model.dataset import DatasetError
+    from tasks.dataset import DatasetError
 
     enc = common.load_encoder(args)
     try:
-        files, tokens, dst = encode_dataset(args.src_dir, args.dst_file, enc, clean=args.clean_text,
+        files, tokens, dst = encode(args.src_dir, args.dst_file, enc, clean=args.clean_text,
                                             processes=args.num_process, combine=args.combine,
                                             show_progress=args.progress)
     except DatasetError as e:

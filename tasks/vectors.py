@@ -1,6 +1,6 @@
 """Sentence vectors: hidden states pooled over a text's tokens.
 
-    from model.vectors import Vectorizer
+    from tasks.vectors import Vectorizer
     vec = Vectorizer(m, enc, pooling="last", layer=-1, normalize=False)
     for index, vector in vec.vectors(["今日は", "明日も晴れるかな"]): ...
 

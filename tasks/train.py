@@ -1,6 +1,6 @@
 """Fine-tuning: loss, optimizers with the original's TF1 semantics, training step, checkpoints.
 
-    import model, model.train as T
+    import model, tasks.train as T
     m = model.load("gpt2ja-small")
     tr = T.Trainer(m, optim="adam", learning_rate=5e-5, batch_size=1, accumulate=1)
     loss = tr.train_step(ids, lengths)      # ids [B*accumulate, T] int32, lengths [B*accumulate]
@@ -28,9 +28,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from ._tf import import_tf
-from .checkpoint import atomic_write
-from .errors import ModelError
+from model import ModelError, import_tf
+from util.files import atomic_write
 
 tf = import_tf()
 
@@ -171,7 +170,7 @@ def checkpoint_steps(run_dir) -> list:
 
 def latest_step(run_dir) -> Optional[int]:
     """The step of the checkpoint the state file names (None when there is none)."""
-    from .checkpoint import find_checkpoint
+    from model.checkpoint import find_checkpoint
     d = Path(run_dir)
     if not (d / "checkpoint").is_file():
         return None
@@ -184,7 +183,7 @@ def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
     """Write ``optimizer-N.npz``, then the checkpoint (state file last, via ``model.save``),
     then ``counter``; then remove checkpoints beyond the newest ``keep``.  A crash at any
     point leaves the previous checkpoint named by the state file intact."""
-    from .checkpoint import save, write_state_file
+    from model.checkpoint import save, write_state_file
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     state = trainer.optimizer_state()

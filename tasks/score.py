@@ -1,6 +1,6 @@
 """Log-probabilities of token sequences under a model: per token, batched, windowed.
 
-    from model.score import score_ids, score_sequences, Scorer
+    from tasks.score import score_ids, score_sequences, Scorer
     lp = score_ids(m, [[eos, 10, 20, 30]])        # float32 [1, 3]: log p(10|eos), log p(20|eos 10), ...
     for i, lp in score_sequences(m, id_lists): ...  # any lengths, in input order, streamed
     scorer = Scorer(m, enc, exclude_end=False)
@@ -37,8 +37,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._tf import import_tf
-from .errors import ModelError
+from model import ModelError, import_tf
 
 tf = import_tf()
 

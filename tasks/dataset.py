@@ -19,11 +19,12 @@ No TensorFlow here.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
+
+from util.files import atomic_write
 
 COMBINE = 50000  # characters of text per .npz member, as the original's --combine default
 
@@ -117,27 +118,11 @@ def encode_files(paths: Sequence[Path], enc, clean: bool = False, processes: int
 # --------------------------------------------------------------------------- .npz
 
 def save_npz(path: str | os.PathLike, arrays: Sequence[np.ndarray]) -> None:
-    """``np.savez_compressed(path, *arrays)`` written under a temporary name and renamed."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise DatasetError(f"cannot write {path}: no such directory {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    """``np.savez_compressed(path, *arrays)``, written atomically (``util.files``)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, *arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise DatasetError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+        atomic_write(path, lambda f: np.savez_compressed(f, *arrays))
+    except OSError as e:
+        raise DatasetError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def load_npz(path: str | os.PathLike) -> List[np.ndarray]:

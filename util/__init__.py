@@ -1,0 +1,1 @@
+"""Small pieces every layer may use (no project imports here)."""

@@ -1,0 +1,121 @@
+"""Writing files so that nothing a user had is lost: the one atomic writer.
+
+    from util.files import atomic_file, atomic_write
+    with atomic_file("out.txt", "w") as f:      # text or binary ("wb")
+        f.write("...")
+    atomic_write("data.bin", lambda f: f.write(b"..."))
+
+A regular file (or a new path) is written under a temporary name in the same
+directory, flushed to disk and renamed over the target only when everything
+was written: a failure or an interruption leaves the old file (or nothing)
+and no temporary file.  A symbolic link is followed: its target is replaced
+the same way, in the target's directory, and the link stays a link.  A path
+that is not a regular file -- a character device such as /dev/null or
+/dev/stdout, a FIFO, a socket -- is never replaced: it is written directly.
+
+The temporary files being written are tracked, so that a signal handler can
+remove them before the process ends (``remove_temporary_files``).  Errors are
+plain ``OSError``s; callers turn them into their own one-line messages.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Set
+
+_PENDING: Set[str] = set()
+
+
+def remove_temporary_files() -> None:
+    """Remove every temporary file an unfinished atomic write holds (for signal handlers)."""
+    for path in list(_PENDING):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        _PENDING.discard(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def target_of(path: str | os.PathLike) -> Path:
+    """Where writing ``path`` really goes: a symlink's final target, else the path itself."""
+    p = Path(os.path.abspath(path))
+    return Path(os.path.realpath(p)) if p.is_symlink() else p
+
+
+def is_special(path: str | os.PathLike) -> bool:
+    """True for an existing path that is not a regular file (a device, FIFO or socket)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise OSError now when ``path`` cannot be written (its directory missing, a
+    directory in its place, no permission) -- before any long computation."""
+    target = target_of(path)
+    if target.is_dir():
+        raise IsADirectoryError(21, "Is a directory", str(path))
+    if is_special(target):
+        return
+    directory = target.parent
+    if not directory.is_dir():
+        raise FileNotFoundError(2, f"no such directory {directory}", str(path))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(13, "Permission denied", str(directory))
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator:
+    """A file object for ``path`` (mode "w" or "wb"), committed when the block ends normally."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
+    text = "b" not in mode
+    target = target_of(path)
+    if is_special(target):
+        with open(target, mode, encoding="utf-8" if text else None) as f:
+            yield f
+        return
+    try:
+        keep_mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        keep_mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    _PENDING.add(tmp)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding if text else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, keep_mode)
+        os.replace(tmp, target)
+        _PENDING.discard(tmp)
+        fsync_directory(target.parent)
+    finally:
+        if tmp in _PENDING:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            _PENDING.discard(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "wb") -> None:
+    """``write(file)`` into ``path`` atomically (see ``atomic_file``)."""
+    with atomic_file(path, mode) as f:
+        write(f)
+
+
+def fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
