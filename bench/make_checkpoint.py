@@ -16,19 +16,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from model.hparams import RELEASED  # noqa: E402  (no TensorFlow yet: --help stays fast)
+from model.hparams import N_VOCAB_JA, RELEASED, HParams  # noqa: E402  (no TensorFlow yet: --help stays fast)
+
+#: The released shapes, and the tests' tiny one (the shape of tests/data/gpt2ja-tiny).
+SHAPES = {**RELEASED, "tiny": HParams(n_vocab=N_VOCAB_JA, n_ctx=1024, n_embd=64, n_head=4, n_layer=2)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("shape", choices=sorted(RELEASED), help="released model shape")
+    parser.add_argument("shape", choices=sorted(SHAPES), help="released model shape (or tiny, the tests' shape)")
     parser.add_argument("out_dir", help="directory to write (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--step", type=int, default=0, help="checkpoint step N in model-N (default 0)")
     args = parser.parse_args(argv)
 
     import model
-    hp = RELEASED[args.shape]
+    hp = SHAPES[args.shape]
     t0 = time.time()
     try:
         weights = model.random_weights(hp, seed=args.seed)

@@ -1,13 +1,18 @@
-"""Fetch the released models ahead of time.
+"""python -m model: the model cache -- download, list, remove.
 
     python -m model download gpt2ja-medium [gpt2ja-small ...]
+    python -m model list
+    python -m model remove gpt2ja-medium
 
-Each model is downloaded (resuming a partial download), extracted, checked to
-be a loadable checkpoint and moved into the cache ($GPT2JA_HOME, default
-~/.cache/gpt2-japanese) -- the same as the tools do on first use -- so that
-afterwards the tools run with GPT2JA_OFFLINE=1 (the vocabulary ships with the
-encoder package).  The directory of each model is printed on stdout, one per
-line, whether it was downloaded now or found in the cache.
+download: each model is downloaded (resuming a partial download), extracted,
+checked to be a loadable checkpoint and moved into the cache ($GPT2JA_HOME,
+default $XDG_CACHE_HOME/gpt2-japanese or ~/.cache/gpt2-japanese) -- the same
+as the tools do on first use -- so that afterwards the tools run with
+GPT2JA_OFFLINE=1 (the vocabulary ships with the encoder package).  The
+directory of each model is printed on stdout, one per line, whether it was
+downloaded now or found in the cache.  list: one line per cached model,
+``name<TAB>size<TAB>path`` (an unfinished download says so).  remove: deletes
+a model (and any unfinished download of it) from the cache.
 """
 from __future__ import annotations
 
@@ -16,36 +21,57 @@ import os
 
 import hub
 
+from . import flags
 from .errors import ArgumentParser, UsageError
+
+_NAMES = ", ".join(hub.RELEASED_MODELS)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(
-        prog="python -m model",
-        description="Tools for the gpt2ja models.",
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{download}")
+    p = ArgumentParser(prog="python -m model", description="The cache of released gpt2ja models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{download,list,remove}")
     d = sub.add_parser(
-        "download",
-        help="fetch released models into the cache",
-        description="Download released models into $GPT2JA_HOME (default ~/.cache/gpt2-japanese), "
-                    "with resume, checks and safe extraction; print each directory. "
-                    "Addresses: $GPT2JA_MODEL_URLS.",
-        epilog="example: python -m model download gpt2ja-medium",
-    )
-    d.add_argument("names", nargs="+", metavar="NAME", help="released model: " + ", ".join(hub.RELEASED_MODELS))
-    d.add_argument("--progress", action="store_true", help="show progress bars even when stderr is not a terminal")
+        "download", help="fetch released models into the cache",
+        description="Download released models into the cache, with resume, checks and safe extraction; "
+                    "print each directory. Addresses: $GPT2JA_MODEL_URLS.",
+        epilog="example: python -m model download gpt2ja-medium")
+    d.add_argument("names", nargs="+", metavar="NAME", help="released model: " + _NAMES)
+    flags.add(d, "progress")
+    sub.add_parser("list", help="the cached models: name, size, path",
+                   description="One line per cached model: name<TAB>size<TAB>path.")
+    r = sub.add_parser("remove", help="delete a model from the cache",
+                       description="Delete a released model (and any unfinished download of it) from the cache.")
+    r.add_argument("names", nargs="+", metavar="NAME", help="released model: " + _NAMES)
     return p
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    for name in args.names:
+    for name in getattr(args, "names", ()):
         if not hub.is_released(name):
-            raise UsageError(f"unknown model {name!r}; released models: {', '.join(hub.RELEASED_MODELS)}")
+            raise UsageError(f"unknown model {name!r}; released models: {_NAMES}")
+    if args.command == "list":
+        for entry in hub.cached_models():
+            size = _size(entry["size"]) if entry["size"] else "-"
+            if entry["partial"]:
+                size += f" (+{_size(entry['partial'])} unfinished download)"
+            print(f"{entry['name']}\t{size}\t{entry['path']}", flush=True)
+        return 0
+    if args.command == "remove":
+        for name in dict.fromkeys(args.names):
+            for path in hub.remove_model(name):
+                print(f"removed {path}", flush=True)
+        return 0
     progress = True if args.progress else None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the check reads the checkpoint with TensorFlow
     for name in dict.fromkeys(args.names):
         print(hub.download_model(name, progress=progress), flush=True)
     return 0
-

@@ -16,8 +16,9 @@ import argparse
 import json
 import sys
 
-from .common import read_lines
+from . import flags
 from .errors import ArgumentParser, UsageError
+from .io import read_lines
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,8 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     dec = sub.add_parser("decode", help="JSON id arrays on stdin -> text lines on stdout")
     dec.add_argument("--json", action="store_true", help="print each text as a JSON string (lossless)")
     for s in (enc, dec):
-        s.add_argument("--vocab", metavar="DIR", help="directory with ja-bpe.txt and emoji.json "
-                       "(default: $GPT2JA_VOCAB, then the encoder package directory)")
+        flags.add(s, "vocab")
     return p
 
 
@@ -56,6 +56,8 @@ def _decode(enc, args, out) -> None:
             ids = json.loads(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"line {number}: not a JSON array of token ids ({e.msg})") from None
+        except RecursionError:  # arrays nested thousands deep
+            raise UsageError(f"line {number}: not a JSON array of token ids") from None
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
             raise UsageError(f"line {number}: not a JSON array of token ids")
         bad = next((i for i in ids if not 0 <= i < n_vocab), None)

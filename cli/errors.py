@@ -16,24 +16,121 @@ class UsageError(Exception):
     """A problem with what the user asked for: bad flag value, unreadable input..."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help lists each flag under its first spelling only."""
+
+    def _format_action_invocation(self, action):
+        if action.option_strings and action.option_strings[0].startswith("--"):
+            action = argparse.Namespace(**{**vars(action), "option_strings": action.option_strings[:1]})
+        return super()._format_action_invocation(action)
+
+
+def _spellings(option: str) -> list:
+    """``--num_generate`` -> [``--num_generate``, ``--num-generate``]: both separators."""
+    if not option.startswith("--"):
+        return [option]
+    body = option[2:]
+    return list(dict.fromkeys([option, "--" + body.replace("_", "-"), "--" + body.replace("-", "_")]))
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the tools' error format: a bad flag is one line,
-    ``prog: error: ... (see --help)``, and exit status 2 -- no usage block."""
+    """argparse with the tools' conventions: every long flag is accepted with
+    ``_`` and ``-`` spelled either way (the original mixes them:
+    ``--num_generate``, ``--exclude-end``), --help shows the first spelling,
+    and a bad flag is one line, ``prog: error: ... (see --help)``, exit 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *strings, **kwargs):
+        spelled = [s for option in strings for s in _spellings(option)]
+        return super().add_argument(*dict.fromkeys(spelled), **kwargs)
+
+    def _get_option_tuples(self, option_string):
+        # An abbreviation matching both spellings of one flag is not ambiguous.
+        seen, unique = set(), []
+        for found in super()._get_option_tuples(option_string):
+            if id(found[0]) not in seen:
+                seen.add(id(found[0]))
+                unique.append(found)
+        return unique
 
     def error(self, message):
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(2)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C (temporary files are removed on the way out)."""
+
+
 def _user_errors() -> tuple:
-    errors = [UsageError]
-    from encoder import VocabError  # light: no TensorFlow
+    """The library errors a user can cause (all light to import: no TensorFlow)."""
+    from encoder import EncodeError, VocabError
+    from model.errors import ModelError
+    from tasks.errors import DatasetError, OptionError
 
-    errors.append(VocabError)
-    from model.errors import ModelError  # light: no TensorFlow
+    return UsageError, VocabError, EncodeError, ModelError, OptionError, DatasetError
 
-    errors.append(ModelError)
-    return tuple(errors)
+
+def message(error: BaseException) -> str:
+    """The one line that reports a user error: an OptionError names the flag."""
+    from tasks.errors import OptionError
+
+    if isinstance(error, OptionError):
+        return f"--{error.option} {error.reason}"
+    return " ".join(str(error).split())
+
+
+class _Output:
+    """sys.stdout for a tool: a failed write (a full disk, /dev/full) becomes a
+    UsageError naming standard output; a closed pipe stays a BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guard(self, call, *args):
+        if self._stream is None:
+            raise UsageError("cannot write standard output: it is closed")
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise UsageError(f"cannot write standard output: {e.strerror or e}") from None
+
+    def write(self, text):
+        return self._guard(lambda t: self._stream.write(t), text)
+
+    def flush(self):
+        if self._stream is not None:
+            self._guard(self._stream.flush)
+
+    @property
+    def buffer(self):
+        return _Output(getattr(self._stream, "buffer", None)) if self._stream is not None else _Output(None)
+
+    def isatty(self) -> bool:
+        return self._stream is not None and self._stream.isatty()
+
+    def fileno(self):
+        if self._stream is None:
+            raise OSError("standard output is closed")
+        return self._stream.fileno()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _say(text: str) -> None:
+    """A line on stderr, unless stderr is closed."""
+    try:
+        if sys.stderr is not None:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _silence_stdout() -> None:
@@ -41,42 +138,68 @@ def _silence_stdout() -> None:
     # would raise again, so point the descriptor at /dev/null.
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
+        os.dup2(devnull, sys.__stdout__.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _finish_stdout() -> None:
+    """Flush what was printed so far (nothing computed is lost), quietly when the reader is gone."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    except UsageError:
         pass
 
 
 def run(main, argv=None, prog: str | None = None) -> None:
-    """Run ``main(argv)`` and exit with its status, reporting user errors."""
+    """Run ``main(argv)`` and exit with its status.
+
+    User errors: one line ``prog: error: ...`` on stderr, status 2.  A closed
+    pipe (``| head``): quiet, status 141; Ctrl-C: status 130; SIGTERM: status
+    143 -- each after removing unfinished output files.  Results are UTF-8
+    whatever the locale says.
+    """
+    import signal
+
+    from util.files import remove_temporary_files
+
     prog = prog or os.path.basename(sys.argv[0]) or "gpt2-japanese"
-    if prog == "__main__.py":
-        prog = os.path.basename(os.path.dirname(os.path.abspath(sys.argv[0])))
     errors = _user_errors()
     for stream in (sys.stdout, sys.stderr):
-        # Results are UTF-8 whatever the locale says (Japanese text).
-        if (getattr(stream, "encoding", None) or "").lower().replace("-", "") != "utf8":
+        if stream is not None and (getattr(stream, "encoding", None) or "").lower().replace("-", "") != "utf8":
             try:
                 stream.reconfigure(encoding="utf-8")
             except (AttributeError, ValueError):
                 pass
+    sys.stdout = _Output(sys.stdout)
     try:
-        status = main(argv)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    status = 0
+    try:
+        status = main(argv) or 0
         sys.stdout.flush()
     except BrokenPipeError:
         _silence_stdout()
-        sys.exit(141)  # as if killed by SIGPIPE, like other Unix tools
+        status = 141  # as if killed by SIGPIPE, like other Unix tools
     except KeyboardInterrupt:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:
-            _silence_stdout()
-        sys.stderr.write("\n")
-        sys.exit(130)
+        _finish_stdout()
+        _say("\n")
+        status = 130
+    except Terminated:
+        _finish_stdout()
+        status = 143
     except errors as e:
-        try:
-            sys.stdout.flush()  # everything computed before the error is kept
-        except BrokenPipeError:
-            _silence_stdout()
-        sys.stderr.write(f"{prog}: error: {e}\n")
-        sys.exit(2)
-    sys.exit(status or 0)
+        _finish_stdout()  # everything computed before the error is kept
+        _say(f"{prog}: error: {message(e)}\n")
+        status = 2
+    finally:
+        remove_temporary_files()
+    sys.exit(status)

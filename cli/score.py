@@ -5,7 +5,7 @@ import argparse
 import json
 import math
 
-from . import common
+from . import common, flags, io
 from .errors import ArgumentParser, UsageError
 
 CHUNK_LINES = 512  # lines read, batched and written at a time
@@ -21,23 +21,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input_file", metavar="INPUT_FILE",
                    help="one text per line ('-' for stdin); lines are stripped, empty lines skipped")
-    common.add_model_flags(p)
-    p.add_argument("--tokens", action="store_true",
-                   help="also print every token with its log-probability (text: one 'token<TAB>logprob' line "
-                        "each, then an empty line; jsonl: a token_logprobs list)")
-    p.add_argument("--exclude-end", action="store_true",
-                   help="do not score <|endoftext|> after the text")
+    flags.add_model_flags(p)
+    flags.add(p, "tokens", "exclude_end", "stride", "batch_tokens", "output_file")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
                    help='text (default, the original\'s): "text<TAB>logprob" per line; jsonl: '
                         '{"text", "logprob", "tokens", "perplexity"} per line')
-    p.add_argument("--stride", type=common.positive_int, default=None,
-                   help="for texts longer than the model's context (n_ctx tokens): windows of n_ctx tokens "
-                        "start every STRIDE tokens, so each token is predicted from at least n_ctx - STRIDE "
-                        "tokens before it (default n_ctx/2 = 512; at most n_ctx - 1)")
-    p.add_argument("--batch_tokens", type=common.positive_int, default=2048,
-                   help="padded tokens per batch (default 2048)")
-    p.add_argument("--output_file", default="", help="write to this file instead of stdout "
-                   "(written atomically: a failed run leaves no partial file)")
     return p
 
 
@@ -48,39 +36,29 @@ def _float32_value(x) -> float:
     return float(str(np.float32(x)))
 
 
-class _Writer:
-    def __init__(self, out, fmt: str, tokens: bool, enc):
-        self.out = out
-        self.fmt = fmt
-        self.tokens = tokens
-        self.enc = enc
+def render_text(score, enc, tokens: bool) -> str:
+    """The original's lines: ``text<TAB>%.5g``, then with --tokens every token's line and an empty line."""
+    lines = ["%s\t%.5g" % (score.text, score.logprob)]
+    if tokens:
+        lines += ["%s\t%.5g" % (enc.decode([t]), lp) for t, lp in zip(score.ids, score.logprobs.tolist())]
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
-    def write(self, score) -> None:
-        total = score.logprob
-        values = score.logprobs.tolist()
-        if self.fmt == "text":
-            lines = ["%s\t%.5g" % (score.text, total)]
-            if self.tokens:
-                lines += ["%s\t%.5g" % (self.enc.decode([t]), lp) for t, lp in zip(score.ids, values)]
-                lines.append("")
-            self.out.write("\n".join(lines) + "\n")
-            return
-        ppl = score.perplexity
-        record = {"text": score.text, "logprob": total, "tokens": len(score.ids),
-                  "perplexity": ppl if math.isfinite(ppl) else None}
-        if self.tokens:
-            record["token_logprobs"] = [{"id": int(t), "token": self.enc.decode([t]), "logprob": _float32_value(lp)}
-                                        for t, lp in zip(score.ids, values)]
-        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def flush(self) -> None:
-        self.out.flush()
+def render_jsonl(score, enc, tokens: bool) -> str:
+    ppl = score.perplexity
+    record = {"text": score.text, "logprob": score.logprob, "tokens": len(score.ids),
+              "perplexity": ppl if math.isfinite(ppl) else None}
+    if tokens:
+        record["token_logprobs"] = [{"id": int(t), "token": enc.decode([t]), "logprob": _float32_value(lp)}
+                                    for t, lp in zip(score.ids, score.logprobs.tolist())]
+    return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 def _texts(path: str):
     """(line number, stripped text) of each non-empty line.  As the original (Python's
     universal newlines), a lone carriage return also ends a line."""
-    for number, line in common.read_lines(path):
+    for number, line in io.read_lines(path):
         for part in line.split("\r"):
             text = part.strip()
             if text:
@@ -96,41 +74,20 @@ def main(argv=None) -> int:
             raise UsageError(f"cannot read {args.input_file}: {e.strerror or e}") from None
     enc = common.load_encoder(args)
     m = common.load_model(args, enc)
-    n_ctx = m.hparams.n_ctx
-    if args.stride is not None and args.stride >= n_ctx:
-        raise UsageError(f"--stride must be below the model's context of {n_ctx} tokens, got {args.stride}")
     from tasks.score import Scorer, TextScore
 
     scorer = Scorer(m, enc, exclude_end=args.exclude_end, stride=args.stride, max_tokens=args.batch_tokens)
+    render = render_jsonl if args.format == "jsonl" else render_text
 
-    def process(chunk, writer, bar):
-        id_lists = [scorer.ids(text) for _, text in chunk]
-        for i, logprobs in scorer.score_token_lists(id_lists):
-            writer.write(TextScore(chunk[i][1], id_lists[i], logprobs))
-            writer.flush()
-            bar.update(1)
-
-    def run(out):
-        writer = _Writer(out, args.format, args.tokens, enc)
-        bar = common.progress(desc="scored", unit="line")
-        chunk = []
-        per_batch = common.lines_per_batch(args.input_file, CHUNK_LINES)
+    with io.output(args.output_file) as out:
+        writer = io.Writer(out, lambda score: render(score, enc, args.tokens))
+        bar = io.progress(desc="scored", unit="line")
         try:
-            try:
-                for item in _texts(args.input_file):
-                    chunk.append(item)
-                    if len(chunk) >= per_batch:
-                        process(chunk, writer, bar)
-                        chunk = []
-            except UsageError:
-                if chunk:
-                    process(chunk, writer, bar)  # every line read before the error is written
-                raise
-            if chunk:
-                process(chunk, writer, bar)
+            for chunk in io.chunks(_texts(args.input_file), io.lines_per_batch(args.input_file, CHUNK_LINES)):
+                id_lists = [scorer.ids(text) for _, text in chunk]
+                for i, logprobs in scorer.score_token_lists(id_lists):
+                    writer.write(TextScore(chunk[i][1], id_lists[i], logprobs))
+                    bar.update(1)
         finally:
             bar.close()
-
-    with common.output(args.output_file) as out:
-        run(out)
     return 0

@@ -5,6 +5,6 @@
     ids = enc.encode("今日は良い天気です。")
     text = enc.decode(ids)
 """
-from .bpe import EMOJI_FILE, EOS_TOKEN, VOCAB_FILE, Encoder, VocabError, clean_text, find_vocab, load
+from .bpe import EMOJI_FILE, EOS_TOKEN, VOCAB_FILE, EncodeError, Encoder, VocabError, clean_text, find_vocab, load
 
-__all__ = ["Encoder", "VocabError", "load", "find_vocab", "clean_text", "VOCAB_FILE", "EMOJI_FILE", "EOS_TOKEN"]
+__all__ = ["Encoder", "EncodeError", "VocabError", "load", "find_vocab", "clean_text", "VOCAB_FILE", "EMOJI_FILE", "EOS_TOKEN"]

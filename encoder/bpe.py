@@ -107,6 +107,10 @@ class VocabError(Exception):
     """The vocabulary files are missing or malformed."""
 
 
+class EncodeError(ValueError):
+    """A text that cannot be encoded (a lone surrogate) or ids that cannot be decoded."""
+
+
 def clean_text(text: str) -> str:
     """The original's ``clean_text``: zenkaku ASCII and digits to hankaku,
     then URL, e-mail, telephone, date and price spans to placeholder tokens."""
@@ -215,7 +219,7 @@ class Encoder:
             raise TypeError(f"encode() needs a str, not {type(text).__name__}")
         bad = _SURROGATE.search(text)
         if bad is not None:
-            raise ValueError(
+            raise EncodeError(
                 f"cannot encode the text: character {bad.start()} is a lone surrogate "
                 f"(U+{ord(bad.group()):04X}), which is not valid Unicode text"
             )
@@ -330,7 +334,7 @@ class Encoder:
         for b in char.encode("utf-8"):
             bid = byte_ids[b]
             if bid is None:
-                raise ValueError(f"the vocabulary has no <|byte{b}|> token for {char!r}")
+                raise EncodeError(f"the vocabulary has no <|byte{b}|> token for {char!r}")
             append(bid)
         return pos + 1
 
@@ -349,7 +353,7 @@ class Encoder:
         for i in ids:
             i = int(i)
             if not 0 <= i < n_vocab:
-                raise ValueError(f"token id {i} is out of range (vocabulary size {n_vocab})")
+                raise EncodeError(f"token id {i} is out of range (vocabulary size {n_vocab})")
             piece = table[i]
             if type(piece) is int:
                 pending.append(piece)
@@ -428,6 +432,7 @@ def _read_emoji(path: Path) -> tuple[dict, dict]:
         or not isinstance(data.get("emoji"), dict)
         or not isinstance(data.get("emoji_inv"), dict)
         or not all(isinstance(k, str) and isinstance(v, str) for k, v in data["emoji"].items())
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in data["emoji_inv"].items())
     ):
         raise VocabError(
             f"{path} is malformed: expected an object with 'emoji' and 'emoji_inv' tables "

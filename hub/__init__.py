@@ -7,11 +7,11 @@
 A name that is an existing directory is used as it is.  No TensorFlow is
 imported here except to check a freshly extracted checkpoint.
 """
-from .download import (RELEASED_MODELS, cache_dir, cached_model_dir, download_model, is_released, model_path,
-                       model_urls, offline, resolve_model)
+from .download import (RELEASED_MODELS, cache_dir, cached_model_dir, cached_models, download_model, is_released,
+                       model_path, model_urls, offline, remove_model, resolve_model)
 
-__all__ = ["RELEASED_MODELS", "cache_dir", "cached_model_dir", "download_model", "is_released", "model_path",
-           "model_urls", "offline", "resolve_model", "load"]
+__all__ = ["RELEASED_MODELS", "cache_dir", "cached_model_dir", "cached_models", "download_model", "is_released",
+           "model_path", "model_urls", "offline", "remove_model", "resolve_model", "load"]
 
 
 def load(name_or_dir, device=None, download: bool = True):

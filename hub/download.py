@@ -71,8 +71,16 @@ _TRUE = ("1", "true", "yes", "on")
 # --------------------------------------------------------------------------- configuration
 
 def cache_dir() -> Path:
-    """``$GPT2JA_HOME``, or ``~/.cache/gpt2-japanese``."""
-    return Path(os.path.expanduser(os.environ.get("GPT2JA_HOME") or DEFAULT_HOME))
+    """``$GPT2JA_HOME``; else ``$XDG_CACHE_HOME/gpt2-japanese`` when XDG_CACHE_HOME is set
+    (to an absolute path, as the XDG base directory specification asks); else
+    ``~/.cache/gpt2-japanese``."""
+    home = os.environ.get("GPT2JA_HOME")
+    if home:
+        return Path(os.path.expanduser(home))
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "gpt2-japanese"
+    return Path(os.path.expanduser(DEFAULT_HOME))
 
 
 def offline() -> bool:
@@ -152,7 +160,7 @@ def resolve_model(model: str | os.PathLike, download: bool = True, progress: Opt
         return target
     why = _downloads_off(download)
     if why is not None:
-        raise ModelError(_model_offline_message(name, why) + ", or pass --model DIR")
+        raise ModelError(_model_offline_message(name, why) + ", or give a model directory instead")
     return download_model(name, progress=progress)
 
 
@@ -175,17 +183,64 @@ def download_model(name: str, progress: Optional[bool] = None) -> Path:
     why = _downloads_off(True)
     if why is not None:
         raise ModelError(_model_offline_message(name, why))
-    work = _work_dir(ModelError)
+    work = _work_dir()
     with _lock(work / f"{name}.lock", name):
         if target.is_dir():  # another process finished it meanwhile
             return target
         _remove_stale(work, f"{name}.extract-")
         archive = work / f"{name}.tar.bz2"
         if not archive.is_file():
-            _download(model_urls(name), archive, f"model {name}", progress, ModelError)
+            _download(model_urls(name), archive, f"model {name}", progress)
         _install_archive(archive, target, name, progress)
     _note(f"model {name} is ready in {_home_text(target)}")
     return target
+
+
+def cached_models() -> List[dict]:
+    """The released models in the cache: name, path, size in bytes, and ``partial``
+    (bytes of an unfinished download of it, 0 when none)."""
+    out = []
+    work = cache_dir() / WORK_SUBDIR
+    for name in RELEASED_MODELS:
+        path = cached_model_dir(name)
+        partial = _size(work / f"{name}.tar.bz2.part") + _size(work / f"{name}.tar.bz2")
+        if path.is_dir() or partial:
+            out.append({"name": name, "path": str(path), "size": _tree_size(path) if path.is_dir() else 0,
+                        "partial": partial})
+    return out
+
+
+def remove_model(name: str) -> List[Path]:
+    """Remove the released model ``name`` from the cache, with any unfinished download
+    of it; returns what was removed (ModelError when there is nothing)."""
+    if not is_released(name):
+        raise ModelError(f"unknown model {name!r}; released models: {', '.join(RELEASED_MODELS)}")
+    work = cache_dir() / WORK_SUBDIR
+    removed = []
+    with _lock(_work_dir() / f"{name}.lock", name):
+        for path in (cached_model_dir(name), work / f"{name}.tar.bz2.part", work / f"{name}.tar.bz2.part.json",
+                     work / f"{name}.tar.bz2"):
+            try:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+                else:
+                    continue
+            except OSError as e:
+                raise ModelError(f"cannot remove {path}: {e.strerror or e}") from None
+            removed.append(path)
+    if not removed:
+        raise ModelError(f"model {name} is not in the cache ({_home_text(cache_dir())})")
+    return removed
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += _size(Path(root) / f)
+    return total
 
 
 def _install_archive(archive: Path, target: Path, name: str, progress: Optional[bool]) -> None:
@@ -340,12 +395,34 @@ class _Failed(Exception):
         self.transient = transient
 
 
-def _download(urls: Sequence[str], dest: Path, what: str, progress: Optional[bool], error) -> None:
+def _download(urls: Sequence[str], dest: Path, what: str, progress: Optional[bool]) -> None:
     """Fetch the first address that works into ``dest``: written as ``dest.part``
     (resumed with HTTP Range when it exists), renamed when complete.  Raises
-    ``error`` with one line naming every address tried and why it failed."""
+    ModelError with one line naming every address tried and why it failed."""
     part = dest.with_name(dest.name + ".part")
     failures = []
+    try:
+        if _try_addresses(urls, dest, part, what, progress, failures):
+            return
+    except KeyboardInterrupt:
+        if _size(part):
+            _note(f"interrupted: {_kept(part)}")
+        raise
+    kept = f" ({_kept(part)})" if _size(part) else ""
+    raise ModelError(f"cannot download {what}: " + "; ".join(failures) + kept)
+
+
+def _kept(part: Path) -> str:
+    """What happens to a partial download: resumed, or started over where the server cannot resume."""
+    size = _human(_size(part))
+    if _read_meta(part).get("ranges") is False:
+        return (f"{size} kept in {_home_text(part)}, but the server cannot resume a download: "
+                f"the next try starts over")
+    return f"{size} kept in {_home_text(part)}; the next try resumes from there"
+
+
+def _try_addresses(urls, dest: Path, part: Path, what: str, progress: Optional[bool], failures: list) -> bool:
+    """True when ``dest`` is complete; False when every address failed (each named in ``failures``)."""
     for url in urls:
         stalls, delay = 0, RETRY_DELAY
         kept = _size(part)
@@ -356,7 +433,7 @@ def _download(urls: Sequence[str], dest: Path, what: str, progress: Optional[boo
                 _fetch(url, part, what, progress)
                 os.replace(part, dest)
                 _meta_path(part).unlink(missing_ok=True)
-                return
+                return True
             except _Failed as e:
                 reason = str(e)
                 if not e.transient:
@@ -364,19 +441,16 @@ def _download(urls: Sequence[str], dest: Path, what: str, progress: Optional[boo
                 stalls = 0 if _size(part) > before else stalls + 1
                 if stalls >= MAX_STALLS:
                     break
-                _note(f"{what}: {reason}; resuming in {delay:g} s")
+                again = "resuming" if _read_meta(part).get("ranges") is not False else "starting over"
+                _note(f"{what}: {reason}; {again} in {delay:g} s")
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
             except OSError as e:
-                raise error(f"cannot write {part}: {e.strerror or e}") from None
+                raise ModelError(f"cannot write {part}: {e.strerror or e}") from None
         failures.append(f"{url}: {reason}")
         if url != urls[-1]:
             _note(f"{url}: {reason}; trying the next address")
-    kept = _size(part)
-    tail = ""
-    if kept:
-        tail = f" ({_human(kept)} kept in {_home_text(part)}; the next try resumes from there)"
-    raise error(f"cannot download {what}: " + "; ".join(failures) + tail)
+    return False
 
 
 def _fetch(url: str, part: Path, what: str, progress: Optional[bool]) -> None:
@@ -399,6 +473,8 @@ def _fetch(url: str, part: Path, what: str, progress: Optional[bool]) -> None:
         raise _Failed(f"HTTP {e.code} {e.reason}".strip()) from None
     except urllib.error.URLError as e:
         raise _Failed(_reason(e.reason)) from None
+    except ValueError as e:  # "unknown url type": not an http(s) address
+        raise _Failed(f"not a usable address ({e})") from None
     except (socket.timeout, TimeoutError):
         raise _Failed(f"timed out after {TIMEOUT:g} s") from None
     except (http.client.HTTPException, OSError) as e:
@@ -417,7 +493,16 @@ def _fetch(url: str, part: Path, what: str, progress: Optional[bool]) -> None:
         validator = response.headers.get("ETag") or response.headers.get("Last-Modified")
         if validator and validator.startswith("W/"):
             validator = None  # weak validators cannot guard a byte range
-        _write_meta(part, {"url": url, "total": total, "validator": validator})
+        # Can a later try continue this file?  Yes after a 206; no when a range was asked for and
+        # the whole file came back, or when the server says "Accept-Ranges: none"; else unknown (None).
+        accepts = response.headers.get("Accept-Ranges", "").strip().lower()
+        if response.status == 206 or accepts == "bytes":
+            ranges = True
+        elif "Range" in headers or accepts == "none":
+            ranges = False
+        else:
+            ranges = meta.get("ranges") if meta.get("url") == url else None
+        _write_meta(part, {"url": url, "total": total, "validator": validator, "ranges": ranges})
         with open(part, "r+b" if offset else "wb") as f, _bar(total, what, progress, initial=offset) as bar:
             f.seek(offset)
             f.truncate()
@@ -501,12 +586,12 @@ def _write_meta(part: Path, meta: dict) -> None:
     atomic_write(_meta_path(part), lambda f: f.write(json.dumps(meta)), mode="w")
 
 
-def _work_dir(error) -> Path:
+def _work_dir() -> Path:
     work = cache_dir() / WORK_SUBDIR
     try:
         work.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise error(f"cannot create the cache directory {work}: {e.strerror or e} (set GPT2JA_HOME)") from None
+        raise ModelError(f"cannot create the cache directory {work}: {e.strerror or e} (set GPT2JA_HOME)") from None
     return work
 
 

@@ -137,8 +137,16 @@ def find_checkpoint(model_dir: str | os.PathLike) -> str:
     The ``checkpoint`` state file decides (its path may be relative, or absolute
     and stale after the directory was moved: then the same file name in this
     directory is used); without a state file, the ``model-N.index`` with the
-    largest N.  Raises ModelError when there is no usable checkpoint.
+    largest N.  Raises ModelError when there is no usable checkpoint or the
+    directory cannot be read.
     """
+    try:
+        return _find_checkpoint(model_dir)
+    except OSError as e:
+        raise ModelError(f"cannot read model directory {model_dir}: {e.strerror or e}") from None
+
+
+def _find_checkpoint(model_dir: str | os.PathLike) -> str:
     directory = Path(model_dir)
     if not directory.exists():
         raise ModelError(f"model directory {directory} does not exist")
@@ -214,6 +222,8 @@ def model_hparams(model_dir: str | os.PathLike, shapes: Mapping[str, Tuple[int, 
 
 def _tf_message(e: BaseException) -> str:
     """The first line of an exception's message (TF's carry long multi-line contexts)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
     msg = (getattr(e, "message", None) or str(e) or "").strip()
     line = msg.splitlines()[0].strip() if msg else ""
     line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)

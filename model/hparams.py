@@ -94,12 +94,11 @@ class HParams:
         return json.dumps(self.to_dict(), indent=2) + "\n"
 
 
-#: Shapes of the released models (and of the tiny test fixture).
+#: Shapes of the released models gpt2ja-small, -medium and -large.
 RELEASED: Dict[str, HParams] = {
     "small": HParams(n_vocab=N_VOCAB_JA, n_ctx=1024, n_embd=768, n_head=12, n_layer=12),
     "medium": HParams(n_vocab=N_VOCAB_JA, n_ctx=1024, n_embd=1024, n_head=16, n_layer=24),
     "large": HParams(n_vocab=N_VOCAB_JA, n_ctx=1024, n_embd=1280, n_head=20, n_layer=36),
-    "tiny": HParams(n_vocab=N_VOCAB_JA, n_ctx=1024, n_embd=64, n_head=4, n_layer=2),
 }
 
 

@@ -26,11 +26,14 @@ import numpy as np
 
 from util.files import atomic_write
 
+from .errors import DatasetError
+
+__all__ = ["COMBINE", "DatasetError", "find_texts", "read_text", "encode_files", "make_dataset", "save_npz", "load_npz", "check_ids", "Chunks",
+           "Sampler"]
+
 COMBINE = 50000  # characters of text per .npz member, as the original's --combine default
 
 
-class DatasetError(Exception):
-    """A dataset that cannot be used: missing, empty, unreadable, not in the .npz format."""
 
 
 # --------------------------------------------------------------------------- text files
@@ -69,6 +72,12 @@ def _encode_document(job):
     return np.asarray(ids, dtype=_dtype(len(enc)))
 
 
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _dtype(n_vocab: int):
     return np.uint16 if n_vocab <= 65536 else np.int32
 
@@ -92,7 +101,8 @@ def encode_files(paths: Sequence[Path], enc, clean: bool = False, processes: int
     pool = None
     if processes > 1 and len(jobs) > 1:
         import multiprocessing
-        pool = multiprocessing.get_context("fork").Pool(min(processes, len(jobs)))
+        # Workers ignore Ctrl-C: the parent alone sees it, stops the pool and ends quietly.
+        pool = multiprocessing.get_context("fork").Pool(min(processes, len(jobs)), initializer=_ignore_sigint)
         results = pool.imap(_encode_document, jobs, chunksize=max(1, len(jobs) // (8 * processes)))
     else:
         results = map(_encode_document, jobs)
@@ -116,6 +126,20 @@ def encode_files(paths: Sequence[Path], enc, clean: bool = False, processes: int
 
 
 # --------------------------------------------------------------------------- .npz
+
+def make_dataset(src, dst: str, enc, clean: bool = False, processes: int = 1, combine: int = COMBINE,
+                 progress: Optional[Callable] = None):
+    """What gpt2-encode.py does: encode the .txt files under ``src`` and save them
+    as the .npz ``dst`` (".npz" added when missing, as numpy does).  Returns
+    (files, tokens, path written)."""
+    dst = str(dst)
+    if not dst.endswith(".npz"):
+        dst += ".npz"
+    paths = find_texts(src)
+    arrays = encode_files(paths, enc, clean=clean, processes=processes, combine=combine, progress=progress)
+    save_npz(dst, arrays)
+    return len(paths), int(sum(len(a) for a in arrays)), dst
+
 
 def save_npz(path: str | os.PathLike, arrays: Sequence[np.ndarray]) -> None:
     """``np.savez_compressed(path, *arrays)``, written atomically (``util.files``)."""
@@ -141,6 +165,16 @@ def load_npz(path: str | os.PathLike) -> List[np.ndarray]:
     if sum(a.size for a in arrays) == 0:
         raise DatasetError(f"{path}: the dataset is empty")
     return arrays
+
+
+def check_ids(arrays: Sequence[np.ndarray], n_vocab: int) -> None:
+    """DatasetError unless every token id is in 0..n_vocab-1 (a dataset made for another vocabulary)."""
+    present = [a for a in arrays if a.size]
+    low = min(int(a.min()) for a in present)
+    high = max(int(a.max()) for a in present)
+    if low < 0 or high >= n_vocab:
+        bad = low if low < 0 else high
+        raise DatasetError(f"the dataset has token id {bad}, outside the model's vocabulary (0..{n_vocab - 1})")
 
 
 # --------------------------------------------------------------------------- chunks

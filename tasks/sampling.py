@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import OptionError
+
 MASKED = np.float32(-1e10)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -32,13 +35,18 @@ class SamplingParams:
 
     def __post_init__(self):
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
-            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+            raise OptionError("top_k", f"must not be negative, got {self.top_k!r}")
         if not 0.0 <= self.top_p <= 1.0:
-            raise ValueError(f"top_p must be between 0 and 1, got {self.top_p}")
-        if not (self.temperature >= 0.0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if self.min_length < 0:
-            raise ValueError(f"min_length must not be negative, got {self.min_length}")
+            raise OptionError("top_p", f"must be between 0 and 1, got {self.top_p}")
+        t = self.temperature
+        if not (0.0 <= t <= _F32_MAX):
+            raise OptionError("temperature", f"must be positive, or 0 for greedy decoding, got {t}")
+        if t != 0 and np.float32(t) == 0:
+            raise OptionError("temperature", f"{t} is 0 in float32 (the logits' precision): use 0 for greedy "
+                                             "decoding, or a larger temperature")
+        if isinstance(self.min_length, bool) or not isinstance(self.min_length, (int, np.integer)) \
+                or self.min_length < 0:
+            raise OptionError("min_length", f"must not be negative, got {self.min_length!r}")
 
 
 def top_k_filter(logits: np.ndarray, k: int) -> np.ndarray:
@@ -78,13 +86,19 @@ def choose(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     top-k/top-p filter.
     """
     logits = np.asarray(logits, dtype=np.float32)
-    if params.temperature == 0.0:
+    greedy = params.temperature == 0.0
+    if not greedy and params.temperature != 1.0:
+        with np.errstate(over="ignore"):
+            scaled = logits / np.float32(params.temperature)
+        if np.isfinite(scaled).all():
+            logits = scaled
+        else:  # a temperature so small that logits / T overflows float32: its limit, greedy
+            greedy = True
+    if greedy:
         if forbid is not None:
             logits = logits.copy()
             logits[forbid] = -np.inf
         return int(np.argmax(logits))
-    if params.temperature != 1.0:
-        logits = logits / np.float32(params.temperature)
     if params.top_p > 0.0:
         logits = top_p_filter(logits, params.top_p)
     elif 0 < params.top_k < logits.shape[0]:

@@ -39,6 +39,9 @@ import numpy as np
 
 from model import ModelError, import_tf
 
+from . import memory
+from .errors import OptionError
+
 tf = import_tf()
 
 #: Padded tokens per batch by default (the [tokens, n_vocab] logits of a batch take 4 * 20,573 bytes per token).
@@ -263,7 +266,16 @@ class Scorer:
 
     def __init__(self, m, enc, exclude_end: bool = False, stride: Optional[int] = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH):
-        windows(2, m.hparams.n_ctx, stride)  # validates the stride
+        n_ctx = m.hparams.n_ctx
+        if stride is not None and (isinstance(stride, bool) or not isinstance(stride, (int, np.integer))
+                                   or not 1 <= stride < n_ctx):
+            raise OptionError("stride", f"must be below the model's context of {n_ctx} tokens (and at least 1), "
+                                        f"got {stride!r}")
+        hp = m.hparams
+        # A batch holds at most max_tokens positions: their logits (and softmax) over the
+        # vocabulary, the hidden states of every layer, and attention weights of up to n_ctx.
+        per_token = 4 * (3 * hp.n_vocab + hp.n_layer * (8 * hp.n_embd + hp.n_head * min(max_tokens, n_ctx)))
+        memory.check("batch_tokens", max_tokens, max_tokens * per_token, "one batch")
         self.model = m
         self.enc = enc
         self.exclude_end = exclude_end
@@ -284,8 +296,12 @@ class Scorer:
         return score_sequences(self.model, [[eos, *ids] for ids in id_lists], stride=self.stride,
                                max_tokens=self.max_tokens, max_batch=self.max_batch)
 
-    def score(self, texts: Iterable[str]) -> Iterator[TextScore]:
-        """A TextScore per text, in order (each as soon as it and the ones before are done)."""
+    def score(self, texts: Iterable[str]) -> List[TextScore]:
+        """A TextScore per text, in order."""
+        return list(self.scores(texts))
+
+    def scores(self, texts: Iterable[str]) -> Iterator[TextScore]:
+        """A TextScore per text, in order, each yielded as soon as it and the ones before are done."""
         texts = list(texts)
         id_lists = [self.ids(t) for t in texts]
         for i, lp in self.score_token_lists(id_lists):

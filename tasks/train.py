@@ -20,16 +20,25 @@ the same moments.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 from model import ModelError, import_tf
 from util.files import atomic_write
+
+from .dataset import Sampler
+from . import memory
 
 tf = import_tf()
 
@@ -181,25 +190,42 @@ def latest_step(run_dir) -> Optional[int]:
 
 def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
     """Write ``optimizer-N.npz``, then the checkpoint (state file last, via ``model.save``),
-    then ``counter``; then remove checkpoints beyond the newest ``keep``.  A crash at any
-    point leaves the previous checkpoint named by the state file intact."""
+    then ``counter``; then keep only the newest ``keep`` checkpoints, and the optimizer
+    state of the newest alone (resuming needs no other).  A failure at any point (a full
+    disk) leaves the previous checkpoint named by the state file intact, removes what
+    was written of this one and raises ModelError("cannot save checkpoint ...")."""
     from model.checkpoint import save, write_state_file
     d = Path(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    state = trainer.optimizer_state()
-    atomic_write(d / f"optimizer-{step}.npz", lambda f: np.savez(f, **state))
-    prefix = save(trainer.model, d, step=step)
-    atomic_write(d / COUNTER_FILE, lambda f: f.write(f"{step}\n".encode()))
-    old = [s for s in checkpoint_steps(d) if s != step][:-keep + 1 or None] if keep > 0 else []
-    if old:
-        for s in old:
-            for f in list(d.glob(f"model-{s}.*")) + [d / f"optimizer-{s}.npz"]:
-                try:
-                    f.unlink()
-                except OSError:
-                    pass
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        state = trainer.optimizer_state()
+        atomic_write(d / f"optimizer-{step}.npz", lambda f: np.savez(f, **state))
+        prefix = save(trainer.model, d, step=step)
+        atomic_write(d / COUNTER_FILE, lambda f: f.write(f"{step}\n".encode()))
+    except (OSError, ModelError) as e:
+        if latest_step(d) != step:
+            _remove_step(d, step, optimizer=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).rsplit(": ", 1)[-1]
+        raise ModelError(f"cannot save checkpoint {d / f'model-{step}'}: {reason}; the previous checkpoint is kept") \
+            from None
+    older = [s for s in checkpoint_steps(d) if s != step]
+    dropped = older[:max(0, len(older) - (max(keep, 1) - 1))]
+    for s in older:
+        _remove_step(d, s, optimizer=True, model=s in dropped)
+    if dropped:
         write_state_file(d, f"model-{step}")
     return prefix
+
+
+def _remove_step(d: Path, step: int, optimizer: bool, model: bool = True) -> None:
+    files = list(d.glob(f"model-{step}.*")) if model else []
+    if optimizer:
+        files.append(d / f"optimizer-{step}.npz")
+    for f in files:
+        try:
+            f.unlink()
+        except OSError:
+            pass
 
 
 def restore_optimizer(trainer: Trainer, run_dir, step: int) -> bool:
@@ -215,5 +241,150 @@ def restore_optimizer(trainer: Trainer, run_dir, step: int) -> bool:
     return trainer.load_optimizer_state(state)
 
 
-def write_json(path, obj) -> None:
-    atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+SETTINGS_FILE = "finetune.json"
+
+
+def read_settings(run_dir) -> dict:
+    """The settings a run directory remembers (its seed, ...); {} when there are none."""
+    try:
+        with open(Path(run_dir) / SETTINGS_FILE, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_settings(run_dir, settings: dict) -> None:
+    atomic_write(Path(run_dir) / SETTINGS_FILE, lambda f: f.write(json.dumps(settings, indent=2)), mode="w")
+
+
+def memory_needed(hp, batch_size: int, chunk: int) -> int:
+    """A generous estimate of the bytes one training step takes: weights, gradients and
+    two optimizer moments, plus what backpropagation keeps of one micro-batch
+    (about 16 values per token and width per layer, the attention weights, and the
+    logits with their gradient)."""
+    weights = 4 * hp.n_params
+    tokens = batch_size * chunk
+    per_layer = 4 * tokens * (16 * hp.n_embd + 2 * hp.n_head * chunk)
+    logits = 4 * 3 * tokens * hp.n_vocab
+    return 4 * weights + hp.n_layer * per_layer + logits
+
+
+def check_memory(hp, batch_size: int, chunk: int) -> None:
+    """OptionError (batch_size) when a training step would need more memory than is available."""
+    memory.check("batch_size", batch_size, memory_needed(hp, batch_size, chunk),
+                 "one training step (use --accumulate to keep the effective batch)")
+
+
+# ---------------------------------------------------------------------- the training loop
+
+class RunningMean:
+    """The original's running average of the loss: avg += (loss - avg) / weight, weight = 0.99 * weight + 1."""
+
+    def __init__(self):
+        self.value: Optional[float] = None
+        self.weight = 0.0
+
+    def add(self, x: float) -> float:
+        self.weight = 0.99 * self.weight + 1.0
+        self.value = x if self.value is None else self.value + (x - self.value) / self.weight
+        return self.value
+
+
+class Events:
+    """What the loop reports; the command-line tool prints it (override what you need)."""
+
+    def step(self, step: int, loss: float, average: float, tokens_per_s: float) -> None:
+        pass
+
+    def report(self, step: int, loss: float, average: float) -> None:
+        """Every save_every steps and at the end."""
+
+    def validated(self, step: int, val_loss: float) -> None:
+        pass
+
+    def saved(self, step: int, prefix: str) -> None:
+        pass
+
+    def interrupted(self, step: int) -> None:
+        pass
+
+
+@dataclass
+class Schedule:
+    """How long and how often: ``max_steps`` None runs until interrupted."""
+
+    batch_size: int = 1
+    max_steps: Optional[int] = None
+    save_every: int = 1000
+    eval_every: int = 100
+    keep: int = KEEP
+
+
+def fine_tune(trainer: Trainer, train, val, run_dir, schedule: Schedule, seed: int, step: int = 0,
+              saved: bool = False, events: Events = Events(),
+              interrupts: Tuple[type, ...] = (KeyboardInterrupt,)) -> int:
+    """Train from ``step`` until ``schedule.max_steps``; returns the last step.
+
+    One loop, top to bottom: draw the next chunks (``Sampler``: a fresh random
+    order each epoch, continued exactly on resume), take one optimizer step,
+    report, validate every ``eval_every`` steps, save every ``save_every``
+    steps and at the end.  An interruption (Ctrl-C, or what ``interrupts``
+    names) saves the current step and ends the loop; a second one during the
+    save waits for the save to finish.  ``saved``: ``step`` is already on disk
+    (a resumed run).
+    """
+    per_step = schedule.batch_size * trainer.accumulate
+    sampler = Sampler(len(train), seed, position=step * per_step)
+    on_disk = step if saved else None
+    loss, mean = None, RunningMean()
+
+    def save():
+        nonlocal on_disk
+        if on_disk != step:
+            with _interrupts_held():
+                events.saved(step, save_run(trainer, run_dir, step, keep=schedule.keep))
+            on_disk = step
+
+    try:
+        while schedule.max_steps is None or step < schedule.max_steps:
+            ids, lengths = train.batch(sampler.next(per_step))
+            t0 = time.perf_counter()
+            loss = trainer.train_step(ids, lengths)
+            seconds = time.perf_counter() - t0
+            step += 1
+            if not math.isfinite(loss):
+                raise ModelError(f"the loss became {loss} at step {step}; lower the learning rate "
+                                 f"(the last checkpoint in {run_dir} is kept)")
+            events.step(step, loss, mean.add(loss), int(lengths.sum()) / seconds)
+            if val is not None and step % schedule.eval_every == 0:
+                events.validated(step, trainer.evaluate(val, schedule.batch_size))
+            if step % schedule.save_every == 0:
+                events.report(step, loss, mean.value)
+                save()
+    except interrupts:
+        events.interrupted(step)
+        save()
+        return step
+    if loss is not None and step % schedule.save_every:
+        events.report(step, loss, mean.value)
+    if val is not None and loss is not None and step % schedule.eval_every:
+        events.validated(step, trainer.evaluate(val, schedule.batch_size))
+    save()
+    return step
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C during the block is held back until the block is done (then raised)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *a: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held and previous is signal.default_int_handler:
+        raise KeyboardInterrupt

@@ -15,6 +15,9 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
+from . import memory
+from .errors import OptionError
+
 POOLINGS = ("last", "mean")
 
 
@@ -22,10 +25,13 @@ class Vectorizer:
     def __init__(self, model, enc, pooling: str = "last", layer: int = -1, normalize: bool = False,
                  max_tokens: int = 4096, max_batch: int = 64):
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+            raise OptionError("pooling", f"must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         n_layer = model.hparams.n_layer
-        if not -1 <= layer < n_layer:
-            raise ValueError(f"layer must be -1 (final output) or 0..{n_layer - 1}, got {layer}")
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -1 <= layer < n_layer:
+            raise OptionError("layer", f"must be -1 (final) or 0..{n_layer - 1} for this model, got {layer!r}")
+        hp = model.hparams
+        per_token = 4 * hp.n_layer * (8 * hp.n_embd + hp.n_head * min(max_tokens, hp.n_ctx))
+        memory.check("batch_tokens", max_tokens, max_tokens * per_token, "one batch")
         self.model = model
         self.enc = enc
         self.pooling = pooling

@@ -90,6 +90,8 @@ class Server:
             h.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             h.send_response(200)
+        if not self.ignore_range:
+            h.send_header("Accept-Ranges", "bytes")
         h.send_header("Content-Length", str(len(data) - start))
         h.send_header("ETag", etag)
         h.end_headers()
@@ -292,11 +294,14 @@ def test_server_that_cannot_resume(home, server, archive, monkeypatch):
     server.ignore_range = True
     server.drop_always[path] = 20_000
     monkeypatch.setenv("GPT2JA_MODEL_URLS", f"{server.url}/a/")
-    with pytest.raises(model.ModelError, match=r"connection closed after 19.5 KiB of [\d.]+ MiB"):
+    with pytest.raises(model.ModelError, match=r"connection closed after 19.5 KiB of [\d.]+ MiB") as e:
         hub.download_model(NAME)
     hits = server.hits(path)
     assert [r[1] for r in hits] == [None] + ["bytes=20000-"] * (hub_download.MAX_STALLS)
     assert not (home / NAME).exists()
+    # the message says what will really happen: that server cannot resume
+    assert "the server cannot resume a download: the next try starts over" in str(e.value)
+    assert "resumes from there" not in str(e.value)
 
 
 def test_truncated_body_without_progress(home, server, archive, monkeypatch):
@@ -504,3 +509,67 @@ def test_hub_does_not_import_tensorflow():
     code = "import hub, cli.common, sys; print('tensorflow' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT, timeout=60)
     assert p.stdout.strip() == b"False"
+
+
+# -- addresses, cache location, list and remove ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["notaurl", "ftp://127.0.0.1:9/models/"])
+def test_an_address_that_is_not_http_counts_as_a_failed_address(bad, home, server, archive, tiny_model_dir,
+                                                                  monkeypatch):
+    server.files["/b" + ARCHIVE] = archive
+    monkeypatch.setenv("GPT2JA_MODEL_URLS", f"{bad},{server.url}/b/")
+    _same_files(hub.download_model(NAME), tiny_model_dir)  # the next address worked
+    monkeypatch.setenv("GPT2JA_MODEL_URLS", bad)
+    hub.remove_model(NAME)
+    with pytest.raises(model.ModelError, match=r"cannot download model gpt2ja-small: .*") as e:
+        hub.download_model(NAME)
+    assert "\n" not in str(e.value)
+
+
+def test_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPT2JA_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hub.cache_dir() == tmp_path / "xdg" / "gpt2-japanese"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # ignored, as the specification says
+    assert hub.cache_dir() == Path(os.path.expanduser("~/.cache/gpt2-japanese"))
+    monkeypatch.setenv("GPT2JA_HOME", str(tmp_path / "mine"))
+    assert hub.cache_dir() == tmp_path / "mine"
+
+
+def test_python_m_model_list_and_remove(home, server, archive, tmp_path):
+    server.files["/a" + ARCHIVE] = archive
+    env = _env(home, server)
+
+    def m(*args):
+        return subprocess.run([sys.executable, "-m", "model", *args], capture_output=True, env=env, cwd=ROOT,
+                              timeout=180)
+
+    assert m("list").stdout == b""
+    assert m("download", NAME).returncode == 0
+    p = m("list")
+    name, size, path = p.stdout.decode().rstrip("\n").split("\t")
+    assert (name, path) == (NAME, str(home / NAME)) and size.endswith("MiB")
+    p = m("remove", NAME)
+    assert p.returncode == 0 and p.stdout.decode() == f"removed {home / NAME}\n"
+    assert not (home / NAME).exists() and m("list").stdout == b""
+    p = m("remove", NAME)
+    assert p.returncode == 2 and p.stderr.decode().startswith(f"python -m model: error: model {NAME} is not in the cache")
+
+
+def test_ctrl_c_during_a_download_says_what_was_kept(home, server, archive, monkeypatch, capsys):
+    path = "/a" + ARCHIVE
+    server.files[path] = archive
+    real_fetch = hub_download._fetch
+
+    def interrupted(url, part, what, progress):
+        server.drop_once[path] = 100_000
+        with pytest.raises(hub_download._Failed):
+            real_fetch(url, part, what, progress)  # 100 kB arrive, then the connection is cut
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hub_download, "_fetch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hub.download_model(NAME)
+    err = capsys.readouterr().err
+    assert "interrupted: 97.7 KiB kept in" in err and "the next try resumes from there" in err

@@ -166,7 +166,7 @@ def test_accumulation_equals_the_big_batch(tiny_model_dir, dataset_npz, enc):
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
 
 
-def test_save_keeps_five_and_a_failed_save_keeps_the_previous(tiny_model_dir, tmp_path, monkeypatch):
+def test_save_keeps_the_newest_and_a_failed_save_keeps_the_previous(tiny_model_dir, tmp_path, monkeypatch):
     from model import checkpoint as C
     from tasks import train as T
 
@@ -175,15 +175,21 @@ def test_save_keeps_five_and_a_failed_save_keeps_the_previous(tiny_model_dir, tm
     for step in range(1, 8):
         T.save_run(tr, run, step)
     assert T.checkpoint_steps(run) == [3, 4, 5, 6, 7]
-    assert sorted(p.name for p in run.glob("optimizer-*.npz")) == [f"optimizer-{s}.npz" for s in range(3, 8)]
+    # only the newest checkpoint keeps its optimizer state (resuming needs no other)
+    assert sorted(p.name for p in run.glob("optimizer-*.npz")) == ["optimizer-7.npz"]
+    T.save_run(tr, run, 8, keep=2)
+    assert T.checkpoint_steps(run) == [7, 8]
 
     def crash(*a, **k):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
     monkeypatch.setattr(C, "write_state_file", crash)
-    with pytest.raises(model.ModelError, match="cannot write checkpoint .*model-8: disk full"):
-        T.save_run(tr, run, 8)
-    assert T.latest_step(run) == 7
-    assert model.load(run).path.endswith("model-7")
+    with pytest.raises(model.ModelError, match="cannot save checkpoint .*model-9: No space left on device; "
+                                               "the previous checkpoint is kept"):
+        T.save_run(tr, run, 9)
+    assert T.latest_step(run) == 8
+    assert model.load(run).path.endswith("model-8")
+    assert T.checkpoint_steps(run) == [7, 8] and not (run / "optimizer-9.npz").exists()
+    assert (run / "optimizer-8.npz").is_file()
 
 
 # ---------------------------------------------------------------------------- the CLI

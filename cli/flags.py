@@ -1,0 +1,152 @@
+"""Every flag shared by several tools, declared once (llama.cpp's common/arg.cpp is the model).
+
+    p = ArgumentParser(prog="gpt2-transform.py", ...)
+    flags.add(p, "model", "vocab", "gpu", "verbose", "no_download", "output_file",
+              batch_tokens={"default": 4096})
+
+A tool picks the flags it has by name and may override a declaration's
+keywords (a default, a help text); a flag that only one tool has is
+declared in that tool's module.  Every flag is accepted with ``_`` and ``-``
+spelled either way (``--num_generate`` / ``--num-generate``, ``--no-download``
+/ ``--no_download``; see ``errors.ArgumentParser``).  Nothing here imports
+TensorFlow.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Dict, Tuple
+
+DEFAULT_MODEL = "gpt2ja-medium"
+
+
+def _integer(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{what}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int = _integer(1, "must be at least 1")
+non_negative_int = _integer(0, "must not be negative")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0) or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def number(text: str) -> float:
+    """A finite float (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer from 0 to 2**64 - 1 (numpy's SeedSequence range)."""
+    value = _integer(0, "must not be negative (seeds are 0 .. 2**64 - 1)")(text)
+    if value >= 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be below 2**64, got {value}")
+    return value
+
+
+#: name -> (option strings, argparse keywords).  The name is the attribute on the parsed args.
+FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
+    "model": (("--model",), dict(
+        default=DEFAULT_MODEL,
+        help="model directory (an unpacked gpt2ja-*.tar.bz2), or a released model name (gpt2ja-small, "
+             "gpt2ja-medium, gpt2ja-large), downloaded into $GPT2JA_HOME (default "
+             "$XDG_CACHE_HOME/gpt2-japanese or ~/.cache/gpt2-japanese) on first use; default %(default)s")),
+    "vocab": (("--vocab",), dict(
+        metavar="DIR", default=None,
+        help="directory with another ja-bpe.txt and emoji.json (default: $GPT2JA_VOCAB, else the "
+             "vocabulary of the released models, which ships in encoder/)")),
+    "gpu": (("--gpu",), dict(
+        default="0", help="GPU device id, or -1 for the CPU; without that GPU the CPU is used (default %(default)s)")),
+    "verbose": (("--verbose",), dict(
+        action="store_true", help="say what happens on stderr: device, engine, timings, TensorFlow's own messages")),
+    "no_download": (("--no-download",), dict(
+        dest="no_download", action="store_true",
+        help="never use the network (as GPT2JA_OFFLINE=1): a released model that is not in the cache is "
+             "an error saying what to download and where to put it")),
+    "output_file": (("--output_file",), dict(
+        default="", metavar="FILE",
+        help="write to FILE instead of stdout, atomically: a failed run leaves FILE as it was "
+             "(a device or FIFO is written directly; a symlink's target is replaced)")),
+    "context": (("--context",), dict(default=None, help="the text; '-' reads all of stdin")),
+    "seed": (("--seed",), dict(type=seed, default=None,
+                               help="random seed (0 .. 2**64-1): the same command and seed give the same output")),
+    "batch_size": (("--batch_size",), dict(type=positive_int, default=16, metavar="N", help="rows per batch")),
+    "batch_tokens": (("--batch_tokens",), dict(type=positive_int, default=2048, metavar="N",
+                                               help="padded tokens per batch (default %(default)s)")),
+    "pooling": (("--pooling",), dict(choices=("last", "mean"), default="last",
+                                     help="last token's state (default, the original's) or the mean over the tokens")),
+    "layer": (("--layer",), dict(type=int, default=-1, metavar="N",
+                                 help="hidden state after block N (0-based) instead of the final layer norm "
+                                      "(-1, default)")),
+    "normalize": (("--normalize",), dict(action="store_true", help="scale every vector to unit L2 norm")),
+    "exclude_end": (("--exclude-end",), dict(dest="exclude_end", action="store_true",
+                                              help="do not score <|endoftext|> after the text")),
+    "tokens": (("--tokens",), dict(action="store_true",
+                                   help="also every token's log-probability (text: one 'token<TAB>logprob' line "
+                                        "each, then an empty line; jsonl: a token_logprobs list)")),
+    "stride": (("--stride",), dict(type=positive_int, default=None, metavar="N",
+                                   help="for texts longer than the model's context (n_ctx tokens): windows of "
+                                        "n_ctx tokens start every N tokens, so each token is predicted from at "
+                                        "least n_ctx - N tokens before it (default n_ctx/2 = 512; below n_ctx)")),
+    "top_k": (("--top_k",), dict(type=int, default=None,
+                                 help="draw from the k most likely tokens (default 40; 0 = no limit)")),
+    "top_p": (("--top_p",), dict(type=number, default=0.0,
+                                 help="draw from the most likely tokens up to probability p (0 < p <= 1); "
+                                      "overrides the default top_k; exclusive with an explicit --top_k")),
+    "temperature": (("--temperature",), dict(type=number, default=1.0,
+                                             help="divide logits by this (default 1); 0 means greedy")),
+    "max_length": (("--max_length",), dict(type=non_negative_int, default=500,
+                                           help="characters per sample at most (default 500)")),
+    "min_length": (("--min_length",), dict(type=non_negative_int, default=0,
+                                           help="tokens before <|endoftext|> may end a sample (default 0)")),
+    "num_generate": (("--num_generate",), dict(type=positive_int, default=5, help="samples per context (default 5)")),
+    "clean_text": (("--clean_text",), dict(action="store_true",
+                                           help="replace URLs, e-mail addresses, phone numbers, dates and prices "
+                                                "by tags, as the original's clean_text")),
+    "num_process": (("--num_process",), dict(type=positive_int, default=None, metavar="N",
+                                             help="encoding processes (default: the CPUs, at most 8)")),
+    "progress": (("--progress",), dict(action="store_true",
+                                       help="show progress bars even when stderr is not a terminal")),
+}
+
+
+def add(parser: argparse.ArgumentParser, *names: str, **overrides: dict) -> None:
+    """Add the flags ``names`` (keys of FLAGS) to ``parser``; ``overrides[name]``
+    replaces keywords of that flag's declaration (e.g. ``batch_tokens={"default": 4096}``)."""
+    unknown = [n for n in [*names, *overrides] if n not in FLAGS]
+    if unknown:
+        raise KeyError(f"undeclared flags: {unknown}")
+    extra = [n for n in overrides if n not in names]
+    if extra:
+        raise KeyError(f"overrides for flags not added: {extra}")
+    for name in names:
+        strings, kwargs = FLAGS[name]
+        parser.add_argument(*strings, **{**kwargs, **overrides.get(name, {})})
+
+
+def add_model_flags(parser: argparse.ArgumentParser, **overrides: dict) -> None:
+    """--model, --vocab, --gpu, --verbose, --no-download: the flags every model tool has."""
+    add(parser, "model", "vocab", "gpu", "verbose", "no_download", **overrides)

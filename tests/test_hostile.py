@@ -1,0 +1,273 @@
+"""Hostile input, full disks, closed streams and signals: every failure is one
+line and status 2, nothing a user had is clobbered, nothing computed is lost."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+GENERATE = str(ROOT / "gpt2-generate.py")
+TRANSFORM = str(ROOT / "gpt2-transform.py")
+SCORE = str(ROOT / "gpt2-score.py")
+FINETUNE = str(ROOT / "gpt2-finetune.py")
+ENCODE = str(ROOT / "gpt2-encode.py")
+
+
+def _run(args, env, stdin=None, timeout=180, **kwargs):
+    return subprocess.run([sys.executable, *map(str, args)], input=stdin, capture_output=True, env=env,
+                          cwd=ROOT, timeout=timeout, **kwargs)
+
+
+def _one_line_error(p, tool, message):
+    err = p.stderr.decode("utf-8", "replace")
+    assert p.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith(f"{tool}: error: ") and message in err, err
+
+
+def _vector_args(tiny_model_dir, *extra):
+    return [TRANSFORM, "--model", tiny_model_dir, "--gpu", "-1", "--context", "今日は", *extra]
+
+
+# -- A: output files: devices, FIFOs and symlinks are never replaced ------------------------------
+
+
+def test_output_to_a_character_device_writes_it(tiny_model_dir, env):
+    p = _run(_vector_args(tiny_model_dir, "--output_file", "/dev/null"), env)
+    assert p.returncode == 0, p.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_output_to_a_full_device_is_one_line_and_the_device_stays(tiny_model_dir, env):
+    p = _run(_vector_args(tiny_model_dir, "--output_file", "/dev/full"), env)
+    _one_line_error(p, "gpt2-transform.py", "cannot write /dev/full: No space left on device")
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_output_to_a_fifo_writes_into_it(tiny_model_dir, env, tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    reader.start()
+    p = _run(_vector_args(tiny_model_dir, "--output_file", fifo), env)
+    reader.join(timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert json.loads(got[0].decode())  # the vector arrived through the FIFO
+
+
+def test_output_through_a_symlink_replaces_the_target(tiny_model_dir, env, tmp_path):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / "vectors.json"
+    target.write_text("old\n")
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    p = _run(_vector_args(tiny_model_dir, "--output_file", link), env)
+    assert p.returncode == 0, p.stderr
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert json.loads(target.read_text())
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640  # the file keeps its permissions
+    assert sorted(os.listdir(tmp_path / "real")) == ["vectors.json"]  # no temporary file left
+
+
+# -- B, C: stdout that cannot be written ---------------------------------------------------------------
+
+
+def test_stdout_on_a_full_device(tiny_model_dir, env):
+    with open("/dev/full", "wb") as full:
+        p = subprocess.run([sys.executable, *_vector_args(tiny_model_dir)], stdout=full, stderr=subprocess.PIPE,
+                           env=env, cwd=ROOT, timeout=180)
+    p.stdout = b""
+    _one_line_error(p, "gpt2-transform.py", "cannot write standard output: No space left on device")
+
+
+def test_encoder_stdout_on_a_full_device(env):
+    with open("/dev/full", "wb") as full:
+        p = subprocess.run([sys.executable, "-m", "encoder", "encode"], input="今日は\n".encode() * 100000,
+                           stdout=full, stderr=subprocess.PIPE, env=env, cwd=ROOT, timeout=180)
+    _one_line_error(p, "python -m encoder", "cannot write standard output: No space left on device")
+
+
+def test_closed_stdout(tiny_model_dir, env):
+    p = _run(_vector_args(tiny_model_dir), env, preexec_fn=lambda: os.close(1))
+    _one_line_error(p, "gpt2-transform.py", "cannot write standard output")
+
+
+def test_closed_stderr_still_exits_2(env):
+    p = _run([GENERATE, "--model", "/nonexistent"], env, preexec_fn=lambda: os.close(2))
+    assert p.returncode == 2
+
+
+# -- D, E, F: values that used to escape as tracebacks -----------------------------------------------
+
+
+@pytest.mark.parametrize("tool", [GENERATE, TRANSFORM])
+def test_lone_surrogate_in_the_context(tool, tiny_model_dir, env):
+    # argv bytes that are not UTF-8 reach Python as lone surrogates
+    p = subprocess.run([sys.executable, tool, "--model", str(tiny_model_dir), "--gpu", "-1", "--context",
+                        b"abc\xffdef"], capture_output=True, env=env, cwd=ROOT, timeout=180)
+    _one_line_error(p, os.path.basename(tool), "lone surrogate")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed", "-1"], "argument --seed: must not be negative"),
+    (["--seed", "18446744073709551616"], "must be below 2**64"),
+    (["--temperature", "1e-46"], "--temperature 1e-46 is 0 in float32"),
+    (["--temperature", "1e308"], "--temperature must be positive, or 0 for greedy decoding, got 1e+308"),
+    (["--temperature", "nan"], "must be a finite number"),
+    (["--top_k", "abc"], "argument --top_k: invalid int value: 'abc'"),
+    (["--top_k", "-1"], "--top_k must not be negative"),
+])
+def test_bad_sampling_values(args, message, tiny_model_dir, env):
+    p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", *args], env)
+    _one_line_error(p, "gpt2-generate.py", message)
+
+
+def test_tiny_temperature_is_greedy_without_warnings(tiny_model_dir, env):
+    base = [GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--num_generate", "1", "--max_length", "30",
+            "--seed", "1", "--context", "今日は"]
+    tiny_t = _run(base + ["--temperature", "1e-45"], env)
+    greedy = _run(base + ["--temperature", "0"], env)
+    assert tiny_t.returncode == 0 and tiny_t.stderr == b"", tiny_t.stderr
+    assert tiny_t.stdout == greedy.stdout and tiny_t.stdout.strip()
+
+
+# -- G, P: the encoder ---------------------------------------------------------------------------------
+
+
+def test_deeply_nested_json_is_not_an_array_of_ids(env):
+    deep = b"[" * 100000 + b"]" * 100000
+    p = _run(["-m", "encoder", "decode"], env, stdin=b"[1,2]\n" + deep + b"\n")
+    _one_line_error(p, "python -m encoder", "line 2: not a JSON array of token ids")
+    assert p.stdout.count(b"\n") == 1
+
+
+def test_emoji_table_with_values_that_are_not_strings(tmp_path, vocab_dir):
+    import shutil
+
+    import encoder
+
+    shutil.copy(vocab_dir / "ja-bpe.txt", tmp_path)
+    data = json.loads((vocab_dir / "emoji.json").read_text(encoding="utf-8"))
+    key = next(iter(data["emoji_inv"]))
+    data["emoji_inv"][key] = 12
+    (tmp_path / "emoji.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(encoder.VocabError, match="malformed"):
+        encoder.load(tmp_path)
+
+
+# -- H: a model directory that cannot be read ------------------------------------------------------------
+
+
+def test_unreadable_model_directory(tmp_path, monkeypatch):
+    import pathlib
+
+    import model
+
+    (tmp_path / "m").mkdir()
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "is_file", denied)
+    with pytest.raises(model.ModelError, match="cannot read model directory .*m: Permission denied"):
+        model.find_checkpoint(tmp_path / "m")
+
+
+# -- J, K, M: fine-tuning input that cannot work -----------------------------------------------------------
+
+
+@pytest.fixture
+def npz(tmp_path, enc):
+    from tasks import dataset as D
+
+    path = tmp_path / "data.npz"
+    D.save_npz(path, [np.asarray(enc.encode("吾輩は猫である。名前はまだ無い。") * 4 + [enc.eos_id], np.int32)])
+    return path
+
+
+def test_dataset_with_negative_ids(tmp_path, tiny_model_dir, env):
+    from tasks import dataset as D
+
+    bad = tmp_path / "bad.npz"
+    D.save_npz(bad, [np.array([5, 6, -3, 7], np.int32)])
+    p = _run([FINETUNE, "--model", tiny_model_dir, "--dataset", bad, "--max_steps", "1",
+              "--checkpoint_dir", tmp_path / "ck"], env)
+    _one_line_error(p, "gpt2-finetune.py", "the dataset has token id -3, outside the model's vocabulary")
+
+
+def test_checkpoint_dir_that_is_a_file(tmp_path, tiny_model_dir, npz, env):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    p = _run([FINETUNE, "--model", tiny_model_dir, "--dataset", npz, "--checkpoint_dir", afile], env)
+    _one_line_error(p, "gpt2-finetune.py", f"cannot write checkpoints into {afile}: it is not a directory")
+    assert "training chunks" not in p.stderr.decode()  # refused before anything was loaded
+
+
+@pytest.mark.parametrize("args,tool,message", [
+    ([FINETUNE, "--dataset", "{npz}", "--batch_size", "100000", "--checkpoint_dir", "{tmp}"], "gpt2-finetune.py",
+     "--batch_size 100000 needs about"),
+    ([SCORE, "--batch_tokens", "1000000000", "-"], "gpt2-score.py", "--batch_tokens 1000000000 needs about"),
+    ([TRANSFORM, "--context", "x", "--batch_tokens", "1000000000"], "gpt2-transform.py",
+     "--batch_tokens 1000000000 needs about"),
+    ([GENERATE, "--num_generate", "20000", "--batch_size", "20000"], "gpt2-generate.py",
+     "--batch_size 20000 needs about"),
+])
+def test_work_that_cannot_fit_in_memory_is_refused(args, tool, message, tiny_model_dir, npz, tmp_path, env):
+    args = [a.format(npz=npz, tmp=tmp_path) if isinstance(a, str) else a for a in args]
+    p = _run([args[0], "--model", tiny_model_dir, "--gpu", "-1", *args[1:]], env, stdin=b"x\n")
+    _one_line_error(p, tool, message)
+    assert "use a smaller" in p.stderr.decode()
+
+
+# -- N, O: signals ------------------------------------------------------------------------------------------
+
+
+def test_sigterm_removes_the_temporary_output_and_keeps_the_old_file(tiny_model_dir, tmp_path, env):
+    out = tmp_path / "out.txt"
+    out.write_text("precious\n")
+    p = subprocess.Popen([sys.executable, GENERATE, "--model", str(tiny_model_dir), "--gpu", "-1",
+                          "--num_generate", "1", "--max_length", "100000", "--min_length", "500", "--seed", "1",
+                          "--output_file", str(out)], stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    # wait until the temporary file exists: generation is under way
+    import time
+
+    deadline = time.monotonic() + 120
+    while not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] and time.monotonic() < deadline:
+        assert p.poll() is None, p.stderr.read()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 143, err
+    assert err == b""
+    assert sorted(os.listdir(tmp_path)) == ["out.txt"] and out.read_text() == "precious\n"
+
+
+def test_ctrl_c_during_parallel_encoding_is_quiet(tmp_path, env):
+    import time
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(400):
+        (src / f"{i:03d}.txt").write_text("吾輩は猫である。名前はまだ無い。\n" * 400, encoding="utf-8")
+    for attempt in range(3):
+        p = subprocess.Popen([sys.executable, ENCODE, "--src_dir", str(src), "--dst_file", str(tmp_path / "o.npz"),
+                              "--num_process", "2"], stderr=subprocess.PIPE, env=env, cwd=ROOT,
+                             start_new_session=True)
+        time.sleep(1.5 + attempt * 0.5)  # somewhere in the encoding
+        if p.poll() is not None:
+            pytest.fail(f"encoding ended before the interrupt: {p.stderr.read()!r}")
+        os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C does: the whole process group
+        err = p.communicate(timeout=60)[1]
+        assert p.returncode == 130, err
+        assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+        assert not (tmp_path / "o.npz").exists()
