@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -57,6 +58,7 @@ class ArgumentParser(argparse.ArgumentParser):
         return unique
 
     def error(self, message):
+        message = re.sub(r"(--[\w-]+)(?:/--[\w-]+)+", r"\1", message)  # a flag by its first spelling
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(2)
 

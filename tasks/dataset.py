@@ -73,9 +73,11 @@ def _encode_document(job):
 
 
 def _ignore_sigint() -> None:
+    """Worker set-up: Ctrl-C is the parent's to handle; SIGTERM (the pool stopping) ends a worker plainly."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _dtype(n_vocab: int):

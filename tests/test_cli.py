@@ -144,3 +144,43 @@ def test_broken_pipe_is_quiet(tool, tiny_model_dir, corpus_lines, tmp_path, env)
     assert first == whole.stdout.split(b"\n", 1)[0] + b"\n"
     assert err == b""
     assert p.returncode == 141
+
+
+# -- what a first user trips over ------------------------------------------------------------------
+
+
+def test_every_flag_takes_both_spellings(tiny_model_dir, env):
+    import cli.finetune
+    import cli.generate
+    import cli.score
+    import cli.transform
+
+    for module in (cli.generate, cli.transform, cli.score, cli.finetune):
+        parser = module.parser()
+        for action in parser._actions:  # every long flag, under both separators
+            longs = [s for s in action.option_strings if s.startswith("--") and s != "--help"]
+            for s in longs:
+                body = s[2:]
+                assert "--" + body.replace("_", "-") in longs and "--" + body.replace("-", "_") in longs, (module, s)
+    a = cli.generate.parser().parse_args(["--num-generate", "3", "--no_download", "--top-k", "2"])
+    assert (a.num_generate, a.no_download, a.top_k) == (3, True, 2)
+    a = cli.score.parser().parse_args(["--exclude_end", "-"])
+    assert a.exclude_end
+    # --help shows the original spelling only
+    help_text = cli.generate.parser().format_help()
+    assert "--num_generate" in help_text and "--num-generate" not in help_text
+
+
+def test_stream_alone_streams_one_sample(tiny_model_dir, env):
+    args = ["--model", str(tiny_model_dir), "--gpu", "-1", "--context", "今日は", "--max_length", "30", "--seed", "2"]
+    streamed = _run("gpt2-generate.py", args + ["--stream"], env)
+    plain = _run("gpt2-generate.py", args + ["--num_generate", "1"], env)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == plain.stdout and plain.stdout.strip()
+
+
+def test_finetune_defaults_to_the_originals_base_model():
+    import cli.finetune
+
+    assert cli.finetune.parser().parse_args(["--dataset", "x.npz"]).model == "gpt2ja-small"
+    assert cli.finetune.parser().parse_args(["--dataset", "x.npz", "--base_model", "m"]).model == "m"

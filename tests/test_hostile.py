@@ -257,8 +257,8 @@ def test_ctrl_c_during_parallel_encoding_is_quiet(tmp_path, env):
 
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(400):
-        (src / f"{i:03d}.txt").write_text("吾輩は猫である。名前はまだ無い。\n" * 400, encoding="utf-8")
+    for i in range(3000):
+        (src / f"{i:04d}.txt").write_text("吾輩は猫である。名前はまだ無い。\n" * 400, encoding="utf-8")
     for attempt in range(3):
         p = subprocess.Popen([sys.executable, ENCODE, "--src_dir", str(src), "--dst_file", str(tmp_path / "o.npz"),
                               "--num_process", "2"], stderr=subprocess.PIPE, env=env, cwd=ROOT,
