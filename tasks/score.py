@@ -54,15 +54,14 @@ def _score_graph(m, ids, lengths, first):
 
     Only targets at positions first[b] <= t+1 < lengths[b] are computed; the rest are 0.
     """
-    hp = m.hparams
     batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
-    h = m._forward_graph(ids, hp.n_layer, True, False)              # [B, T, E] after ln_f
+    h = m.graph_hidden(ids)                                          # [B, T, E] after ln_f
     target_pos = tf.range(1, length)                                 # [T-1]
     scored = tf.logical_and(target_pos[None, :] >= first[:, None], target_pos[None, :] < lengths[:, None])
     where = tf.where(scored)                                         # [N, 2] (row, t)
     hs = tf.gather_nd(h[:, :-1, :], where)                           # [N, E]: states that predict
     targets = tf.gather_nd(ids[:, 1:], where)                        # [N]
-    logits = tf.matmul(hs, m._wte, transpose_b=True)                 # [N, V]
+    logits = m.graph_logits(hs)                                      # [N, V]
     top = tf.reduce_max(logits, axis=-1, keepdims=True)
     lse = tf.math.log(tf.reduce_sum(tf.exp(logits - top), axis=-1)) + top[:, 0]
     chosen = tf.gather(logits, targets[:, None], batch_dims=1)[:, 0]  # [N]
