@@ -28,6 +28,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ._tf import import_tf
+from .batch import as_batch
 from .checkpoint import _tf_message, open_checkpoint, read_errors
 from .device import CPU
 from .errors import ModelError
@@ -217,48 +218,6 @@ def _step_attention(hp: HParams, batch, span, keep, where, long_span: bool):
 
 # --------------------------------------------------------------------------- the model
 
-def _as_batch(ids, n_vocab: int, n_ctx: int, lengths=None) -> Tuple[np.ndarray, np.ndarray]:
-    """(ids [B, T] int32 right-padded with 0, lengths [B]) from a batch of id lists or a 2-D array."""
-    if isinstance(ids, np.ndarray) or hasattr(ids, "numpy"):
-        arr = np.asarray(ids)
-        if arr.ndim != 2:
-            raise ModelError(f"expected a batch of token id sequences (2-D), got shape {list(arr.shape)}")
-        rows = None
-    else:
-        rows = [list(r) if not isinstance(r, np.ndarray) else r.tolist() for r in ids]
-        if not rows:
-            raise ModelError("empty batch")
-        width = max(len(r) for r in rows)
-        arr = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            if r and not all(isinstance(t, (int, np.integer)) for t in r):
-                raise ModelError("token ids must be integers")
-            arr[i, : len(r)] = r
-    if arr.shape[0] == 0:
-        raise ModelError("empty batch")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ModelError(f"token ids must be integers, got {arr.dtype}")
-    if lengths is None:
-        lens = np.array([len(r) for r in rows] if rows is not None else [arr.shape[1]] * arr.shape[0],
-                        dtype=np.int64)
-    else:
-        lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
-        if lens.shape[0] != arr.shape[0]:
-            raise ModelError(f"{lens.shape[0]} lengths for a batch of {arr.shape[0]}")
-    if (lens < 1).any():
-        raise ModelError("every sequence needs at least one token")
-    if (lens > arr.shape[1]).any():
-        raise ModelError("a length is larger than the batch's width")
-    if arr.shape[1] > n_ctx:
-        raise ModelError(f"sequence of {arr.shape[1]} tokens is longer than the model's context of {n_ctx}")
-    valid = np.arange(arr.shape[1])[None, :] < lens[:, None]
-    bad = valid & ((arr < 0) | (arr >= n_vocab))
-    if bad.any():
-        raise ModelError(f"token id {int(arr[bad][0])} is outside the vocabulary (0..{n_vocab - 1})")
-    arr = np.where(valid, arr, 0)
-    return arr.astype(np.int32), lens.astype(np.int32)
-
-
 class Model:
     """A GPT-2 with its weights as tf.Variables on one device.
 
@@ -364,7 +323,7 @@ class Model:
 
         For building a task's own ``tf.function`` (scoring, training):
         ``ids`` is an int32 tensor [B, T] of valid token ids (nothing is
-        checked), T at most n_ctx.  Attention is causal,
+        checked, see ``model.as_batch``), T at most n_ctx.  Attention is causal,
         so right padding never changes the earlier positions.  Gradients flow
         to ``variables``.
         """
@@ -383,7 +342,7 @@ class Model:
         return tf.reshape(out, tf.concat([tf.shape(hidden)[:-1], [self.hparams.n_vocab]], axis=0))
 
     def _forward(self, kind: str, n_blocks: int, ids, lengths) -> np.ndarray:
-        arr, lens = _as_batch(ids, self.hparams.n_vocab, self.hparams.n_ctx, lengths)
+        arr, lens = as_batch(ids, self.hparams, lengths)
         key = (kind, n_blocks)
         fn = self._forward_fns.get(key)
         if fn is None:
@@ -496,7 +455,7 @@ class Model:
         2 * n_layer * batch * max_len * n_embd floats).
         """
         hp = self.hparams
-        arr, lens = _as_batch(ids, hp.n_vocab, hp.n_ctx, lengths)
+        arr, lens = as_batch(ids, hp, lengths)
         max_len = hp.n_ctx if max_len is None else int(max_len)
         if not arr.shape[1] <= max_len <= hp.n_ctx:
             raise ModelError(f"max_len must be between the prompt length {arr.shape[1]} and n_ctx {hp.n_ctx}, "
