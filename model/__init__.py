@@ -9,6 +9,9 @@
     cache, last = m.start([[1, 2, 3], [4, 5]], max_len=128)  # KV-cache prefill of a
                                           # ragged batch: last = logits [2, n_vocab]
     nxt = m.step(cache, [42, 7])          # one decoding step per row -> [2, n_vocab]
+    dec = model.decoder(m)                # rows decoded token by token: NumpyDecoder on a
+    first = dec.add([[1, 2, 3], [4, 5]])  # CPU, TFDecoder (over Cache) on a GPU; see decoding
+    nxt = dec.step([42, 7])
     arr, lens = model.as_batch([[1, 2], [3]], m.hparams)  # checked, right-padded int32 batch
     model.save(m, "out_dir", step=1000)   # released layout, state file written last
     dev = model.select_device("-1")       # --gpu: '-1' CPU, 'N' -> '/GPU:N' if present
@@ -36,6 +39,11 @@ _LAZY = {
     "open_checkpoint": "checkpoint",
     "select_device": "device",
     "as_batch": "batch",
+    "decoder": "decoding",
+    "choose_engine": "decoding",
+    "Decoder": "decoding",
+    "NumpyDecoder": "npdecode",
+    "TFDecoder": "tfdecode",
 }
 
 __all__ = ["ModelError", "import_tf", "HParams", "RELEASED", "check_vocab", "variable_shapes", "LAYER_NAMES",

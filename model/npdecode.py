@@ -199,16 +199,27 @@ class NumpyDecoder:
       (default: every row) and returns their logits [len(rows), n_vocab];
     - ``reset(rows, seqs)`` replaces those rows' contents by new sequences
       (a sliding window) and returns the logits after them;
+    - ``feed(tokens, stepping, restarting, windows)``: ``step`` for the rows
+      ``stepping`` and ``reset`` for the rows ``restarting``; the logits of
+      every row;
     - ``truncate(rows, n)`` forgets every position from n on in those rows;
     - ``keep(rows)`` keeps those rows only (in that order);
-    - ``lengths()``: each row's length.
+    - ``lengths()``: each row's length; ``rows``: how many; ``clear()``.
 
-    ``start(ids)`` (clear, then add the rows of ids [B, T]), ``rewind(n)``
-    (truncate every row) and ``length`` (the longest row) serve the common
-    case of equal rows.
+    That is the decoder interface of ``model.decoding`` (``tfdecode.TFDecoder``
+    has it too).  ``start(ids)`` (clear, then add the rows of ids [B, T]),
+    ``rewind(n)`` (truncate every row) and ``length`` (the longest row) serve
+    the common case of equal rows.  ``NumpyDecoder.from_model(m)`` decodes
+    over a CPU model's own weight buffers.
     """
 
+    engine = "numpy"
     joins_running = True  # rows may join while others are decoding
+
+    @classmethod
+    def from_model(cls, model) -> "NumpyDecoder":
+        """A decoder over ``model``'s weights (numpy views of a CPU model's tensors, no copy)."""
+        return cls(model.hparams, cpu_weights(model))
 
     def __init__(self, hparams: HParams, weights: dict):
         self.hparams = hparams
@@ -308,6 +319,17 @@ class NumpyDecoder:
         logits = np.empty((len(rows), self.hparams.n_vocab), np.float32)
         for j, (r, seq) in enumerate(zip(rows, seqs)):
             self._rows[r], logits[j] = self._prefill(seq)
+        return logits
+
+    def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
+        """Rows ``stepping`` take one token each (``tokens``), rows ``restarting`` restart
+        from their ``windows``; the logits that follow, for every row [rows, n_vocab]."""
+        if not restarting:
+            return self.step(tokens, rows=stepping)
+        logits = np.empty((self.rows, self.hparams.n_vocab), np.float32)
+        if stepping:
+            logits[stepping] = self.step(tokens, rows=stepping)
+        logits[restarting] = self.reset(restarting, windows)
         return logits
 
     def start(self, ids) -> np.ndarray:
