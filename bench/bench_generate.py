@@ -207,17 +207,16 @@ def _loop_measure(m, enc, steps: int, run):
     from them and assembles text: the tokens fed to the next feed() are the
     ones produced in that interval.  The loop is stopped after ``steps`` steps.
     """
-    from tasks.generate import GenerateOptions, Generator, _NumpyEngine
+    import model
+    from tasks.generate import GenerateOptions, Generator
 
-    gen = Generator(m, enc, engine="numpy")
-    inner = _NumpyEngine(m)
+    inner = model.decoder(m, engine="numpy")
     options = GenerateOptions(top_k=40, max_length=10 ** 9, seed=1)
 
     def measure():
         engine = _TimedEngine(inner, steps)
-        gen._engine = engine
         try:
-            run(gen, options)
+            run(Generator(m, enc, decoder=engine), options)
         except _Stop:
             pass
         if len(engine.times) < 2:

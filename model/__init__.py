@@ -9,17 +9,25 @@
     cache, last = m.start([[1, 2, 3], [4, 5]], max_len=128)  # KV-cache prefill of a
                                           # ragged batch: last = logits [2, n_vocab]
     nxt = m.step(cache, [42, 7])          # one decoding step per row -> [2, n_vocab]
+    dec = model.decoder(m)                # rows decoded token by token: NumpyDecoder on a
+    first = dec.add([[1, 2, 3], [4, 5]])  # CPU, TFDecoder (over Cache) on a GPU; see decoding
+    nxt = dec.step([42, 7])
+    arr, lens = model.as_batch([[1, 2], [3]], m.hparams)  # checked, right-padded int32 batch
     model.save(m, "out_dir", step=1000)   # released layout, state file written last
     dev = model.select_device("-1")       # --gpu: '-1' CPU, 'N' -> '/GPU:N' if present
     m = model.load("gpt2ja-small", device=dev)
 
-``ModelError``, ``HParams``, ``check_vocab`` and ``RELEASED`` come without
-importing TensorFlow (for fast ``--help``); everything else is loaded on first
-use (module ``__getattr__``), importing TensorFlow quietly then.
+Inside a task's own ``tf.function``: ``m.graph_hidden(ids)`` (final hidden
+states as a tensor) and ``m.graph_logits(h)`` (the tied output projection).
+
+``ModelError``, ``HParams``, ``check_vocab``, ``RELEASED``, ``LAYER_NAMES`` and
+``layer_weights`` come without importing TensorFlow (for fast ``--help``);
+everything else is loaded on first use (module ``__getattr__``), importing
+TensorFlow quietly then where it is needed.
 """
 from ._tf import import_tf
 from .errors import ModelError
-from .hparams import RELEASED, HParams, check_vocab, variable_shapes
+from .hparams import LAYER_NAMES, RELEASED, HParams, check_vocab, layer_weights, variable_shapes
 
 _LAZY = {
     "load": "gpt2",
@@ -30,9 +38,16 @@ _LAZY = {
     "find_checkpoint": "checkpoint",
     "open_checkpoint": "checkpoint",
     "select_device": "device",
+    "as_batch": "batch",
+    "decoder": "decoding",
+    "choose_engine": "decoding",
+    "Decoder": "decoding",
+    "NumpyDecoder": "npdecode",
+    "TFDecoder": "tfdecode",
 }
 
-__all__ = ["ModelError", "import_tf", "HParams", "RELEASED", "check_vocab", "variable_shapes", *_LAZY]
+__all__ = ["ModelError", "import_tf", "HParams", "RELEASED", "check_vocab", "variable_shapes", "LAYER_NAMES",
+           "layer_weights", *_LAZY]
 
 
 def __getattr__(name):

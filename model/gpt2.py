@@ -6,12 +6,17 @@
     h = m.hidden([[10, 20, 30]])                    # [1, 3, n_embd], after ln_f
     cache, last = m.start([[10, 20, 30]], max_len=64)   # prefill: last [1, n_vocab]
     nxt = m.step(cache, [int(last[0].argmax())])        # one token: [1, n_vocab]
+    # inside a task's own tf.function (scoring, training):
+    h = m.graph_hidden(ids)                         # [B, T, n_embd] tensor, after ln_f
+    logits = m.graph_logits(h)                      # [B, T, n_vocab]: the tied projection
 
 Standard GPT-2 (pre-norm blocks, layer norm eps 1e-5, tanh gelu, causal
 attention masked as ``w*b - 1e10*(1-b)``, output projection tied to ``wte``),
 float32 throughout.  Weights live once, as tf.Variables on the chosen
 device; every computation is a ``tf.function`` traced with unknown batch and
-length dimensions, so new lengths or batch sizes never retrace.
+length dimensions, so new lengths or batch sizes never retrace.  The block
+is written once (``_block``); the full forward pass, the prefill and the
+decoding step differ only in the attention they pass it.
 """
 from __future__ import annotations
 
@@ -23,14 +28,14 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ._tf import import_tf
+from .batch import as_batch
 from .checkpoint import _tf_message, open_checkpoint, read_errors
 from .device import CPU
 from .errors import ModelError
-from .hparams import LAYER_NORM_EPSILON, HParams, check_vocab, layer_shapes, variable_shapes
+from .hparams import LAYER_NORM_EPSILON, HParams, check_vocab, layer_weights, variable_shapes
 
 tf = import_tf()
 
-_LAYER_KEYS = tuple(layer_shapes(1))  # "ln_1/g", "ln_1/b", "attn/c_attn/w", ...
 #: From this many cached tokens on, decoding attention uses batched matmuls.
 _LONG_SPAN = 256
 _IDS_2D = tf.TensorSpec([None, None], tf.int32)
@@ -128,49 +133,90 @@ class Cache:
         return self.max_len - self.slot
 
 
+# --------------------------------------------------------------------------- the block
+
+def _block(x, p, attend, cache=None):
+    """One transformer block on the tokens x [N, E]; returns the new x.
+
+    The one block of the full forward pass, the prefill and the decoding
+    step.  ``p``: the block's weights by name (``hparams.LAYER_NAMES``).
+    ``attend(qkv, cache)``: the attention of the N tokens given their
+    projections qkv [N, 3E] -> [N, E] (``_sequence_attention`` or
+    ``_step_attention``); ``cache``: this block's (keys, values) cache
+    variables, where it stores the tokens' keys and values (and reads the
+    earlier ones), or None.
+    """
+    a = _layer_norm(x, p["ln_1/g"], p["ln_1/b"])
+    qkv = tf.matmul(a, p["attn/c_attn/w"]) + p["attn/c_attn/b"]
+    a = attend(qkv, cache)
+    x = x + tf.matmul(a, p["attn/c_proj/w"]) + p["attn/c_proj/b"]
+    return x + _mlp(_layer_norm(x, p["ln_2/g"], p["ln_2/b"]), p)
+
+
+def _sequence_attention(hp: HParams, batch, length, keep=None, where=None):
+    """``attend`` for whole sequences x [B*T, E] (forward pass, prefill).
+
+    ``keep``: attention mask broadcastable to [B, H, T, T] (1 = attend);
+    default causal.  With a cache, the keys and values [B, H, T, D] are
+    written to its slots ``where`` (``_cache_index``).
+    """
+    H, D = hp.n_head, hp.head_dim
+    scale = 1.0 / math.sqrt(D)
+    if keep is None:
+        keep = tf.linalg.band_part(tf.ones([length, length], tf.float32), -1, 0)
+
+    def attend(qkv, cache):
+        qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, H, D]), [2, 0, 3, 1, 4])
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if cache is not None:
+            keys, values = cache
+            keys.scatter_nd_update(where, k)
+            values.scatter_nd_update(where, v)
+        w = tf.matmul(q, k, transpose_b=True) * scale
+        w = _softmax(_mask_scores(w, keep))
+        a = tf.matmul(w, v)  # [B, H, T, D]
+        return tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [batch * length, hp.n_embd])
+
+    return attend
+
+
+def _step_attention(hp: HParams, batch, span, keep, where, long_span: bool):
+    """``attend`` for one token per row, x [B, E], at cache slot span-1, over the slots 0..span-1.
+
+    The token's key and value are written to the slots ``where`` [B, H, 1, 3];
+    the cache is read with a sparse gather of the slots in use (see
+    ``_read_slots``).  ``keep`` [B, 1, S]: 1 for a row's real slots.  The
+    scores are computed with elementwise multiply-and-sum for short spans (a
+    few cheap Eigen ops; batched matmuls of a 1-row query cost more in fixed
+    overhead than they save) and with batched matmuls for long spans
+    (``long_span``).
+    """
+    H, D = hp.n_head, hp.head_dim
+    scale = 1.0 / math.sqrt(D)
+    upto = tf.broadcast_to(tf.range(span), [batch, H, span])  # slots 0..span-1 of every row and head
+
+    def attend(qkv, cache):
+        keys, values = cache
+        q, k, v = tf.split(qkv, 3, axis=1)
+        keys.scatter_nd_update(where, tf.reshape(k, [batch, H, 1, D]))
+        values.scatter_nd_update(where, tf.reshape(v, [batch, H, 1, D]))
+        q = tf.reshape(q, [batch, H, 1, D])
+        ks, vs = _read_slots(keys, upto), _read_slots(values, upto)  # [B, H, S, D]
+        if long_span:
+            w = tf.matmul(q, ks, transpose_b=True)[:, :, 0, :] * scale
+        else:
+            w = tf.reduce_sum(q * ks, axis=-1) * scale  # [B, H, S]
+        w = _softmax(_mask_scores(w, keep))
+        if long_span:
+            a = tf.matmul(w[:, :, None, :], vs)
+        else:
+            a = tf.reduce_sum(w[:, :, :, None] * vs, axis=2)  # [B, H, D]
+        return tf.reshape(a, [batch, hp.n_embd])
+
+    return attend
+
+
 # --------------------------------------------------------------------------- the model
-
-def _as_batch(ids, n_vocab: int, n_ctx: int, lengths=None) -> Tuple[np.ndarray, np.ndarray]:
-    """(ids [B, T] int32 right-padded with 0, lengths [B]) from a batch of id lists or a 2-D array."""
-    if isinstance(ids, np.ndarray) or hasattr(ids, "numpy"):
-        arr = np.asarray(ids)
-        if arr.ndim != 2:
-            raise ModelError(f"expected a batch of token id sequences (2-D), got shape {list(arr.shape)}")
-        rows = None
-    else:
-        rows = [list(r) if not isinstance(r, np.ndarray) else r.tolist() for r in ids]
-        if not rows:
-            raise ModelError("empty batch")
-        width = max(len(r) for r in rows)
-        arr = np.zeros((len(rows), width), dtype=np.int64)
-        for i, r in enumerate(rows):
-            if r and not all(isinstance(t, (int, np.integer)) for t in r):
-                raise ModelError("token ids must be integers")
-            arr[i, : len(r)] = r
-    if arr.shape[0] == 0:
-        raise ModelError("empty batch")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ModelError(f"token ids must be integers, got {arr.dtype}")
-    if lengths is None:
-        lens = np.array([len(r) for r in rows] if rows is not None else [arr.shape[1]] * arr.shape[0],
-                        dtype=np.int64)
-    else:
-        lens = np.asarray(lengths, dtype=np.int64).reshape(-1)
-        if lens.shape[0] != arr.shape[0]:
-            raise ModelError(f"{lens.shape[0]} lengths for a batch of {arr.shape[0]}")
-    if (lens < 1).any():
-        raise ModelError("every sequence needs at least one token")
-    if (lens > arr.shape[1]).any():
-        raise ModelError("a length is larger than the batch's width")
-    if arr.shape[1] > n_ctx:
-        raise ModelError(f"sequence of {arr.shape[1]} tokens is longer than the model's context of {n_ctx}")
-    valid = np.arange(arr.shape[1])[None, :] < lens[:, None]
-    bad = valid & ((arr < 0) | (arr >= n_vocab))
-    if bad.any():
-        raise ModelError(f"token id {int(arr[bad][0])} is outside the vocabulary (0..{n_vocab - 1})")
-    arr = np.where(valid, arr, 0)
-    return arr.astype(np.int32), lens.astype(np.int32)
-
 
 class Model:
     """A GPT-2 with its weights as tf.Variables on one device.
@@ -194,9 +240,8 @@ class Model:
         self.variables = variables
         self._wte = variables["model/wte"]
         self._wpe = variables["model/wpe"]
-        self._layers = [{k: variables[f"model/h{i}/{k}"] for k in _LAYER_KEYS} for i in range(hparams.n_layer)]
-        self._ln_f = (variables["model/ln_f/g"], variables["model/ln_f/b"])
-        self._scale = 1.0 / math.sqrt(hparams.head_dim)
+        self._layers = [layer_weights(variables, i) for i in range(hparams.n_layer)]  # by name: "ln_1/g", ...
+        self._ln_f_g, self._ln_f_b = variables["model/ln_f/g"], variables["model/ln_f/b"]
         self._forward_fns: Dict[Tuple[str, int], object] = {}
         self._prefill_fn = tf.function(self._prefill_graph, reduce_retracing=True)
         self._decode_fns = {
@@ -251,45 +296,53 @@ class Model:
 
     # ---------------------------------------------------------------- full sequences
 
-    def _block(self, x, p, batch, length, keep=None):
-        """One transformer block on x [B*T, E]; returns (x, k, v) with k, v [B, H, T, D].
-
-        ``keep``: attention mask broadcastable to [B, H, T, T] (1 = attend);
-        default causal.
-        """
-        hp = self.hparams
-        a = _layer_norm(x, p["ln_1/g"], p["ln_1/b"])
-        qkv = tf.matmul(a, p["attn/c_attn/w"]) + p["attn/c_attn/b"]
-        qkv = tf.transpose(tf.reshape(qkv, [batch, length, 3, hp.n_head, hp.head_dim]), [2, 0, 3, 1, 4])
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        w = tf.matmul(q, k, transpose_b=True) * self._scale
-        if keep is None:
-            keep = tf.linalg.band_part(tf.ones([length, length], tf.float32), -1, 0)
-        w = _softmax(_mask_scores(w, keep))
-        a = tf.matmul(w, v)  # [B, H, T, D]
-        a = tf.reshape(tf.transpose(a, [0, 2, 1, 3]), [batch * length, hp.n_embd])
-        x = x + tf.matmul(a, p["attn/c_proj/w"]) + p["attn/c_proj/b"]
-        x = x + _mlp(_layer_norm(x, p["ln_2/g"], p["ln_2/b"]), p)
-        return x, k, v
-
     def _embed(self, ids, positions):
         # Gather from the variables' dense values: a sparse read (ResourceGather) would put
         # the variable in copy-on-read mode and every later read of wte would copy 60+ MB.
         return tf.gather(self._wte.value(), ids) + tf.gather(self._wpe.value(), positions)
 
+    def _final_norm(self, x):
+        return _layer_norm(x, self._ln_f_g, self._ln_f_b)
+
     def _forward_graph(self, ids, n_blocks: int, final_norm: bool, logits: bool):
         batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
         x = tf.reshape(self._embed(ids, tf.range(length)), [batch * length, self.hparams.n_embd])
+        attend = _sequence_attention(self.hparams, batch, length)
         for p in self._layers[:n_blocks]:
-            x, _, _ = self._block(x, p, batch, length)
+            x = _block(x, p, attend)
         if final_norm:
-            x = _layer_norm(x, *self._ln_f)
+            x = self._final_norm(x)
         if logits:
-            x = tf.matmul(x, self._wte, transpose_b=True)
+            x = self.graph_logits(x)
         return tf.reshape(x, [batch, length, -1])
 
+    # ---------------------------------------------------------------- inside the caller's tf.function
+
+    def graph_hidden(self, ids):
+        """Final layer-normed hidden states [B, T, n_embd] (what ``hidden`` returns) as a tf tensor.
+
+        For building a task's own ``tf.function`` (scoring, training):
+        ``ids`` is an int32 tensor [B, T] of valid token ids (nothing is
+        checked, see ``model.as_batch``), T at most n_ctx.  Attention is causal,
+        so right padding never changes the earlier positions.  Gradients flow
+        to ``variables``.
+        """
+        return self._forward_graph(ids, self.hparams.n_layer, final_norm=True, logits=False)
+
+    def graph_logits(self, hidden):
+        """The output projection (tied to ``wte``) of hidden states [..., n_embd]: logits [..., n_vocab].
+
+        ``graph_logits(graph_hidden(ids))`` are ``logits(ids)``; projecting
+        only the positions needed (e.g. gathered [N, n_embd]) saves the rest.
+        """
+        if hidden.shape.rank == 2:
+            return tf.matmul(hidden, self._wte, transpose_b=True)
+        flat = tf.reshape(hidden, [-1, self.hparams.n_embd])
+        out = tf.matmul(flat, self._wte, transpose_b=True)
+        return tf.reshape(out, tf.concat([tf.shape(hidden)[:-1], [self.hparams.n_vocab]], axis=0))
+
     def _forward(self, kind: str, n_blocks: int, ids, lengths) -> np.ndarray:
-        arr, lens = _as_batch(ids, self.hparams.n_vocab, self.hparams.n_ctx, lengths)
+        arr, lens = as_batch(ids, self.hparams, lengths)
         key = (kind, n_blocks)
         fn = self._forward_fns.get(key)
         if fn is None:
@@ -339,53 +392,29 @@ class Model:
         causal = slots[None, :, None] >= slots[None, None, :]                       # [1, T, T]
         real = slots[None, None, :] >= offsets[:, None, None]                      # [B, 1, T]
         keep = tf.cast(tf.logical_and(causal, real), tf.float32)[:, None, :, :]    # [B, 1, T, T]
-        where = _cache_index(batch, hp.n_head, slots)  # [B, H, T, 3]
+        attend = _sequence_attention(hp, batch, length, keep, where=_cache_index(batch, hp.n_head, slots))
         for p, kc, vc in zip(self._layers, keys, values):
-            x, k, v = self._block(x, p, batch, length, keep)
-            kc.scatter_nd_update(where, k)
-            vc.scatter_nd_update(where, v)
+            x = _block(x, p, attend, (kc, vc))
         h = tf.reshape(x, [batch, length, hp.n_embd])[:, -1, :]
-        h = _layer_norm(h, *self._ln_f)
-        return tf.matmul(h, self._wte, transpose_b=True)
+        return self.graph_logits(self._final_norm(h))
 
     def _decode_graph(self, ids, slot, offsets, keys, values, long_span: bool = False):
         """ids [B] at cache slot ``slot`` (scalar); returns their logits [B, V].
 
-        Attention over the slots 0..slot is computed with elementwise
-        multiply-and-sum for short spans (a few cheap Eigen ops; batched
-        matmuls of a 1-row query cost more in fixed overhead than they save)
-        and with batched matmuls for long spans (``long_span``).
+        ``long_span``: attention over the slots 0..slot with batched matmuls
+        (from _LONG_SPAN cached tokens on) instead of elementwise products
+        (see ``_step_attention``).
         """
         hp = self.hparams
-        H, D = hp.n_head, hp.head_dim
         batch = tf.shape(ids)[0]
         x = self._embed(ids, slot - offsets)  # [B, E]
         span = slot + 1
         keep = tf.cast(tf.range(span)[None, None, :] >= offsets[:, None, None], tf.float32)  # [B, 1, S]
-        where = _cache_index(batch, H, slot[None])        # [B, H, 1, 3]: this token's slot
-        upto = tf.broadcast_to(tf.range(span), [batch, H, span])  # slots 0..slot of every row and head
-        for lp, kc, vc in zip(self._layers, keys, values):
-            a = _layer_norm(x, lp["ln_1/g"], lp["ln_1/b"])
-            qkv = tf.matmul(a, lp["attn/c_attn/w"]) + lp["attn/c_attn/b"]
-            q, k, v = tf.split(qkv, 3, axis=1)
-            kc.scatter_nd_update(where, tf.reshape(k, [batch, H, 1, D]))
-            vc.scatter_nd_update(where, tf.reshape(v, [batch, H, 1, D]))
-            q = tf.reshape(q, [batch, H, 1, D])
-            ks, vs = _read_slots(kc, upto), _read_slots(vc, upto)  # [B, H, S, D]
-            if long_span:
-                w = tf.matmul(q, ks, transpose_b=True)[:, :, 0, :] * self._scale
-            else:
-                w = tf.reduce_sum(q * ks, axis=-1) * self._scale  # [B, H, S]
-            w = _softmax(_mask_scores(w, keep))
-            if long_span:
-                a = tf.matmul(w[:, :, None, :], vs)
-            else:
-                a = tf.reduce_sum(w[:, :, :, None] * vs, axis=2)  # [B, H, D]
-            a = tf.reshape(a, [batch, hp.n_embd])
-            x = x + tf.matmul(a, lp["attn/c_proj/w"]) + lp["attn/c_proj/b"]
-            x = x + _mlp(_layer_norm(x, lp["ln_2/g"], lp["ln_2/b"]), lp)
-        h = _layer_norm(x, *self._ln_f)
-        return tf.matmul(h, self._wte, transpose_b=True)
+        where = _cache_index(batch, hp.n_head, slot[None])  # [B, H, 1, 3]: this token's slot
+        attend = _step_attention(hp, batch, span, keep, where, long_span)
+        for p, kc, vc in zip(self._layers, keys, values):
+            x = _block(x, p, attend, (kc, vc))
+        return self.graph_logits(self._final_norm(x))
 
     def _new_cache(self, batch: int, max_len: int, offsets: np.ndarray, slot: int) -> Cache:
         hp = self.hparams
@@ -426,7 +455,7 @@ class Model:
         2 * n_layer * batch * max_len * n_embd floats).
         """
         hp = self.hparams
-        arr, lens = _as_batch(ids, hp.n_vocab, hp.n_ctx, lengths)
+        arr, lens = as_batch(ids, hp, lengths)
         max_len = hp.n_ctx if max_len is None else int(max_len)
         if not arr.shape[1] <= max_len <= hp.n_ctx:
             raise ModelError(f"max_len must be between the prompt length {arr.shape[1]} and n_ctx {hp.n_ctx}, "

@@ -128,6 +128,19 @@ def layer_shapes(n_embd: int) -> Dict[str, Tuple[int, ...]]:
     }
 
 
+#: Names of one block's variables inside ``model/hN/`` ("ln_1/g", "attn/c_attn/w", ...), in checkpoint order.
+LAYER_NAMES: Tuple[str, ...] = tuple(layer_shapes(1))
+
+
+def layer_weights(weights: Mapping, layer: int) -> Dict[str, object]:
+    """Block ``layer``'s entries of a mapping keyed by checkpoint name, keyed by ``LAYER_NAMES``.
+
+    ``layer_weights(m.variables, 0)["attn/c_attn/w"]`` is ``m.variables["model/h0/attn/c_attn/w"]``:
+    every engine reads a block's weights by name, never by position.
+    """
+    return {name: weights[f"model/h{layer}/{name}"] for name in LAYER_NAMES}
+
+
 def variable_shapes(hp: HParams) -> Dict[str, Tuple[int, ...]]:
     """Every checkpoint variable of a model with hparams ``hp``, in checkpoint order.
 

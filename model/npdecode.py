@@ -23,12 +23,10 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .hparams import LAYER_NORM_EPSILON, HParams
+from .hparams import LAYER_NORM_EPSILON, HParams, layer_weights
 
 _GELU_C = np.float32(math.sqrt(2.0 / math.pi))
 _EPS = np.float32(LAYER_NORM_EPSILON)
-_LAYER_KEYS = ("ln_1/g", "ln_1/b", "attn/c_attn/w", "attn/c_attn/b", "attn/c_proj/w", "attn/c_proj/b",
-               "ln_2/g", "ln_2/b", "mlp/c_fc/w", "mlp/c_fc/b", "mlp/c_proj/w", "mlp/c_proj/b")
 #: Up to this many rows, ``x @ W`` is computed as one matrix-vector product
 #: per row: OpenBLAS's sgemm for a few rows costs about as much as for 8
 #: (it repacks the whole weight matrix), while the second and later
@@ -100,16 +98,68 @@ def _mm(x, w):
     return out
 
 
-def _finish_block(x, a, wp, bp, g2, b2, wf, bf, wm, bm):
-    """The rest of a block after attention: x += proj(a); x += mlp(ln_2(x)), in place."""
-    o = _mm(a, wp)
-    o += bp
+def _block(x, p, attend, layer: int, qkv_product=_mm):
+    """One transformer block on the tokens x [N, E], in place (the one block of both prefill and step).
+
+    ``p``: the block's weights by name (``hparams.LAYER_NAMES``).
+    ``attend(layer, qkv)``: the attention of the N tokens given their
+    projections qkv [N, 3E] -> [N, E]; it stores their keys and values in
+    the caches it serves.  ``qkv_product``: the c_attn matrix product (the
+    prefill's is a plain ``@``, which for 2-3 tokens rounds differently from
+    ``_mm``'s per-row products).
+    """
+    qkv = qkv_product(_layer_norm(x, p["ln_1/g"], p["ln_1/b"]), p["attn/c_attn/w"])
+    qkv += p["attn/c_attn/b"]
+    o = _mm(attend(layer, qkv), p["attn/c_proj/w"])
+    o += p["attn/c_proj/b"]
     x += o
-    h = _mm(_layer_norm(x, g2, b2), wf)
-    h += bf
-    o = _mm(_gelu(h), wm)
-    o += bm
+    h = _mm(_layer_norm(x, p["ln_2/g"], p["ln_2/b"]), p["mlp/c_fc/w"])
+    h += p["mlp/c_fc/b"]
+    o = _mm(_gelu(h), p["mlp/c_proj/w"])
+    o += p["mlp/c_proj/b"]
     x += o
+
+
+def _prefill_attention(row: "_RowCache", n_head: int, head_dim: int, scale):
+    """``attend`` for a new row's row.n tokens: causal attention over each other, their keys and values
+    stored in ``row``."""
+    n = row.n
+    causal = np.triu(np.full((n, n), -1e10, np.float32), 1)
+
+    def attend(layer, qkv):
+        qkv = qkv.reshape(n, 3, n_head, head_dim).transpose(1, 2, 0, 3)  # [3, H, n, D]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        row.k[layer, :, :n] = k
+        row.v[layer, :, :n] = v
+        w = q @ k.transpose(0, 2, 1)
+        w *= scale
+        w += causal
+        _softmax_(w)
+        return (w @ v).transpose(1, 0, 2).reshape(n, n_head * head_dim)
+
+    return attend
+
+
+def _step_attention(rows: "List[_RowCache]", n_head: int, head_dim: int, scale):
+    """``attend`` for one new token per row: each over exactly its own row's cache (positions row.n)."""
+    B = len(rows)
+    a = np.empty((B, n_head, 1, head_dim), np.float32)
+    flat = a.reshape(B, n_head * head_dim)
+
+    def attend(layer, qkv):
+        qkv = qkv.reshape(B, 3, n_head, head_dim)
+        for j, row in enumerate(rows):
+            p = row.n
+            kc, vc = row.k[layer], row.v[layer]
+            kc[:, p] = qkv[j, 1]
+            vc[:, p] = qkv[j, 2]
+            w = np.matmul(kc[:, : p + 1], qkv[j, 0, :, :, None]).reshape(n_head, 1, p + 1)  # [H, 1, n]
+            w *= scale
+            _softmax_(w)
+            np.matmul(w, vc[:, : p + 1], out=a[j])
+        return flat
+
+    return attend
 
 
 def cpu_weights(model) -> dict:
@@ -118,16 +168,17 @@ def cpu_weights(model) -> dict:
             for name, var in model.variables.items()}
 
 
-class _Row:
-    """One sequence's keys and values, [n_layer, n_head, capacity, head_dim] each."""
+class _RowCache:
+    """One row's (sequence's) key/value cache: k and v [n_layer, n_head, capacity, head_dim],
+    of which positions 0..n-1 are filled."""
 
     __slots__ = ("k", "v", "n")
 
     def __init__(self, k, v, n):
         self.k, self.v, self.n = k, v, n
 
-    def copy(self) -> "_Row":
-        return _Row(self.k.copy(), self.v.copy(), self.n)
+    def copy(self) -> "_RowCache":
+        return _RowCache(self.k.copy(), self.v.copy(), self.n)
 
 
 def _capacity(needed: int, n_ctx: int) -> int:
@@ -148,25 +199,36 @@ class NumpyDecoder:
       (default: every row) and returns their logits [len(rows), n_vocab];
     - ``reset(rows, seqs)`` replaces those rows' contents by new sequences
       (a sliding window) and returns the logits after them;
+    - ``feed(tokens, stepping, restarting, windows)``: ``step`` for the rows
+      ``stepping`` and ``reset`` for the rows ``restarting``; the logits of
+      every row;
     - ``truncate(rows, n)`` forgets every position from n on in those rows;
     - ``keep(rows)`` keeps those rows only (in that order);
-    - ``lengths()``: each row's length.
+    - ``lengths()``: each row's length; ``rows``: how many; ``clear()``.
 
-    ``start(ids)`` (clear, then add the rows of ids [B, T]), ``rewind(n)``
-    (truncate every row) and ``length`` (the longest row) serve the common
-    case of equal rows.
+    That is the decoder interface of ``model.decoding`` (``tfdecode.TFDecoder``
+    has it too).  ``start(ids)`` (clear, then add the rows of ids [B, T]),
+    ``rewind(n)`` (truncate every row) and ``length`` (the longest row) serve
+    the common case of equal rows.  ``NumpyDecoder.from_model(m)`` decodes
+    over a CPU model's own weight buffers.
     """
 
+    engine = "numpy"
     joins_running = True  # rows may join while others are decoding
+
+    @classmethod
+    def from_model(cls, model) -> "NumpyDecoder":
+        """A decoder over ``model``'s weights (numpy views of a CPU model's tensors, no copy)."""
+        return cls(model.hparams, cpu_weights(model))
 
     def __init__(self, hparams: HParams, weights: dict):
         self.hparams = hparams
         self.wte = weights["model/wte"]
         self.wpe = weights["model/wpe"]
-        self.layers = [tuple(weights[f"model/h{i}/{k}"] for k in _LAYER_KEYS) for i in range(hparams.n_layer)]
-        self.ln_f = (weights["model/ln_f/g"], weights["model/ln_f/b"])
+        self.layers = [layer_weights(weights, i) for i in range(hparams.n_layer)]  # by name: "ln_1/g", ...
+        self.ln_f_g, self.ln_f_b = weights["model/ln_f/g"], weights["model/ln_f/b"]
         self.scale = np.float32(1.0 / math.sqrt(hparams.head_dim))
-        self._rows: List[_Row] = []
+        self._rows: List[_RowCache] = []
         #: Tokens run through prefills so far (identical new rows count once).
         self.prefilled_tokens = 0
 
@@ -200,7 +262,7 @@ class NumpyDecoder:
     def rewind(self, length: int) -> None:
         self.truncate(range(self.rows), length)
 
-    def _room(self, row: _Row, needed: int) -> None:
+    def _room(self, row: _RowCache, needed: int) -> None:
         capacity = row.k.shape[2]
         if capacity >= needed:
             return
@@ -224,25 +286,13 @@ class NumpyDecoder:
             raise ValueError(f"{T} tokens do not fit the context of {hp.n_ctx}")
         if ids.min() < 0 or ids.max() >= hp.n_vocab:
             raise ValueError(f"token ids must be in [0, {hp.n_vocab})")
-        H, D = hp.n_head, hp.head_dim
-        shape = (hp.n_layer, H, _capacity(T + 1, hp.n_ctx), D)
-        row = _Row(np.empty(shape, np.float32), np.empty(shape, np.float32), T)
+        shape = (hp.n_layer, hp.n_head, _capacity(T + 1, hp.n_ctx), hp.head_dim)
+        row = _RowCache(np.empty(shape, np.float32), np.empty(shape, np.float32), T)
         self.prefilled_tokens += T
         x = self.wte[ids] + self.wpe[:T]
-        causal = np.triu(np.full((T, T), -1e10, np.float32), 1)
-        for i, (g1, b1, wa, ba, wp, bp, g2, b2, wf, bf, wm, bm) in enumerate(self.layers):
-            qkv = _layer_norm(x, g1, b1) @ wa
-            qkv += ba
-            qkv = qkv.reshape(T, 3, H, D).transpose(1, 2, 0, 3)  # [3, H, T, D]
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            row.k[i, :, :T] = k
-            row.v[i, :, :T] = v
-            w = q @ k.transpose(0, 2, 1)
-            w *= self.scale
-            w += causal
-            _softmax_(w)
-            a = (w @ v).transpose(1, 0, 2).reshape(T, hp.n_embd)
-            _finish_block(x, a, wp, bp, g2, b2, wf, bf, wm, bm)
+        attend = _prefill_attention(row, hp.n_head, hp.head_dim, self.scale)
+        for i, p in enumerate(self.layers):
+            _block(x, p, attend, i, qkv_product=np.matmul)
         return row, self._logits(x[-1:])[0]
 
     def add(self, seqs) -> np.ndarray:
@@ -271,6 +321,17 @@ class NumpyDecoder:
             self._rows[r], logits[j] = self._prefill(seq)
         return logits
 
+    def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
+        """Rows ``stepping`` take one token each (``tokens``), rows ``restarting`` restart
+        from their ``windows``; the logits that follow, for every row [rows, n_vocab]."""
+        if not restarting:
+            return self.step(tokens, rows=stepping)
+        logits = np.empty((self.rows, self.hparams.n_vocab), np.float32)
+        if stepping:
+            logits[stepping] = self.step(tokens, rows=stepping)
+        logits[restarting] = self.reset(restarting, windows)
+        return logits
+
     def start(self, ids) -> np.ndarray:
         """Forget every row, then prefill the rows of ids [B, T]."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -282,12 +343,11 @@ class NumpyDecoder:
     # -- one step ------------------------------------------------------------------------
 
     def _logits(self, x):
-        return _mm(_layer_norm(x, *self.ln_f), self.wte.T)
+        return _mm(_layer_norm(x, self.ln_f_g, self.ln_f_b), self.wte.T)
 
     def step(self, tokens, rows: Optional[Sequence[int]] = None) -> np.ndarray:
         """One token for each of ``rows`` (default all, in order); logits [len(rows), n_vocab]."""
         hp = self.hparams
-        H, D = hp.n_head, hp.head_dim
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         chosen = self._rows if rows is None else [self._rows[int(r)] for r in rows]
         B = len(chosen)
@@ -301,21 +361,9 @@ class NumpyDecoder:
         for row in chosen:
             self._room(row, row.n + 1)
         x = self.wte[tokens] + self.wpe[pos]
-        a = np.empty((B, H, 1, D), np.float32)
-        for i, (g1, b1, wa, ba, wp, bp, g2, b2, wf, bf, wm, bm) in enumerate(self.layers):
-            qkv = _mm(_layer_norm(x, g1, b1), wa)
-            qkv += ba
-            qkv = qkv.reshape(B, 3, H, D)
-            for j, row in enumerate(chosen):
-                p = row.n
-                kc, vc = row.k[i], row.v[i]
-                kc[:, p] = qkv[j, 1]
-                vc[:, p] = qkv[j, 2]
-                w = np.matmul(kc[:, : p + 1], qkv[j, 0, :, :, None]).reshape(H, 1, p + 1)  # [H, 1, n]
-                w *= self.scale
-                _softmax_(w)
-                np.matmul(w, vc[:, : p + 1], out=a[j])
-            _finish_block(x, a.reshape(B, hp.n_embd), wp, bp, g2, b2, wf, bf, wm, bm)
+        attend = _step_attention(chosen, hp.n_head, hp.head_dim, self.scale)
+        for i, p in enumerate(self.layers):
+            _block(x, p, attend, i)
         for row in chosen:
             row.n += 1
         return self._logits(x)

@@ -29,7 +29,8 @@ generated text together).  Results are identical until a sample passes
 n_ctx/2 generated tokens.
 
 Batching: ``generate_many`` decodes up to ``batch_size`` samples together,
-from as many contexts as it takes.  With the numpy engine every sample is a
+from as many contexts as it takes, over a decoder of ``model.decoding``.
+With the numpy engine every sample is a
 row with its own cache and length (``npdecode``): rows of different contexts
 share a batch, a finished row's place goes to the next sample at once, and
 each row rewinds and slides its window on its own, exactly as it would
@@ -50,8 +51,7 @@ from typing import Callable, Deque, Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from model.errors import ModelError
-from model.npdecode import NumpyDecoder, cpu_weights
+from model import ModelError, choose_engine, decoder as new_decoder
 from .sampling import SamplingParams, choose
 
 RETRIES_FOR_EMPTY = 8
@@ -100,107 +100,6 @@ class TextAssembler:
         return piece
 
 
-class _NumpyEngine(NumpyDecoder):
-    """The numpy decoder over a CPU model's own weight buffers."""
-
-    def __init__(self, model):
-        super().__init__(model.hparams, cpu_weights(model))
-
-    def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
-        """Rows ``stepping`` take one token each, rows ``restarting`` restart
-        from their windows; the logits that follow, for every row."""
-        if not restarting:
-            return self.step(tokens, rows=stepping)
-        logits = np.empty((self.rows, self.hparams.n_vocab), np.float32)
-        if stepping:
-            logits[stepping] = self.step(tokens, rows=stepping)
-        logits[restarting] = self.reset(restarting, windows)
-        return logits
-
-
-class _TFEngine:
-    """The model's own TensorFlow cache (what a GPU uses).
-
-    Its rows share one cache slot counter (a shorter prompt is preceded by
-    masked padding slots), so rows join only together: the generator fills
-    a batch with samples of as many contexts as fit and starts the next
-    batch when all are done.  The engine keeps every row's tokens, so that
-    when rows diverge (one row restarts from its window, rows rewind to
-    different slots, or the cache is full while a row still has room) it
-    prefills every row again from its own tokens: each row then holds
-    exactly what it would hold alone.  Finished rows stay in the cache
-    (dropping them would mean copying it); they are fed a dummy token and
-    their logits are ignored.
-    """
-
-    joins_running = False
-
-    def __init__(self, model):
-        self.model = model
-        self.clear()
-
-    def lengths(self) -> List[int]:
-        return [len(s) for s in self.seqs]
-
-    def clear(self) -> None:
-        self.cache = None
-        self.live = np.zeros(0, dtype=np.int64)
-        self.seqs: List[List[int]] = []
-
-    def _prefill(self) -> np.ndarray:
-        """A new cache holding every live row's tokens; logits after each."""
-        self.cache, logits = self.model.start(self.seqs, max_len=self.model.hparams.n_ctx)
-        self.live = np.arange(len(self.seqs))
-        return logits
-
-    def add(self, seqs) -> np.ndarray:
-        if self.seqs:
-            raise ValueError("the TensorFlow engine takes new rows only when it has none")
-        self.seqs = [[int(t) for t in np.asarray(s).reshape(-1)] for s in seqs]
-        return self._prefill()
-
-    def step(self, tokens) -> np.ndarray:
-        """One token for every row."""
-        self._sync()
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        full = np.zeros(self.cache.batch_size, dtype=np.int64)
-        full[self.live] = tokens
-        for seq, t in zip(self.seqs, tokens):
-            seq.append(int(t))
-        return self.model.step(self.cache, full)[self.live]
-
-    def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
-        """As _NumpyEngine.feed; a restart means prefilling every row again."""
-        if not restarting:
-            return self.step(tokens)
-        for r, t in zip(stepping, tokens):
-            self.seqs[r].append(int(t))
-        for r, window in zip(restarting, windows):
-            self.seqs[r] = [int(t) for t in window]
-        return self._prefill()
-
-    def _sync(self) -> None:
-        """Make the cache match the rows' tokens before a step."""
-        slots = {int(self.cache.offsets[self.live[b]]) + len(s) for b, s in enumerate(self.seqs)}
-        if len(slots) == 1:
-            self.cache.slot = slots.pop()  # every row ends at the same slot (after a rewind, say)
-            if self.cache.room > 0:
-                return
-        # Rows at different slots, or a full cache with room left in the rows.
-        self._prefill()
-
-    def truncate(self, rows, length: int) -> None:
-        for r in rows:
-            if not 0 <= length <= len(self.seqs[int(r)]):
-                raise ValueError(f"cannot rewind row {r} to {length} from {len(self.seqs[int(r)])}")
-            del self.seqs[int(r)][length:]
-
-    def keep(self, rows) -> None:
-        rows = np.asarray(rows, dtype=np.int64)
-        self.live = self.live[rows]
-        self.seqs = [self.seqs[r] for r in rows]
-
-
 @dataclass(frozen=True)
 class Sample:
     """One generated sample: sample ``index`` of context number ``context_index``."""
@@ -224,7 +123,9 @@ class _Job:
 
 
 @dataclass
-class _Row:
+class _SampleInProgress:
+    """A sample being decoded: one decoder row."""
+
     job: _Job
     assembler: TextAssembler
     window: List[int]  # what the model sees
@@ -237,23 +138,22 @@ class Generator:
 
     ``engine``: 'numpy' (decode steps with numpy, fastest on a CPU), 'tf'
     (the model's TensorFlow cache: what a GPU uses) or 'auto' (numpy on the
-    CPU, tf on a GPU).
+    CPU, tf on a GPU); see ``model.decoder``.  ``decoder``: a decoder
+    (``model.decoding.Decoder``) to use instead of a new one; ``engine`` is
+    then its ``engine``.
     """
 
-    def __init__(self, model, enc, engine: str = "auto"):
-        if engine == "auto":
-            engine = "tf" if "GPU" in str(getattr(model, "device", "")).upper() else "numpy"
-        if engine not in ("numpy", "tf"):
-            raise ValueError(f"unknown engine {engine!r}")
+    def __init__(self, model, enc, engine: str = "auto", decoder=None):
         self.model = model
         self.enc = enc
-        self.engine_name = engine
-        self._engine = None
+        self.engine_name = decoder.engine if decoder is not None else choose_engine(model, engine)
+        self._decoder = decoder
 
     def engine(self):
-        if self._engine is None:
-            self._engine = _NumpyEngine(self.model) if self.engine_name == "numpy" else _TFEngine(self.model)
-        return self._engine
+        """The decoder (made on first use and kept: every generation reuses it)."""
+        if self._decoder is None:
+            self._decoder = new_decoder(self.model, self.engine_name)
+        return self._decoder
 
     def context_ids(self, context: str) -> List[int]:
         """The context's tokens as the original keeps them (the last n_ctx/2)."""
@@ -340,7 +240,7 @@ class Generator:
 
     # -- decoding --------------------------------------------------------------------------
 
-    def _emit(self, row: _Row, piece: str, max_length: int):
+    def _emit(self, row: _SampleInProgress, piece: str, max_length: int):
         if row.job.on_text is None or not piece:
             return
         room = max_length - row.emitted
@@ -349,7 +249,8 @@ class Generator:
             row.emitted += len(piece)
             row.job.on_text(piece)
 
-    def _draw(self, active: List[_Row], logits: np.ndarray, params: SamplingParams, max_length: int):
+    def _draw(self, active: List[_SampleInProgress], logits: np.ndarray, params: SamplingParams,
+              max_length: int):
         """One token for every row: (tokens, indices of the rows that finished)."""
         eos = self.enc.eos_id
         tokens = np.zeros(len(active), dtype=np.int64)
@@ -368,7 +269,8 @@ class Generator:
                 finished.append(b)
         return tokens, finished
 
-    def _feed(self, engine, active: List[_Row], tokens: np.ndarray, params: SamplingParams) -> np.ndarray:
+    def _feed(self, engine, active: List[_SampleInProgress], tokens: np.ndarray,
+              params: SamplingParams) -> np.ndarray:
         """Feed every row its token; the logits that follow [rows, n_vocab]."""
         hp = self.model.hparams
         lengths = engine.lengths()
@@ -412,7 +314,7 @@ class Generator:
         engine.clear()
         pending: Deque[_Job] = deque()
         exhausted = False
-        active: List[_Row] = []
+        active: List[_SampleInProgress] = []
         logits = np.empty((0, hp.n_vocab), np.float32)
 
         def take() -> List[_Job]:
@@ -439,7 +341,7 @@ class Generator:
             if joining:
                 fresh = engine.add([job.ids for job in joining])
                 logits = np.concatenate([logits, fresh]) if active else fresh
-                active += [_Row(job, TextAssembler(self.enc), list(job.ids)) for job in joining]
+                active += [_SampleInProgress(job, TextAssembler(self.enc), list(job.ids)) for job in joining]
             if not active:
                 return
             tokens, finished = self._draw(active, logits, params, max_length)

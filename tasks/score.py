@@ -37,7 +37,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from model import ModelError, import_tf
+from model import ModelError, as_batch, import_tf
 
 from . import memory
 from .errors import OptionError
@@ -57,15 +57,14 @@ def _score_graph(m, ids, lengths, first):
 
     Only targets at positions first[b] <= t+1 < lengths[b] are computed; the rest are 0.
     """
-    hp = m.hparams
     batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
-    h = m._forward_graph(ids, hp.n_layer, True, False)              # [B, T, E] after ln_f
+    h = m.graph_hidden(ids)                                          # [B, T, E] after ln_f
     target_pos = tf.range(1, length)                                 # [T-1]
     scored = tf.logical_and(target_pos[None, :] >= first[:, None], target_pos[None, :] < lengths[:, None])
     where = tf.where(scored)                                         # [N, 2] (row, t)
     hs = tf.gather_nd(h[:, :-1, :], where)                           # [N, E]: states that predict
     targets = tf.gather_nd(ids[:, 1:], where)                        # [N]
-    logits = tf.matmul(hs, m._wte, transpose_b=True)                 # [N, V]
+    logits = m.graph_logits(hs)                                      # [N, V]
     top = tf.reduce_max(logits, axis=-1, keepdims=True)
     lse = tf.math.log(tf.reduce_sum(tf.exp(logits - top), axis=-1)) + top[:, 0]
     chosen = tf.gather(logits, targets[:, None], batch_dims=1)[:, 0]  # [N]
@@ -83,44 +82,11 @@ def _function(m):
 
 
 def _check_rows(m, rows, lengths, first) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    hp = m.hparams
-    if isinstance(rows, np.ndarray) or hasattr(rows, "numpy"):
-        arr = np.asarray(rows)
-        if arr.ndim != 2:
-            raise ModelError(f"expected a batch of token id sequences (2-D), got shape {list(arr.shape)}")
-        lens = np.full(arr.shape[0], arr.shape[1], np.int64)
-    else:
-        rows = [list(r) for r in rows]
-        if not rows:
-            raise ModelError("empty batch")
-        width = max(len(r) for r in rows)
-        arr = np.zeros((len(rows), max(width, 1)), np.int64)
-        for i, r in enumerate(rows):
-            if r and not all(isinstance(t, (int, np.integer)) for t in r):
-                raise ModelError("token ids must be integers")
-            arr[i, :len(r)] = r
-        lens = np.array([len(r) for r in rows], np.int64)
-    if arr.shape[0] == 0:
-        raise ModelError("empty batch")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ModelError(f"token ids must be integers, got {arr.dtype}")
-    if lengths is not None:
-        lens = np.asarray(lengths, np.int64).reshape(-1)
-        if lens.shape[0] != arr.shape[0]:
-            raise ModelError(f"{lens.shape[0]} lengths for a batch of {arr.shape[0]}")
-    if (lens < 1).any() or (lens > arr.shape[1]).any():
-        raise ModelError("every length must be between 1 and the batch's width")
-    if arr.shape[1] > hp.n_ctx:
-        raise ModelError(f"row of {arr.shape[1]} tokens is longer than the model's context of {hp.n_ctx} "
-                         "(use score_sequences for a sliding window)")
-    valid = np.arange(arr.shape[1])[None, :] < lens[:, None]
-    bad = valid & ((arr < 0) | (arr >= hp.n_vocab))
-    if bad.any():
-        raise ModelError(f"token id {int(arr[bad][0])} is outside the vocabulary (0..{hp.n_vocab - 1})")
+    arr, lens = as_batch(rows, m.hparams, lengths, advice="use score_sequences for a sliding window")
     firsts = np.ones(arr.shape[0], np.int64) if first is None else np.asarray(first, np.int64).reshape(-1)
     if firsts.shape[0] != arr.shape[0] or (firsts < 1).any():
         raise ModelError("first must give each row a position of at least 1")
-    return np.where(valid, arr, 0).astype(np.int32), lens.astype(np.int32), firsts.astype(np.int32)
+    return arr, lens, firsts.astype(np.int32)
 
 
 def score_ids(m, rows, lengths=None, first=None) -> np.ndarray:

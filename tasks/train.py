@@ -86,7 +86,7 @@ class Trainer:
 
     def _loss_graph(self, ids, lengths):
         """Mean next-token cross-entropy over real tokens; (sum of losses, token count)."""
-        logits = self.model._forward_graph(ids, self.model.hparams.n_layer, True, True)
+        logits = self.model.graph_logits(self.model.graph_hidden(ids))
         labels = ids[:, 1:]
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits[:, :-1])
         positions = tf.range(tf.shape(ids)[1] - 1)[None, :]
