@@ -45,13 +45,17 @@ batched.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Deque, Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from model import ModelError, choose_engine, decoder as new_decoder
+from model import choose_engine, decoder as new_decoder
+
+from . import memory
+from .errors import OptionError
 from .sampling import SamplingParams, choose
 
 RETRIES_FOR_EMPTY = 8
@@ -66,8 +70,31 @@ class GenerateOptions:
     max_length: int = 500  # characters
     seed: Optional[int] = None
 
+    def __post_init__(self):
+        self.sampling()  # validates top_k, top_p, temperature, min_length
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, (int, np.integer)) \
+                or self.max_length < 0:
+            raise OptionError("max_length", f"must not be negative, got {self.max_length!r}")
+
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.top_k, self.top_p, self.temperature, self.min_length)
+
+
+@dataclass
+class GenerationStats:
+    """What a Generator has done so far (for --verbose and benchmarks)."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    tokens: int = 0           # tokens drawn
+    decode_seconds: float = 0.0
+
+    def line(self) -> str:
+        def rate(n, s):
+            return f"{n / s:.1f} tokens/s" if s > 0 else "-"
+        return (f"prefill: {self.prefill_tokens} tokens in {self.prefill_seconds:.2f} s "
+                f"({rate(self.prefill_tokens, self.prefill_seconds)}); decoding: {self.tokens} tokens in "
+                f"{self.decode_seconds:.2f} s ({rate(self.tokens, self.decode_seconds)})")
 
 
 class TextAssembler:
@@ -148,6 +175,7 @@ class Generator:
         self.enc = enc
         self.engine_name = decoder.engine if decoder is not None else choose_engine(model, engine)
         self._decoder = decoder
+        self.stats = GenerationStats()
 
     def engine(self):
         """The decoder (made on first use and kept: every generation reuses it)."""
@@ -170,14 +198,17 @@ class Generator:
         return [np.random.default_rng(np.random.SeedSequence([seed, context_index, i]))
                 for i in range(first, first + count)]
 
-    def _check(self, num: int, options: "GenerateOptions") -> None:
+    def _check(self, num: int, options: "GenerateOptions", rows: int) -> None:
+        """Checks that need the model: min_length, and memory for ``rows`` samples decoded together."""
         if num < 1:
             raise ValueError("num must be at least 1")
-        if options.max_length < 0:
-            raise ValueError("max_length must not be negative")
-        half = self.model.hparams.n_ctx // 2
+        hp = self.model.hparams
+        half = hp.n_ctx // 2
         if options.min_length >= half:
-            raise ModelError(f"--min_length must be below n_ctx/2 = {half}, got {options.min_length}")
+            raise OptionError("min_length", f"must be below n_ctx/2 = {half}, got {options.min_length}")
+        # Each sample decoded at once holds keys and values of up to n_ctx tokens.
+        per_row = 2 * 4 * hp.n_layer * hp.n_ctx * hp.n_embd
+        memory.check("batch_size", rows, rows * per_row, f"the key/value caches of {rows} samples decoded together")
 
     def _jobs(self, context_index: int, context: str, num: int, seed: Optional[int], first: int = 0,
               on_text: Optional[Callable[[int, str], None]] = None) -> List[_Job]:
@@ -188,23 +219,27 @@ class Generator:
 
     def generate(self, context: str, num: int = 1, options: GenerateOptions = GenerateOptions(),
                  context_index: int = 0, on_text: Optional[Callable[[int, str], None]] = None,
-                 first: int = 0, batch_size: Optional[int] = None) -> List[str]:
+                 first: int = 0, batch_size: Optional[int] = None,
+                 progress: Optional[Callable[[int], None]] = None) -> List[str]:
         """``num`` samples for one context (by default computed as one batch).
 
         The samples are numbers ``first .. first+num-1`` of context number
         ``context_index`` (which fixes their random streams when a seed is
         set).  ``on_text(i, piece)`` (optional) receives each sample's text as
-        it is produced (pieces concatenate to the final text).
+        it is produced (pieces concatenate to the final text).  ``progress(n)``
+        (optional) is called after every decoding step with the tokens drawn.
         """
-        self._check(num, options)
+        self._check(num, options, min(batch_size or num, num))
         jobs = self._jobs(context_index, context, num, options.seed, first, on_text)
         texts = [""] * num
-        for job, text in self._decode(iter([jobs]), options, batch_size or num, read_ahead=True):
+        for job, text in self._decode(iter([jobs]), options, batch_size or num, read_ahead=True,
+                                      progress=progress):
             texts[job.index - first] = text
         return texts
 
     def generate_many(self, contexts: Iterable[str], num: int = 1, options: GenerateOptions = GenerateOptions(),
-                      batch_size: int = 16, read_ahead: bool = True) -> Iterator[Sample]:
+                      batch_size: int = 16, read_ahead: bool = True,
+                      progress: Optional[Callable[[int], None]] = None) -> Iterator[Sample]:
         """``num`` samples for each context, yielded in order (context by
         context, sample by sample) as soon as they and those before them are done.
 
@@ -217,10 +252,15 @@ class Generator:
         j draws from the same random stream as ``generate(context, ...,
         context_index=j)`` would give it, so the texts do not depend on the
         batching.
+
+        An error while reading the contexts (a bad input line) or encoding one
+        ends the run only after every sample of the contexts before it was
+        finished and yielded: nothing read before the bad line is lost.
         """
-        self._check(num, options)
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        known = len(contexts) if hasattr(contexts, "__len__") else None
+        self._check(num, options, batch_size if known is None else max(1, min(batch_size, num * known)))
         numbers = itertools.count()
 
         def sources():
@@ -232,7 +272,7 @@ class Generator:
 
         done = {}
         following = 0
-        for job, text in self._decode(sources(), options, batch_size, read_ahead):
+        for job, text in self._decode(sources(), options, batch_size, read_ahead, progress):
             done[job.order] = Sample(job.context_index, job.context, job.index, text)
             while following in done:
                 yield done.pop(following)
@@ -299,15 +339,18 @@ class Generator:
         return engine.feed(tokens[stepping], stepping, restarting, [active[b].window for b in restarting])
 
     def _decode(self, sources: Iterator[List[_Job]], options: GenerateOptions, batch_size: int,
-                read_ahead: bool) -> Iterator[tuple]:
+                read_ahead: bool, progress: Optional[Callable[[int], None]] = None) -> Iterator[tuple]:
         """Decode the jobs that ``sources`` gives (a list of jobs per context);
-        yields (job, text) as samples finish."""
+        yields (job, text) as samples finish.  An exception from ``sources`` is
+        raised once every job it gave before has been finished."""
         max_length = options.max_length
         if max_length == 0:
             for jobs in sources:
                 for job in jobs:
                     yield job, ""
             return
+        stats = self.stats
+        failure: Optional[Exception] = None
         params = options.sampling()
         hp = self.model.hparams
         engine = self.engine()
@@ -319,7 +362,7 @@ class Generator:
 
         def take() -> List[_Job]:
             """The jobs that join the batch now."""
-            nonlocal exhausted
+            nonlocal exhausted, failure
             if active and not engine.joins_running:
                 return []
             joining = []
@@ -327,7 +370,10 @@ class Generator:
                 if not pending:
                     if exhausted or (not read_ahead and (active or joining)):
                         break
-                    more = next(sources, None)
+                    try:
+                        more = next(sources, None)
+                    except Exception as e:  # a bad input line: finish what came before it first
+                        failure, more = e, None
                     if more is None:
                         exhausted = True
                         break
@@ -339,12 +385,21 @@ class Generator:
         while True:
             joining = take()
             if joining:
+                t0 = time.perf_counter()
                 fresh = engine.add([job.ids for job in joining])
+                stats.prefill_seconds += time.perf_counter() - t0
+                stats.prefill_tokens += sum(len(job.ids) for job in joining)
                 logits = np.concatenate([logits, fresh]) if active else fresh
                 active += [_SampleInProgress(job, TextAssembler(self.enc), list(job.ids)) for job in joining]
             if not active:
+                if failure is not None:
+                    raise failure
                 return
+            t_step = time.perf_counter()  # sampling, text and the decoding step count as decoding
             tokens, finished = self._draw(active, logits, params, max_length)
+            stats.tokens += len(active)
+            if progress is not None:
+                progress(len(active))
             if finished:
                 retry = []
                 for b in finished:
@@ -363,5 +418,7 @@ class Generator:
                 tokens = tokens[keep]
                 if not active:
                     logits = np.empty((0, hp.n_vocab), np.float32)
+                    stats.decode_seconds += time.perf_counter() - t_step
                     continue
             logits = self._feed(engine, active, tokens, params)
+            stats.decode_seconds += time.perf_counter() - t_step

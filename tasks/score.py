@@ -161,6 +161,17 @@ def _plan(widths: Sequence[int], max_tokens: int, max_batch: int) -> List[List[i
     return batches[::-1]
 
 
+def _check_memory(m, widths: Sequence[int], max_tokens: int) -> None:
+    """OptionError (batch_tokens) before a batch that cannot fit in memory: its padded
+    tokens' logits and softmax over the vocabulary, every layer's activations, and
+    the attention weights."""
+    hp = m.hparams
+    width = max(widths)
+    tokens = len(widths) * width
+    per_token = 4 * (3 * hp.n_vocab + hp.n_layer * (8 * hp.n_embd + hp.n_head * width))
+    memory.check("batch_tokens", max_tokens, tokens * per_token, f"a batch of {tokens} tokens", per_unit=per_token)
+
+
 def score_sequences(m, sequences: Sequence[Sequence[int]], stride: Optional[int] = None,
                     max_tokens: int = DEFAULT_MAX_TOKENS,
                     max_batch: int = DEFAULT_MAX_BATCH) -> Iterator[Tuple[int, np.ndarray]]:
@@ -185,6 +196,7 @@ def score_sequences(m, sequences: Sequence[Sequence[int]], stride: Optional[int]
         yield emitted, out[emitted]
         emitted += 1
     for batch in _plan([r[2] - r[1] for r in rows], max_tokens, max_batch):
+        _check_memory(m, [rows[i][2] - rows[i][1] for i in batch], max_tokens)
         picked = [rows[i] for i in batch]
         lp = score_ids(m, [seqs[k][start:end] for k, start, end, _ in picked],
                        first=[first - start for _, start, _, first in picked])
@@ -237,11 +249,6 @@ class Scorer:
                                    or not 1 <= stride < n_ctx):
             raise OptionError("stride", f"must be below the model's context of {n_ctx} tokens (and at least 1), "
                                         f"got {stride!r}")
-        hp = m.hparams
-        # A batch holds at most max_tokens positions: their logits (and softmax) over the
-        # vocabulary, the hidden states of every layer, and attention weights of up to n_ctx.
-        per_token = 4 * (3 * hp.n_vocab + hp.n_layer * (8 * hp.n_embd + hp.n_head * min(max_tokens, n_ctx)))
-        memory.check("batch_tokens", max_tokens, max_tokens * per_token, "one batch")
         self.model = m
         self.enc = enc
         self.exclude_end = exclude_end

@@ -15,7 +15,6 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from . import memory
 from .errors import OptionError
 
 POOLINGS = ("last", "mean")
@@ -29,9 +28,6 @@ class Vectorizer:
         n_layer = model.hparams.n_layer
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -1 <= layer < n_layer:
             raise OptionError("layer", f"must be -1 (final) or 0..{n_layer - 1} for this model, got {layer!r}")
-        hp = model.hparams
-        per_token = 4 * hp.n_layer * (8 * hp.n_embd + hp.n_head * min(max_tokens, hp.n_ctx))
-        memory.check("batch_tokens", max_tokens, max_tokens * per_token, "one batch")
         self.model = model
         self.enc = enc
         self.pooling = pooling

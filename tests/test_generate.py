@@ -512,12 +512,19 @@ def test_output_file_written_atomically(tiny_model_dir, tmp_path, env, capsys, r
     (["--context", "x", "--contexts", "-"], "exclusive"),
 ])
 def test_usage_errors_before_loading(args, message):
-    with pytest.raises(UsageError, match=message):
+    """Flag values are refused before the model is looked for (--model does not exist here)."""
+    from cli.errors import message as error_line
+    from tasks.errors import OptionError
+
+    with pytest.raises((UsageError, OptionError)) as e:
         cli_generate.main(["--model", "/nonexistent", *args])
+    assert message in error_line(e.value)
 
 
 def test_min_length_too_large(tiny_model_dir, env):
-    with pytest.raises(UsageError, match="--min_length must be below n_ctx/2 = 512"):
+    from tasks.errors import OptionError
+
+    with pytest.raises(OptionError, match="min_length must be below n_ctx/2 = 512"):
         cli_generate.main(["--model", str(tiny_model_dir), "--gpu", "-1", "--min_length", "512"])
 
 

@@ -262,7 +262,9 @@ def test_long_line_through_the_cli(small_ctx, vocab_dir, tmp_path, enc, env, cap
     (_, want), = list(score_sequences(small_ctx, [[enc.eos_id] + ids], stride=4))
     assert record["tokens"] == len(ids)
     assert abs(record["logprob"] - float(np.sum(want, dtype=np.float64))) < 1e-4 * abs(record["logprob"])
-    with pytest.raises(UsageError, match="--stride must be below the model's context of 16 tokens"):
+    from tasks.errors import OptionError
+
+    with pytest.raises(OptionError, match="stride must be below the model's context of 16 tokens"):
         cli_score.main(_base(tmp_path / "m") + ["--stride", "16", "-"])
 
 
