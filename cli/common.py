@@ -44,18 +44,35 @@ def load_encoder(args):
 
 
 def load_model(args, enc=None):
-    """Select the device (--gpu), load --model (a directory, or a released
-    name resolved to the cache and downloaded when missing), check it against
-    the vocabulary."""
+    """Set the threads (--threads), select the device (--gpu), load --model (a
+    directory, or a released name resolved to the cache and downloaded when
+    missing), check it against the vocabulary.  With --verbose, say how long
+    loading took."""
+    import time
+
     import hub
 
     quiet_tensorflow(args.verbose)
     model_dir = hub.resolve_model(args.model, download=_may_download(args))
     import model
 
+    t0 = time.perf_counter()
+    threads = model.configure_threads(getattr(args, "threads", None))
     device = model.select_device(str(args.gpu), verbose=args.verbose)
-    log(args, f"device: {device}")
     m = model.load(str(model_dir), device=device)
     if enc is not None:
         model.check_vocab(m.hparams, len(enc))
+    log(args, f"model: {m.path} on {device}, {threads} thread(s); loaded in {time.perf_counter() - t0:.2f} s")
     return m
+
+
+def report_end(args, *lines: str) -> None:
+    """With --verbose: the given timing lines and the peak memory, at the end of a run."""
+    if not getattr(args, "verbose", False):
+        return
+    import resource
+
+    for line in lines:
+        log(args, line)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    log(args, f"peak memory: {peak / 2 ** 30:.2f} GiB")

@@ -86,6 +86,11 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
         dest="no_download", action="store_true",
         help="never use the network (as GPT2JA_OFFLINE=1): a released model that is not in the cache is "
              "an error saying what to download and where to put it")),
+    "threads": (("--threads",), dict(
+        type=positive_int, default=None, metavar="N",
+        help="CPU threads for TensorFlow's pools and OpenBLAS (default: the CPUs this process may run on, "
+             "with decoding steps switching between one thread and all of them, whichever the machine runs "
+             "faster at the moment)")),
     "output_file": (("--output_file",), dict(
         default="", metavar="FILE",
         help="write to FILE instead of stdout, atomically: a failed run leaves FILE as it was "
@@ -148,5 +153,5 @@ def add(parser: argparse.ArgumentParser, *names: str, **overrides: dict) -> None
 
 
 def add_model_flags(parser: argparse.ArgumentParser, **overrides: dict) -> None:
-    """--model, --vocab, --gpu, --verbose, --no-download: the flags every model tool has."""
-    add(parser, "model", "vocab", "gpu", "verbose", "no_download", **overrides)
+    """--model, --vocab, --gpu, --threads, --verbose, --no-download: the flags every model tool has."""
+    add(parser, "model", "vocab", "gpu", "threads", "verbose", "no_download", **overrides)

@@ -102,16 +102,18 @@ def main(argv=None) -> int:
             generator.generate(next(_contexts(args)), 1, options, on_text=on_text)
             out.write("\n")
             out.flush()
-            return 0
-        writer = io.Writer(out, _render(args.format), between="" if args.format == "jsonl" else "========\n")
-        # Contexts typed by a person are answered one by one, not read ahead.
-        read_ahead = args.contexts is None or io.lines_per_batch(args.contexts, 2) > 1
-        bar = io.progress(desc="samples", unit="sample", total=None if args.contexts else num)
-        try:
-            for sample in generator.generate_many(_contexts(args), num, options, batch_size=args.batch_size,
-                                                  read_ahead=read_ahead):
-                writer.write(sample)
-                bar.update(1)
-        finally:
-            bar.close()
+        else:
+            writer = io.Writer(out, _render(args.format), between="" if args.format == "jsonl" else "========\n")
+            # Contexts typed by a person are answered one by one, not read ahead.
+            read_ahead = args.contexts is None or io.lines_per_batch(args.contexts, 2) > 1
+            # On a terminal: tokens generated and tokens/s, with the samples done.
+            bar = io.progress(desc="generating", unit="tok")
+            try:
+                for sample in generator.generate_many(_contexts(args), num, options, batch_size=args.batch_size,
+                                                      read_ahead=read_ahead, progress=bar.update):
+                    writer.write(sample)
+                    bar.set_postfix(samples=writer.count, refresh=False)
+            finally:
+                bar.close()
+    common.report_end(args, generator.stats.line())
     return 0

@@ -79,6 +79,9 @@ def main(argv=None) -> int:
     scorer = Scorer(m, enc, exclude_end=args.exclude_end, stride=args.stride, max_tokens=args.batch_tokens)
     render = render_jsonl if args.format == "jsonl" else render_text
 
+    import time
+
+    t0 = time.perf_counter()
     with io.output(args.output_file) as out:
         writer = io.Writer(out, lambda score: render(score, enc, args.tokens))
         bar = io.progress(desc="scored", unit="line")
@@ -90,4 +93,7 @@ def main(argv=None) -> int:
                     bar.update(1)
         finally:
             bar.close()
+    seconds = time.perf_counter() - t0
+    common.report_end(args, f"scored: {writer.count} lines in {seconds:.2f} s "
+                            f"({writer.count / max(seconds, 1e-9):.1f} lines/s)")
     return 0

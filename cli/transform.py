@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     def where(number) -> str:
         return "the context" if number is None else f"line {number}"
 
+    import time
+
+    t0 = time.perf_counter()
     with io.output(args.output_file, binary=args.format == "npy") as out:
         npy = args.format == "npy"
         writer = io.NpyWriter(out, m.hparams.n_embd) if npy else io.Writer(out, RENDER[args.format])
@@ -94,4 +97,6 @@ def main(argv=None) -> int:
             if bar is not None:
                 bar.close()
         writer.close()
+    seconds = time.perf_counter() - t0
+    common.report_end(args, f"vectors: {writer.count} in {seconds:.2f} s ({writer.count / max(seconds, 1e-9):.1f}/s)")
     return 0

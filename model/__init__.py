@@ -44,6 +44,8 @@ _LAZY = {
     "Decoder": "decoding",
     "NumpyDecoder": "npdecode",
     "TFDecoder": "tfdecode",
+    "configure_threads": "threads",
+    "cpu_count": "threads",
 }
 
 __all__ = ["ModelError", "import_tf", "HParams", "RELEASED", "check_vocab", "variable_shapes", "LAYER_NAMES",

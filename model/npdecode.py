@@ -19,11 +19,13 @@ each row's own cache is done row by row, over exactly that row's length.
 from __future__ import annotations
 
 import math
+import time
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from .hparams import LAYER_NORM_EPSILON, HParams, layer_weights
+from .threads import StepTuner, cpu_count, fixed_threads, set_blas_threads
 
 _GELU_C = np.float32(math.sqrt(2.0 / math.pi))
 _EPS = np.float32(LAYER_NORM_EPSILON)
@@ -231,6 +233,11 @@ class NumpyDecoder:
         self._rows: List[_RowCache] = []
         #: Tokens run through prefills so far (identical new rows count once).
         self.prefilled_tokens = 0
+        # BLAS threads (model.threads): the block products of a step run with a count
+        # tuned by timing (their results do not depend on it); prefills run with the
+        # full count, the output projection (whose last bits would depend on it) with one.
+        self.threads = fixed_threads() or cpu_count()
+        self._tuner = StepTuner(self.threads) if fixed_threads() is None and self.threads > 1 else None
 
     # -- rows -------------------------------------------------------------------------
 
@@ -278,6 +285,7 @@ class NumpyDecoder:
     def _prefill(self, ids: Sequence[int]):
         """A new row holding ``ids``, and the logits [n_vocab] after its last token."""
         hp = self.hparams
+        set_blas_threads(self.threads)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         T = ids.shape[0]
         if T == 0:
@@ -343,6 +351,9 @@ class NumpyDecoder:
     # -- one step ------------------------------------------------------------------------
 
     def _logits(self, x):
+        # The output projection's last bits depend on OpenBLAS's thread count for one row:
+        # it always runs with one thread, so that tokens never depend on --threads or the load.
+        set_blas_threads(1)
         return _mm(_layer_norm(x, self.ln_f_g, self.ln_f_b), self.wte.T)
 
     def step(self, tokens, rows: Optional[Sequence[int]] = None) -> np.ndarray:
@@ -362,8 +373,13 @@ class NumpyDecoder:
             self._room(row, row.n + 1)
         x = self.wte[tokens] + self.wpe[pos]
         attend = _step_attention(chosen, hp.n_head, hp.head_dim, self.scale)
+        if self._tuner is not None:
+            self._tuner.before(B)
+            t0 = time.perf_counter()
         for i, p in enumerate(self.layers):
             _block(x, p, attend, i)
         for row in chosen:
             row.n += 1
+        if self._tuner is not None:
+            self._tuner.after(B, time.perf_counter() - t0)
         return self._logits(x)

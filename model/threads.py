@@ -1,0 +1,135 @@
+"""How many threads the model's CPU engines use (the tools' --threads).
+
+    import model
+    model.configure_threads(None)     # default: the CPUs this process may run on, tuned while decoding
+    model.configure_threads(1)        # exactly one thread everywhere
+
+TensorFlow's thread pools get the count before TensorFlow starts (intra-op:
+the count, inter-op: 1 -- the model's graphs are one chain of ops).  OpenBLAS,
+which runs the numpy decoding steps, is set at run time through threadpoolctl.
+
+Why decoding steps are tuned (measured on the reference machine, 2 cores,
+small shape, batch 1): with the machine quiet, a second OpenBLAS thread makes
+a step about 20% faster; with one other busy process, the second thread's
+spin-waiting fights that process for the core and steps take 2.4x as long as
+with one thread (0.42x of the quiet speed, against 0.9x with one thread).
+Neither fixed count is right for both, so with the default policy a
+decoder times its steps: now and then a few steps run with each candidate
+count (one thread, all of them), interleaved, and the faster one is kept until
+the next probe.  An explicit --threads N fixes the count and turns tuning off.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Optional
+
+_POLICY: Dict[str, Optional[int]] = {"threads": None}
+_BLAS: Optional[List] = None
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(threads: Optional[int] = None) -> int:
+    """Set the thread policy of this process: ``threads`` fixed, or None for the
+    default (all CPUs, decoding steps tuned).  Call before the model is loaded,
+    so that TensorFlow's pools are sized before TensorFlow starts.  Returns the
+    largest count any pool gets."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    _POLICY["threads"] = threads
+    count = threads or cpu_count()
+    from ._tf import import_tf
+
+    tf = import_tf()
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(count)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already started: its pools keep their sizes
+        pass
+    set_blas_threads(count)
+    return count
+
+
+def fixed_threads() -> Optional[int]:
+    """The count --threads fixed, or None under the default (tuned) policy."""
+    return _POLICY["threads"]
+
+
+def _blas() -> List:
+    global _BLAS
+    if _BLAS is None:
+        try:
+            import numpy  # noqa: F401  (OpenBLAS must be loaded to be found)
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = list(ThreadpoolController().select(user_api="blas").lib_controllers)
+        except Exception:  # no threadpoolctl, or a BLAS it does not know: leave BLAS alone
+            _BLAS = []
+    return _BLAS
+
+
+def set_blas_threads(count: int) -> None:
+    for lib in _blas():
+        lib.set_num_threads(count)
+
+
+class StepTuner:
+    """Chooses the BLAS thread count of decoding steps by timing them.
+
+    Steps are grouped by kind (a few rows: matrix-vector products; more:
+    matrix products).  For each kind, a probe runs ``probe`` steps with each
+    candidate count, alternating, and keeps the count with the lower median
+    step time for the next ``period`` steps; then it probes again (a busy
+    neighbour may come or go).  Usage: ``count = tuner.before(rows)``, run the
+    step, ``tuner.after(rows, seconds)``.
+    """
+
+    def __init__(self, most: int, period: int = 64, probe: int = 3):
+        self.candidates = [most, 1] if most > 1 else [1]
+        self.period = period
+        self.probe = probe
+        self._state: Dict[str, dict] = {}
+
+    @staticmethod
+    def _kind(rows: int) -> str:
+        return "few" if rows <= 3 else "many"
+
+    def _of(self, rows: int) -> dict:
+        return self._state.setdefault(self._kind(rows), {"best": self.candidates[0], "left": 0, "trial": [],
+                                                          "times": {c: [] for c in self.candidates}})
+
+    def before(self, rows: int) -> int:
+        """The count to run the next step of ``rows`` rows with (set in BLAS)."""
+        s = self._of(rows)
+        if len(self.candidates) > 1 and s["left"] <= 0 and not s["trial"]:
+            s["trial"] = self.candidates * self.probe  # alternate: A B A B A B
+            for c in self.candidates:
+                s["times"][c] = []
+        count = s["trial"][0] if s["trial"] else s["best"]
+        set_blas_threads(count)
+        return count
+
+    def after(self, rows: int, seconds: float) -> None:
+        s = self._of(rows)
+        if s["trial"]:
+            count = s["trial"].pop(0)
+            s["times"][count].append(seconds)
+            if not s["trial"]:
+                s["best"] = min(self.candidates, key=lambda c: sorted(s["times"][c])[len(s["times"][c]) // 2])
+                s["left"] = self.period
+        else:
+            s["left"] -= 1
+
+    def best(self, rows: int) -> int:
+        return self._of(rows)["best"]
+
+
+def timer() -> float:
+    return time.perf_counter()

@@ -1,0 +1,53 @@
+"""Threads: --threads everywhere, decoding steps tuned by timing, results independent of both."""
+import numpy as np
+import pytest
+
+import model
+from model.threads import StepTuner
+
+
+def test_tuner_keeps_the_faster_count_and_probes_again():
+    tuner = StepTuner(2, period=4, probe=2)
+    seen = []
+    for _ in range(4):  # the first probe: 2 1 2 1, one thread twice as fast
+        count = tuner.before(1)
+        seen.append(count)
+        tuner.after(1, 0.010 if count == 1 else 0.020)
+    assert seen == [2, 1, 2, 1] and tuner.best(1) == 1
+    for _ in range(4):  # the period: the best count only
+        assert tuner.before(1) == 1
+        tuner.after(1, 0.010)
+    seen = []
+    for _ in range(4):  # the next probe: now two threads win
+        count = tuner.before(1)
+        seen.append(count)
+        tuner.after(1, 0.005 if count == 2 else 0.010)
+    assert seen == [2, 1, 2, 1] and tuner.best(1) == 2
+    assert tuner.best(8) == 2  # matrix products are tuned on their own
+    assert StepTuner(1).before(1) == 1
+
+
+def _steps(tiny, enc, threads):
+    model.configure_threads(threads)
+    try:
+        dec = model.NumpyDecoder.from_model(tiny)
+        ids = enc.encode("今日は良い天気です。明日も晴れるかな")
+        out = [dec.add([ids, ids[:3]])]
+        for t in range(40):  # long enough for the tuner to probe both counts
+            out.append(dec.step([t + 5, t + 9]))
+            out.append(dec.step([t + 7], rows=[0]))
+        return np.concatenate(out)
+    finally:
+        model.configure_threads(None)
+
+
+def test_logits_do_not_depend_on_threads(tiny, enc):
+    tuned = _steps(tiny, enc, None)
+    np.testing.assert_array_equal(tuned, _steps(tiny, enc, 1))
+    if model.cpu_count() > 1:
+        np.testing.assert_array_equal(tuned, _steps(tiny, enc, model.cpu_count()))
+
+
+def test_threads_flag_is_checked():
+    with pytest.raises(ValueError):
+        model.configure_threads(0)
