@@ -103,16 +103,17 @@ def main(argv=None) -> int:
             out.write("\n")
             out.flush()
         else:
-            writer = io.Writer(out, _render(args.format), between="" if args.format == "jsonl" else "========\n")
             # Contexts typed by a person are answered one by one, not read ahead.
             read_ahead = args.contexts is None or io.lines_per_batch(args.contexts, 2) > 1
             # On a terminal: tokens generated and tokens/s, with the samples done.
             bar = io.progress(desc="generating", unit="tok")
+            writer = io.Writer(out, _render(args.format), between="" if args.format == "jsonl" else "========\n",
+                               bar=bar)
             try:
                 for sample in generator.generate_many(_contexts(args), num, options, batch_size=args.batch_size,
                                                       read_ahead=read_ahead, progress=bar.update):
+                    bar.set_postfix(samples=writer.count + 1, refresh=False)
                     writer.write(sample)
-                    bar.set_postfix(samples=writer.count, refresh=False)
             finally:
                 bar.close()
     common.report_end(args, generator.stats.line())

@@ -123,23 +123,37 @@ class Writer:
     """Writes records to a text stream in one format: ``render(record)`` gives
     the record's text (ending with a line break), ``between`` goes between two
     records; the stream is flushed after every record so that pipelines see
-    each result as soon as it exists."""
+    each result as soon as it exists.  With a progress ``bar`` shown on the
+    same terminal, the bar is cleared before a record is written and drawn
+    again after it, so that the two never share a line."""
 
-    def __init__(self, out, render: Callable[[object], str], between: str = ""):
+    def __init__(self, out, render: Callable[[object], str], between: str = "", bar=None):
         self.out = out
         self.render = render
         self.between = between
         self.count = 0
+        self.bar = bar if bar is not None and not bar.disable and _is_terminal(out) else None
 
     def write(self, record) -> None:
+        if self.bar is not None:
+            self.bar.clear()
         if self.count and self.between:
             self.out.write(self.between)
         self.out.write(self.render(record))
         self.out.flush()
         self.count += 1
+        if self.bar is not None:
+            self.bar.refresh()
 
     def close(self) -> None:
         """Called once when every record was written."""
+
+
+def _is_terminal(out) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 class NpyWriter(Writer):

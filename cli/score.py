@@ -83,8 +83,8 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     with io.output(args.output_file) as out:
-        writer = io.Writer(out, lambda score: render(score, enc, args.tokens))
         bar = io.progress(desc="scored", unit="line")
+        writer = io.Writer(out, lambda score: render(score, enc, args.tokens), bar=bar)
         try:
             for chunk in io.chunks(_texts(args.input_file), io.lines_per_batch(args.input_file, CHUNK_LINES)):
                 id_lists = [scorer.ids(text) for _, text in chunk]

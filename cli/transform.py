@@ -75,8 +75,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with io.output(args.output_file, binary=args.format == "npy") as out:
         npy = args.format == "npy"
-        writer = io.NpyWriter(out, m.hparams.n_embd) if npy else io.Writer(out, RENDER[args.format])
         bar = io.progress(desc="vectors", unit="line") if args.input is not None else None
+        writer = io.NpyWriter(out, m.hparams.n_embd) if npy else io.Writer(out, RENDER[args.format], bar=bar)
         per_batch = io.lines_per_batch(args.input, CHUNK_LINES) if args.input is not None else 1
         try:
             for chunk in io.chunks(_texts(args), per_batch):

@@ -270,3 +270,83 @@ def test_ctrl_c_during_parallel_encoding_is_quiet(tmp_path, env):
         assert p.returncode == 130, err
         assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
         assert not (tmp_path / "o.npz").exists()
+
+
+# -- nothing read is lost; what a terminal shows -------------------------------------------------------------
+
+
+def test_samples_of_lines_before_a_bad_line_are_printed(tiny_model_dir, env):
+    stdin = "今日は\n明日は\n".encode() + b"\xff\xfe\n" + "もう一行\n".encode()
+    p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--contexts", "-", "--num_generate", "2",
+              "--max_length", "20", "--seed", "1", "--format", "jsonl"], env, stdin=stdin)
+    _one_line_error(p, "gpt2-generate.py", "standard input, line 3: invalid UTF-8")
+    rows = [json.loads(line) for line in p.stdout.decode().splitlines()]
+    assert [(r["context"], r["index"]) for r in rows] == [("今日は", 0), ("今日は", 1), ("明日は", 0), ("明日は", 1)]
+
+
+def test_verbose_reports_timings_and_memory(tiny_model_dir, env):
+    p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--num_generate", "2", "--max_length", "20",
+              "--seed", "1", "--verbose"], env)
+    err = p.stderr.decode()
+    assert p.returncode == 0, err
+    for part in ("loaded in", "thread(s)", "engine: numpy", "prefill:", "decoding:", "tokens/s", "peak memory:"):
+        assert part in err, (part, err)
+
+
+def _on_a_terminal(args, env, timeout=240):
+    """Run with stdout and stderr on one pseudo-terminal (as a person sees it); all it printed."""
+    import pty
+    import select
+
+    main, sub = pty.openpty()
+    import fcntl
+    import struct
+    import termios
+
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal 100 columns wide
+    p = subprocess.Popen([sys.executable, *map(str, args)], stdin=subprocess.DEVNULL, stdout=sub, stderr=sub,
+                         env=env, cwd=ROOT)
+    os.close(sub)
+    out = b""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([main], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # the terminal closed: the process ended
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif p.poll() is not None:
+            break
+    p.wait(timeout=60)
+    os.close(main)
+    return p.returncode, out.decode("utf-8", "replace")
+
+
+def test_generation_shows_tokens_per_second_on_a_terminal(tiny_model_dir, env):
+    code, out = _on_a_terminal([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--num_generate", "3",
+                                "--max_length", "200", "--seed", "1"], env)
+    assert code == 0, out
+    assert "tok/s" in out and "samples=" in out
+    import re
+
+    glued = re.search(r"tok/s[^\]\r\n]*\][^\r\n\x1b]", out)  # text written after the bar, on its line
+    assert glued is None, repr(out[max(0, glued.start() - 60):glued.end() + 20])
+
+
+def test_finetune_losses_never_share_a_line_with_the_bar(tiny_model_dir, npz, tmp_path, env):
+    import re
+
+    code, out = _on_a_terminal([FINETUNE, "--model", tiny_model_dir, "--dataset", npz, "--chunk", "16",
+                                "--max_steps", "6", "--eval_every", "2", "--save_every", "3", "--val_fraction",
+                                "0.3", "--seed", "1", "--checkpoint_dir", tmp_path / "ck"], env)
+    assert code == 0, out
+    starts = [m.start() for m in re.finditer(r"step \d+: (val_)?loss", out)]
+    assert len(starts) >= 3, out
+    for i in starts:  # each report begins a line of its own
+        assert i == 0 or out[i - 1] in "\r\n", repr(out[max(0, i - 40):i + 20])
