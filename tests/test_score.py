@@ -170,6 +170,18 @@ def test_batched_equals_one_by_one(tiny, enc, corpus_lines):
             assert abs(a.logprob - float(np.sum(b, dtype=np.float64))) <= 1e-4 * abs(a.logprob)
 
 
+def test_score_gives_a_list_and_scores_a_stream(tiny, enc):
+    """README's promise: Scorer(m, enc).score(texts) is a list of TextScore; scores() streams."""
+    import types
+
+    scorer = Scorer(tiny, enc)
+    listed = scorer.score(["今日は", "明日は"])
+    assert isinstance(listed, list) and listed[1].text == "明日は" and listed[0].perplexity > 0
+    streamed = scorer.scores(["今日は", "明日は"])
+    assert isinstance(streamed, types.GeneratorType)
+    assert [s.logprob for s in streamed] == [s.logprob for s in listed]
+
+
 def test_results_stream_in_input_order(tiny, enc, monkeypatch):
     import tasks.score as score_module
 
