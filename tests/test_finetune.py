@@ -17,7 +17,7 @@ FINETUNE = str(ROOT / "gpt2-finetune.py")
 CHUNK = 128  # the tiny fixture has n_ctx 1024; shorter chunks keep the tests fast
 
 
-def _run(script, args, env, cwd, timeout=180):
+def _run(script, args, env, cwd, timeout=600):
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=timeout)
 
