@@ -221,9 +221,13 @@ def _preflight(spec: dict, runtime_env: dict) -> None:
 
 
 def _cause_line(e: BaseException) -> str:
-    """The one line that says why a Ray task failed: the user error it wraps, else its first line."""
-    from .errors import _user_errors, message
+    """The one line that says why a Ray task failed: the user error it wraps, else the
+    last ``SomeError: message`` line of its report."""
+    import re
+
     from tasks.bulk import BulkError
+
+    from .errors import _user_errors, message
 
     known = _user_errors() + (BulkError,)
     seen = set()
@@ -233,13 +237,16 @@ def _cause_line(e: BaseException) -> str:
         if cur is None or id(cur) in seen:
             continue
         seen.add(id(cur))
+        inner = getattr(cur, "cause", None)  # a RayTaskError: the worker's own exception
+        if isinstance(inner, BaseException) and inner is not cur:
+            stack.append(inner)
+            continue
         if isinstance(cur, known):
             return message(cur)
-        stack += [getattr(cur, "cause", None), cur.__cause__, cur.__context__]
-    for line in str(e).splitlines():
-        if line.strip() and ("Error" in line or "error" in line):
-            return " ".join(line.split())[:400]
-    return " ".join(str(e).split())[:400]
+        stack += [cur.__cause__, cur.__context__]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = [line.strip() for line in text.splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+    return " ".join((found[-1] if found else text).split())[:400]
 
 
 def main(argv=None) -> int:
