@@ -170,7 +170,7 @@ def test_score_equals_gpt2_score(cluster, inputs, tiny_model_dir, tmp_path):
 GENERATE = ["--num_generate", "2", "--seed", "7", "--max_length", "40", "--top_k", "20"]
 
 
-def test_generate_equals_gpt2_generate(cluster, inputs, tiny_model_dir, tmp_path):
+def test_generate_equals_gpt2_generate(cluster, inputs, tiny_model_dir, tmp_path, capsys):
     from cli import generate
 
     lines = inputs["lines"][:6] + inputs["lines"][13:16]  # with the empty and the blank line
@@ -178,7 +178,8 @@ def test_generate_equals_gpt2_generate(cluster, inputs, tiny_model_dir, tmp_path
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "samples"
     assert _bulk(["generate", "--contexts", str(src), "--output", str(out), "--workers", "2",
-                  "--shard_lines", "4", *GENERATE], tiny_model_dir) == 0
+                  "--shard_lines", "4", "--progress", *GENERATE], tiny_model_dir) == 0
+    assert "line/s" in capsys.readouterr().err  # the progress bar
     jsonl = tmp_path / "cli.jsonl"
     generate.main(["--model", str(tiny_model_dir), "--contexts", str(src), "--format", "jsonl",
                    "--output_file", str(jsonl), *GENERATE])
