@@ -290,3 +290,38 @@ def test_two_nodes_share_a_job(cluster, inputs, tiny_model_dir, tmp_path, capsys
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(alive) == 2 and used == alive, (used, alive)
     assert _read(out).equals(_read(reference))
+
+
+def test_a_local_cluster_listens_on_loopback_only(inputs, tiny_model_dir, tmp_path, env):
+    """Without --address the tool starts its own cluster: every socket it listens on is 127.0.0.1's."""
+    import psutil
+
+    out = tmp_path / "scores"
+    env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    driver = subprocess.Popen([sys.executable, BULK, "score", "--model", str(tiny_model_dir), "--input",
+                               inputs["paths"][1], "--output", str(out)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    listening = set()
+    try:
+        while driver.poll() is None:
+            try:
+                for p in psutil.Process(driver.pid).children(recursive=True):
+                    try:
+                        listening.update((c.laddr.ip, p.name()) for c in p.net_connections(kind="inet")
+                                         if c.status == psutil.CONN_LISTEN)
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+    finally:
+        err = driver.communicate(timeout=300)[1]
+    assert driver.returncode == 0, err
+    import ipaddress
+
+    def loopback(ip):
+        address = ipaddress.ip_address(ip)
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+    assert listening and all(loopback(ip) for ip, _ in listening), listening
+    assert _read(out).num_rows == 17
