@@ -93,14 +93,19 @@ def load_on_worker(spec: dict):
     return common.load_model(args, enc), enc
 
 
-def check_on_worker(spec: dict) -> str:
+def check_on_worker(spec: dict, task=None) -> str:
     """The model directory this node resolves --model to (downloading a released model
-    into this node's cache when allowed), or a ModelError: before any actor starts."""
+    into this node's cache when allowed), or a ModelError; with ``task``, an OptionError
+    for options the model cannot take: before any actor starts."""
     import hub
     from model.checkpoint import find_checkpoint
 
     directory = hub.resolve_model(spec["model"], download=not spec["no_download"], progress=False)
     find_checkpoint(directory)
+    if task is not None:
+        from model.checkpoint import open_checkpoint
+
+        task.check(open_checkpoint(directory)[1])
     return str(directory)
 
 
@@ -174,7 +179,6 @@ def _start_ray(args):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not args.verbose:
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ notes on stderr
     import ray
 
     if ray.is_initialized():
@@ -184,7 +188,8 @@ def _start_ray(args):
     try:
         if args.address is None:
             cpus = max(os.cpu_count() or 1, args.workers * args.threads + 1)
-            ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", **quiet)
+            # "local": a new cluster even when RAY_ADDRESS names a running one (that is --address's job)
+            ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", **quiet)
         else:
             quiet.pop("include_dashboard")
             ray.init(address=args.address, **quiet)
@@ -203,7 +208,7 @@ def _runtime_env() -> dict:
     return {"env_vars": env}
 
 
-def _preflight(spec: dict, runtime_env: dict) -> None:
+def _preflight(spec: dict, runtime_env: dict, task) -> None:
     """Every node with CPUs finds the model, before actors start (a clear error instead
     of actors that die loading it)."""
     import ray
@@ -212,12 +217,14 @@ def _preflight(spec: dict, runtime_env: dict) -> None:
     check = ray.remote(num_cpus=0, max_retries=0, runtime_env=runtime_env)(check_on_worker)
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     refs = [(n, check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-             .remote(spec)) for n in nodes]
+             .remote(spec, task if i == 0 else None)) for i, n in enumerate(nodes)]
     for node, ref in refs:
         try:
             ray.get(ref)
-        except Exception as e:  # RayTaskError wrapping the worker's ModelError
-            raise UsageError(f"on node {node.get('NodeManagerAddress', '?')}: {_cause_line(e)}") from None
+        except Exception as e:  # RayTaskError wrapping the worker's ModelError or OptionError
+            line = _cause_line(e)
+            raise UsageError(line if line.startswith("--") else
+                             f"on node {node.get('NodeManagerAddress', '?')}: {line}") from None
 
 
 def _cause_line(e: BaseException) -> str:
@@ -246,7 +253,9 @@ def _cause_line(e: BaseException) -> str:
         stack += [cur.__cause__, cur.__context__]
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     found = [line.strip() for line in text.splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
-    return " ".join((found[-1] if found else text).split())[:400]
+    line = " ".join((found[-1] if found else text).split())[:400]
+    option = re.match(r"[\w.]*OptionError: (\w+) (.*)", line)  # the flag, as the other tools say it
+    return f"--{option.group(1)} {option.group(2)}" if option else line
 
 
 def main(argv=None) -> int:
@@ -272,7 +281,7 @@ def main(argv=None) -> int:
     try:
         spec = _spec(args)
         runtime_env = _runtime_env()
-        _preflight(spec, runtime_env)
+        _preflight(spec, runtime_env, task)
         from util.files import atomic_file
 
         report = bulk.JobReport(nodes={})

@@ -173,6 +173,16 @@ class Task:
     def setup(self, model, enc) -> None:
         self.model, self.enc = model, enc
 
+    def check(self, hparams) -> None:
+        """OptionError now for options the model cannot take (before actors load it):
+        the constructors of the tasks classes check them against ``hparams`` alone."""
+        from types import SimpleNamespace
+
+        if type(self).setup is not Task.setup:
+            copy = object.__new__(type(self))
+            copy.__dict__.update(self.__dict__)
+            copy.setup(SimpleNamespace(hparams=hparams), None)
+
     def process(self, first_line: int, texts: List[str]):
         """(pyarrow table of the shard's rows, warnings)."""
         raise NotImplementedError
@@ -283,6 +293,7 @@ def TOKEN_TYPE():
 
 
 class GenerateTask(Task):
+    # (check: the Generator's own rules -- min_length below n_ctx/2 -- fail the job's first shard)
     """Columns line, index, context, text: ``num`` samples of each line, sample i of
     line j being what gpt2-generate.py --seed S --contexts gives for context j
     (``Generator.generate`` with ``context_index`` = the line number).  An empty line
