@@ -190,10 +190,13 @@ def test_generate_equals_gpt2_generate(cluster, inputs, tiny_model_dir, tmp_path
            [(e["context"], e["index"], e["text"]) for e in expected]
 
 
-def test_model_missing_on_a_worker_is_one_error(cluster, inputs, tmp_path):
+def test_model_missing_on_a_worker_is_one_error(cluster, inputs, tmp_path, tiny_model_dir):
     with pytest.raises(UsageError, match=r"on node 127\.0\.0\.1: model directory .*nowhere does not exist"):
         cli_bulk.main(["transform", "--model", str(tmp_path / "nowhere"), "--input", inputs["paths"][0],
                        "--output", str(tmp_path / "out")])
+    with pytest.raises(UsageError, match=r"^--layer must be -1 \(final\) or 0\.\.1 for this model, got 5$"):
+        _bulk(["transform", "--input", inputs["paths"][0], "--output", str(tmp_path / "o2"), "--layer", "5"],
+              tiny_model_dir)
 
 
 def test_resume_refuses_another_job(cluster, inputs, tiny_model_dir, tmp_path):
