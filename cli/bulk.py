@@ -252,7 +252,10 @@ def _cause_line(e: BaseException) -> str:
             return message(cur)
         stack += [cur.__cause__, cur.__context__]
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    found = [line.strip() for line in text.splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+    # Ray Data's wrappers may lose the exception itself, not its report: a user error named there first.
+    names = "|".join(cls.__name__ for cls in known)
+    found = [line.strip() for line in text.splitlines() if re.match(rf"\s*[\w.]*\b({names}): ", line)]
+    found = found or [line.strip() for line in text.splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
     line = " ".join((found[-1] if found else text).split())[:400]
     option = re.match(r"[\w.]*OptionError: (\w+) (.*)", line)  # the flag, as the other tools say it
     return f"--{option.group(1)} {option.group(2)}" if option else line

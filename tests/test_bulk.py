@@ -82,6 +82,15 @@ def test_single_machine_tools_do_not_import_ray(env):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_help_imports_neither_tensorflow_nor_ray(env):
+    code = ("import runpy, sys; sys.argv = ['gpt2-bulk.py', 'transform', '--help']\n"
+            "try:\n    runpy.run_path(%r, run_name='__main__')\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print(sorted(m for m in ('tensorflow', 'ray') if m in sys.modules), file=sys.stderr)" % BULK)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert "--pooling" in p.stdout and "--workers" in p.stdout and "--resume" in p.stdout, p.stderr
+    assert p.stderr.strip().endswith("[]"), p.stderr
+
+
 def test_errors_are_one_line_before_any_cluster(tmp_path, env, tiny_model_dir):
     missing = subprocess.run([sys.executable, BULK, "transform", "--model", str(tiny_model_dir), "--input",
                               str(tmp_path / "nope.txt"), "--output", str(tmp_path / "out")],
@@ -196,6 +205,10 @@ def test_model_missing_on_a_worker_is_one_error(cluster, inputs, tmp_path, tiny_
                        "--output", str(tmp_path / "out")])
     with pytest.raises(UsageError, match=r"^--layer must be -1 \(final\) or 0\.\.1 for this model, got 5$"):
         _bulk(["transform", "--input", inputs["paths"][0], "--output", str(tmp_path / "o2"), "--layer", "5"],
+              tiny_model_dir)
+    # found by the first shard (the Generator's own rule), reported by its flag all the same
+    with pytest.raises(UsageError, match=r"^the job failed: --min_length must be below n_ctx/2 = 512, got 600$"):
+        _bulk(["generate", "--contexts", inputs["paths"][0], "--output", str(tmp_path / "o3"), "--min_length", "600"],
               tiny_model_dir)
 
 
