@@ -1,0 +1,327 @@
+"""gpt2-bulk.py: vectors, scores and samples of many lines on a Ray cluster, as Parquet files.
+
+    gpt2-bulk.py transform --model M --input PATHS... --output DIR [--pooling --layer --normalize]
+    gpt2-bulk.py score     --model M --input PATHS... --output DIR [--exclude-end --stride --tokens]
+    gpt2-bulk.py generate  --model M --contexts PATHS... --output DIR --num_generate N --seed S [...]
+
+DIR gets one ``part-NNNNN.parquet`` per shard of the input (written atomically
+when the shard is done) and ``_job.json`` (what the job is; ``--resume``
+checks it and computes only the shards whose file is missing).  Ray is
+imported only here (and in tasks.bulk), never by the single-machine tools.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+from . import common, flags, io
+from .errors import ArgumentParser, UsageError
+
+JOB_FILE = "_job.json"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog="gpt2-bulk.py",
+        description="Vectors, scores or samples of many lines on a Ray cluster, written as Parquet files "
+                    "(one per shard of the input), with the numbers of gpt2-transform.py, gpt2-score.py "
+                    "and gpt2-generate.py.",
+        epilog="Example: python gpt2-bulk.py transform --model gpt2ja-small --input corpus.txt --output vectors/ "
+               "--workers 4",
+    )
+    sub = p.add_subparsers(dest="command", metavar="{transform,score,generate}")
+    sub.required = True
+
+    def common_flags(q, source: str):
+        flags.add_model_flags(q, threads={"help": "CPU threads of each worker (actor); default 1", "default": 1})
+        q.add_argument(f"--{source}", nargs="+", metavar="PATH", required=True,
+                       help="input files (local paths, or URIs pyarrow reads: s3://, gs://, hdfs://), one text "
+                            "per line; lines are numbered from 0 across the files in turn")
+        q.add_argument("--output", metavar="DIR", required=True,
+                       help="directory for the Parquet files (one per shard) and _job.json")
+        q.add_argument("--address", default=None,
+                       help="Ray cluster to use: 'auto' (the running cluster of this machine) or HOST:PORT; "
+                            "default: start a local cluster for this job, listening on 127.0.0.1 only")
+        q.add_argument("--workers", type=flags.positive_int, default=1, metavar="N",
+                       help="actors (each loads the model once); default %(default)s")
+        q.add_argument("--shard_lines", type=flags.positive_int, default=None, metavar="N",
+                       help="input lines per shard: the unit of work, retry and output file (default 2000)")
+        q.add_argument("--resume", action="store_true",
+                       help="DIR holds an unfinished run of the same job: compute only the shards whose file "
+                            "is missing")
+        flags.add(q, "progress")
+
+    t = sub.add_parser("transform", help="sentence vectors (gpt2-transform.py)",
+                       description="Columns: line, text, vector (fixed-size list of float32).")
+    common_flags(t, "input")
+    flags.add(t, "pooling", "layer", "normalize", "batch_tokens", batch_tokens={"default": 4096})
+
+    s = sub.add_parser("score", help="sentence scores (gpt2-score.py)",
+                       description="Columns: line, text (stripped), logprob, tokens, perplexity "
+                                   "(+ token_logprobs with --tokens); an empty line has logprob null, tokens 0.")
+    common_flags(s, "input")
+    flags.add(s, "tokens", "exclude_end", "stride", "batch_tokens")
+
+    g = sub.add_parser("generate", help="samples (gpt2-generate.py --contexts)",
+                       description="Columns: line, index, context, text: sample i of line j is what "
+                                   "gpt2-generate.py --seed S gives for context j.")
+    common_flags(g, "contexts")
+    flags.add(g, "num_generate", "top_k", "top_p", "temperature", "max_length", "min_length", "seed", "batch_size",
+              min_length={"type": int})
+    g.add_argument("--engine", choices=("auto", "numpy", "tf"), default="auto",
+                   help="decoding engine (as gpt2-generate.py)")
+    return p
+
+
+# --------------------------------------------------------------------------- on the workers
+
+
+def _spec(args) -> dict:
+    model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+    return {"model": model, "vocab": args.vocab, "gpu": args.gpu, "threads": args.threads,
+            "verbose": args.verbose, "no_download": args.no_download}
+
+
+def load_on_worker(spec: dict):
+    """(model, encoder) as the single-machine tools load them; runs in each actor."""
+    args = argparse.Namespace(**spec)
+    enc = common.load_encoder(args)
+    return common.load_model(args, enc), enc
+
+
+def check_on_worker(spec: dict, task=None) -> str:
+    """The model directory this node resolves --model to (downloading a released model
+    into this node's cache when allowed), or a ModelError; with ``task``, an OptionError
+    for options the model cannot take: before any actor starts."""
+    import hub
+    from model.checkpoint import find_checkpoint
+
+    directory = hub.resolve_model(spec["model"], download=not spec["no_download"], progress=False)
+    find_checkpoint(directory)
+    if task is not None:
+        from model.checkpoint import open_checkpoint
+
+        task.check(open_checkpoint(directory)[1])
+    return str(directory)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def _task(args):
+    from tasks import bulk
+
+    if args.command == "transform":
+        return bulk.TransformTask(args.pooling, args.layer, args.normalize, args.batch_tokens)
+    if args.command == "score":
+        return bulk.ScoreTask(args.exclude_end, args.stride, args.tokens, args.batch_tokens)
+    from . import generate
+
+    generate._check(argparse.Namespace(**{**vars(args), "context": None, "stream": False, "format": "jsonl",
+                                          "output_file": ""}))
+    num = args.num_generate
+    return bulk.GenerateTask(generate.options_from(args), num, batch_size=args.batch_size, engine=args.engine)
+
+
+def _job_description(args, task, shards) -> dict:
+    return {"command": args.command, "model": args.model, "options": task.options(),
+            "inputs": args.input if args.command != "generate" else args.contexts,
+            "shards": [[s.path, s.start, s.end, s.first_line, s.lines] for s in shards]}
+
+
+def _prepare_output(args, job: dict, shards) -> list:
+    """Create DIR, check it, write or check _job.json: the shards still to do."""
+    out = args.output
+    try:
+        os.makedirs(out, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
+    path = os.path.join(out, JOB_FILE)
+    names = {s.name() for s in shards}
+    present = sorted(n for n in os.listdir(out) if n.startswith("part-") and n.endswith(".parquet"))
+    if os.path.exists(path) or present:
+        if not args.resume:
+            raise UsageError(f"{out} holds the output of a job: give --resume to finish it, or another directory")
+        try:
+            with open(path, encoding="utf-8") as f:
+                before = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot resume: {path} cannot be read ({e})") from None
+        if before != job:
+            raise UsageError(f"cannot resume: {out} holds another job (other inputs, model or options)")
+        strays = [n for n in present if n not in names]
+        if strays:
+            raise UsageError(f"cannot resume: {out} holds files of no shard of this job ({strays[0]})")
+        return [s for s in shards if s.name() not in present]
+    from util.files import atomic_file
+
+    try:
+        with atomic_file(path, "w") as f:
+            json.dump(job, f, ensure_ascii=False, indent=1)
+            f.write("\n")
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+    return list(shards)
+
+
+def _start_ray(args):
+    """Connect to --address, or start a local cluster listening on 127.0.0.1: True if started here."""
+    import logging
+
+    if args.address is None:
+        # Ray would otherwise advertise the machine's outside address.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not args.verbose:
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": bool(args.verbose), "include_dashboard": False}
+    try:
+        if args.address is None:
+            cpus = max(os.cpu_count() or 1, args.workers * args.threads + 1)
+            # "local": a new cluster even when RAY_ADDRESS names a running one (that is --address's job)
+            ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", **quiet)
+        else:
+            quiet.pop("include_dashboard")
+            ray.init(address=args.address, **quiet)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UsageError(f"cannot reach the Ray cluster {args.address or '(local)'}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return True
+
+
+def _runtime_env() -> dict:
+    env = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for name in ("GPT2JA_VOCAB", "GPT2JA_HOME", "GPT2JA_OFFLINE", "GPT2JA_MODEL_URLS"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    return {"env_vars": env}
+
+
+def _preflight(spec: dict, runtime_env: dict, task) -> None:
+    """Every node with CPUs finds the model, before actors start (a clear error instead
+    of actors that die loading it)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check = ray.remote(num_cpus=0, max_retries=0, runtime_env=runtime_env)(check_on_worker)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    refs = [(n, check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+             .remote(spec, task if i == 0 else None)) for i, n in enumerate(nodes)]
+    for node, ref in refs:
+        try:
+            ray.get(ref)
+        except Exception as e:  # RayTaskError wrapping the worker's ModelError or OptionError
+            line = _cause_line(e)
+            raise UsageError(line if line.startswith("--") else
+                             f"on node {node.get('NodeManagerAddress', '?')}: {line}") from None
+
+
+def _cause_line(e: BaseException) -> str:
+    """The one line that says why a Ray task failed: the user error it wraps, else the
+    last ``SomeError: message`` line of its report."""
+    import re
+
+    from tasks.bulk import BulkError
+
+    from .errors import _user_errors, message
+
+    known = _user_errors() + (BulkError,)
+    seen = set()
+    stack = [e]
+    while stack:
+        cur = stack.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        inner = getattr(cur, "cause", None)  # a RayTaskError: the worker's own exception
+        if isinstance(inner, BaseException) and inner is not cur:
+            stack.append(inner)
+            continue
+        if isinstance(cur, known):
+            return message(cur)
+        stack += [cur.__cause__, cur.__context__]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    # Ray Data's wrappers may lose the exception itself, not its report: a user error named there first.
+    names = "|".join(cls.__name__ for cls in known)
+    found = [line.strip() for line in text.splitlines() if re.match(rf"\s*[\w.]*\b({names}): ", line)]
+    found = found or [line.strip() for line in text.splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+    line = " ".join((found[-1] if found else text).split())[:400]
+    option = re.match(r"[\w.]*OptionError: (\w+) (.*)", line)  # the flag, as the other tools say it
+    return f"--{option.group(1)} {option.group(2)}" if option else line
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    from tasks import bulk
+
+    task = _task(args)
+    inputs = args.contexts if args.command == "generate" else args.input
+    try:
+        shards = bulk.plan_shards(inputs, args.shard_lines or bulk.SHARD_LINES)
+    except bulk.BulkError as e:
+        raise UsageError(str(e)) from None
+    job = _job_description(args, task, shards)
+    todo = _prepare_output(args, job, shards)
+    total = sum(s.lines for s in shards)
+    if not todo:
+        common.log(args, f"nothing to do: {args.output} has every shard")
+        return 0
+
+    import time
+
+    started = _start_ray(args)
+    try:
+        spec = _spec(args)
+        runtime_env = _runtime_env()
+        _preflight(spec, runtime_env, task)
+        from util.files import atomic_file
+
+        report = bulk.JobReport(nodes={})
+        done_lines = total - sum(s.lines for s in todo)
+        bar = io.progress(total=total, desc=args.command, unit="line", force=args.progress)
+        bar.update(done_lines)
+        t0 = time.perf_counter()
+        try:
+            import pyarrow.parquet as pq
+
+            for shard, table in bulk.run_job(todo, task, functools.partial(load_on_worker, spec),
+                                             workers=args.workers, threads=args.threads,
+                                             on_warning=common.warn, report=report, runtime_env=runtime_env):
+                path = os.path.join(args.output, shard.name())
+                try:
+                    with atomic_file(path, "wb") as f:
+                        pq.write_table(table, f)
+                except OSError as e:
+                    raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
+                bar.update(shard.lines)
+        except (UsageError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise UsageError(f"the job failed: {_cause_line(e)}") from None
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - t0
+        lines = sum(s.lines for s in todo)
+        common.log(args, f"{args.command}: {lines} lines in {seconds:.2f} s ({lines / max(seconds, 1e-9):.1f} lines/s); "
+                         f"nodes: " + ", ".join(f"{node} ({n} rows)" for node, n in sorted(report.nodes.items())))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
