@@ -39,7 +39,7 @@ import numpy as np
 
 from model import decoder as new_decoder
 
-from .generate import RETRIES_FOR_EMPTY, TextAssembler
+from .generate import RETRIES_FOR_EMPTY, TextAssembler, cut_at_stop, held_back
 from .sampling import SamplingParams, choose
 
 
@@ -63,17 +63,6 @@ class SampleRequest:
     max_length: Optional[int] = None  # characters; None: no limit
     stop: Tuple[str, ...] = ()
     logprobs: Optional[int] = None    # None: none; k: the chosen token's and the k most likely
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> Tuple[str, bool]:
-    """``text`` up to the first occurrence of any of ``stop``; (text, whether a stop string was found)."""
-    first = -1
-    for s in stop:
-        if s:
-            i = text.find(s)
-            if i >= 0 and (first < 0 or i < first):
-                first = i
-    return (text, False) if first < 0 else (text[:first], True)
 
 
 def finish_text(text: str, max_length: Optional[int], stop: Sequence[str]) -> Tuple[str, bool]:
@@ -353,12 +342,7 @@ class Engine:
         text = row.assembler.text
         if req.max_length is not None:
             text = text[:req.max_length]
-        safe = len(text)
-        for s in req.stop:  # hold back a tail that may be the start of a stop string
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
+        safe = len(text) - held_back(text, req.stop) if req.stop else len(text)
         if safe > row.sent:
             piece = text[row.sent:safe]
             row.sent = safe

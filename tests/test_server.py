@@ -166,6 +166,21 @@ def test_n_samples_and_seed_equal_gpt2_generate(server, env):
     assert [c.text for c in again.choices] == expected
 
 
+def test_max_tokens_and_stop_equal_gpt2_generate(server, env):
+    full = server.request("POST", "/v1/completions", {"prompt": "吾輩は", "max_tokens": 30, "seed": 5, "n": 2})[2]
+    stop = full["choices"][0]["text"][3:5]
+    r = server.request("POST", "/v1/completions", {"prompt": "吾輩は", "max_tokens": 30, "seed": 5, "n": 2,
+                                                   "stop": stop})[2]
+    cli = subprocess.run([sys.executable, str(ROOT / "gpt2-generate.py"), "--model", str(TINY_DIR), "--gpu", "-1",
+                          "--context", "吾輩は", "--num_generate", "2", "--seed", "5", "--max_tokens", "30",
+                          "--max_length", "1000000", "--stop", stop, "--format", "jsonl"],
+                         capture_output=True, env=env, cwd=ROOT, timeout=180)
+    assert cli.returncode == 0, cli.stderr
+    assert [json.loads(line)["text"] for line in cli.stdout.decode().splitlines()] == \
+        [c["text"] for c in r["choices"]]
+    assert r["choices"][0]["finish_reason"] == "stop"
+
+
 def test_stream_gives_the_same_text(server):
     client = server.client()
     kwargs = dict(model=MODEL, prompt="明日も晴れるかな", max_tokens=30, seed=3, n=2)

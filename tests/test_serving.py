@@ -76,3 +76,36 @@ def test_cancel_frees_the_row_and_queue_is_bounded(tiny, enc):
         assert len(waiting.tokens) == 3
     finally:
         e.stop()
+
+
+def test_generator_max_tokens_and_stop_match_the_engine(tiny, enc, engine):
+    """gpt2-generate.py's --max_tokens / --stop (GenerateOptions) and the server's max_tokens / stop agree."""
+    gen = Generator(tiny, enc)
+    base = gen.generate("今日は", 4, GenerateOptions(seed=3, max_length=10 ** 6, max_tokens=25))
+    stop = next(t[4:6] for t in base if len(t) > 8)
+    for opts in (GenerateOptions(seed=3, max_length=10 ** 6, max_tokens=25),
+                 GenerateOptions(seed=3, max_length=10 ** 6, max_tokens=25, stop=(stop, "ZZ")),
+                 GenerateOptions(seed=3, max_length=12, stop=(stop,))):
+        streamed = {}
+        texts = gen.generate("今日は", 4, opts,
+                             on_text=lambda i, piece: streamed.__setitem__(i, streamed.get(i, "") + piece))
+        assert [streamed.get(i, "") for i in range(4)] == texts
+        jobs = [engine.submit(SampleRequest(engine.context_ids("今日は"), opts.sampling(),
+                                            rng=np.random.default_rng(np.random.SeedSequence([3, 0, i])),
+                                            max_tokens=opts.max_tokens, max_length=opts.max_length,
+                                            stop=opts.stop), lambda *a: None) for i in range(4)]
+        _wait(jobs)
+        assert [j.text for j in jobs] == texts
+        for t in texts:
+            assert not any(s in t for s in opts.stop)
+
+
+def test_generator_options_refuse_bad_limits():
+    from tasks.errors import OptionError
+
+    with pytest.raises(OptionError, match="max_tokens"):
+        GenerateOptions(max_tokens=-1)
+    with pytest.raises(OptionError, match="stop"):
+        GenerateOptions(stop=("",))
+    with pytest.raises(OptionError, match="stop"):
+        GenerateOptions(stop="。")
