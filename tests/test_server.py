@@ -425,6 +425,26 @@ def test_api_key_queue_overflow_and_sigterm():
             s.proc.wait()
 
 
+def test_a_request_past_the_timeout_is_cancelled():
+    s = Server("--batch_size", "2", "--timeout", "1.5")
+    try:
+        body = {"prompt": "終わらない", "max_tokens": 10 ** 6, "max_length": 10 ** 6}
+        status, _, answer = s.request("POST", "/v1/completions", body)
+        assert status == 504 and answer["error"]["code"] == "timeout"
+        events = stream_events(s.port, body)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "timeout"
+        end = time.monotonic() + 30
+        while s.request("GET", "/health")[2]["rows"] != 0:
+            assert time.monotonic() < end, "the timed-out samples kept their rows"
+            time.sleep(0.1)
+        assert s.request("POST", "/v1/completions", {"prompt": "次", "max_tokens": 3})[0] == 200
+        assert s.stop() == 0
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
 def test_sigterm_lets_requests_in_flight_finish():
     s = Server("--batch_size", "4", "--grace", "20")
     try:
