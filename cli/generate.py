@@ -28,6 +28,12 @@ def parser() -> argparse.ArgumentParser:
               batch_size={"help": "samples decoded together, from as many contexts as it takes (default "
                                   "%(default)s); larger batches give more tokens per second on a CPU and use "
                                   "more memory"})
+    p.add_argument("--max_tokens", type=flags.non_negative_int, default=None, metavar="N",
+                   help="tokens per sample at most, beside --max_length characters (default: no limit); "
+                        "as the server's max_tokens")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end a sample before the first occurrence of STR (not part of the text); repeatable; "
+                        "as the server's stop")
     p.add_argument("--contexts", metavar="FILE", default=None,
                    help="one context per line (FILE or '-' for stdin); --num_generate samples for each")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
@@ -44,6 +50,8 @@ def _check(args) -> None:
     """Rules between flags (each flag's own values are checked where they are used)."""
     if args.top_k is not None and args.top_p > 0:
         raise UsageError("--top_k and --top_p are exclusive: give one of them")
+    if any(s == "" for s in args.stop):
+        raise UsageError("--stop needs a non-empty string")
     if args.context is not None and args.contexts is not None:
         raise UsageError("--context and --contexts are exclusive")
     if args.context == "-" and args.contexts == "-":
@@ -63,7 +71,8 @@ def options_from(args):
     if args.top_p > 0:
         top_k = 0  # top_p overrides the default top_k
     return GenerateOptions(top_k=top_k, top_p=args.top_p, temperature=args.temperature,
-                           min_length=max(args.min_length, 0), max_length=args.max_length, seed=args.seed)
+                           min_length=max(args.min_length, 0), max_length=args.max_length, seed=args.seed,
+                           max_tokens=args.max_tokens, stop=tuple(args.stop))
 
 
 def _contexts(args):

@@ -48,7 +48,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, Iterable, Iterator, List, Optional
+from typing import Callable, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -69,12 +69,20 @@ class GenerateOptions:
     min_length: int = 0
     max_length: int = 500  # characters
     seed: Optional[int] = None
+    max_tokens: Optional[int] = None  # tokens per sample at most (None: no limit)
+    stop: Tuple[str, ...] = ()  # a sample ends before the first occurrence of any of these
 
     def __post_init__(self):
         self.sampling()  # validates top_k, top_p, temperature, min_length
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, (int, np.integer)) \
                 or self.max_length < 0:
             raise OptionError("max_length", f"must not be negative, got {self.max_length!r}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool)
+                                            or not isinstance(self.max_tokens, (int, np.integer))
+                                            or self.max_tokens < 0):
+            raise OptionError("max_tokens", f"must not be negative, got {self.max_tokens!r}")
+        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
+            raise OptionError("stop", f"must be a sequence of non-empty strings, got {self.stop!r}")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.top_k, self.top_p, self.temperature, self.min_length)
@@ -95,6 +103,28 @@ class GenerationStats:
         return (f"prefill: {self.prefill_tokens} tokens in {self.prefill_seconds:.2f} s "
                 f"({rate(self.prefill_tokens, self.prefill_seconds)}); decoding: {self.tokens} tokens in "
                 f"{self.decode_seconds:.2f} s ({rate(self.tokens, self.decode_seconds)})")
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> Tuple[str, bool]:
+    """``text`` up to the first occurrence of any of ``stop``; (text, whether a stop string was found)."""
+    first = -1
+    for s in stop:
+        if s:
+            i = text.find(s)
+            if i >= 0 and (first < 0 or i < first):
+                first = i
+    return (text, False) if first < 0 else (text[:first], True)
+
+
+def held_back(text: str, stop: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` may still become the start of a stop string."""
+    held = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return held
 
 
 class TextAssembler:
@@ -280,8 +310,18 @@ class Generator:
 
     # -- decoding --------------------------------------------------------------------------
 
-    def _emit(self, row: _SampleInProgress, piece: str, max_length: int):
-        if row.job.on_text is None or not piece:
+    def _emit(self, row: _SampleInProgress, piece: str, max_length: int, stop: Sequence[str] = (),
+              final: bool = False):
+        if row.job.on_text is None:
+            return
+        if stop:  # what is sent never holds a stop string nor the start of one
+            text = row.assembler.text[:max_length]
+            text = cut_at_stop(text, stop)[0] if final else text[:len(text) - held_back(text, stop)]
+            if len(text) > row.emitted:
+                piece, row.emitted = text[row.emitted:], len(text)
+                row.job.on_text(piece)
+            return
+        if not piece:
             return
         room = max_length - row.emitted
         if room > 0:
@@ -290,7 +330,7 @@ class Generator:
             row.job.on_text(piece)
 
     def _draw(self, active: List[_SampleInProgress], logits: np.ndarray, params: SamplingParams,
-              max_length: int):
+              max_length: int, max_tokens: Optional[int] = None, stop: Sequence[str] = ()):
         """One token for every row: (tokens, indices of the rows that finished)."""
         eos = self.enc.eos_id
         tokens = np.zeros(len(active), dtype=np.int64)
@@ -300,12 +340,19 @@ class Generator:
             token = choose(logits[b], params, row.job.rng, forbid=eos if in_min else None)
             row.steps += 1
             if token == eos and not in_min:
-                self._emit(row, row.assembler.finish(), max_length)
+                self._emit(row, row.assembler.finish(), max_length, stop, final=True)
                 finished.append(b)
                 continue
-            self._emit(row, row.assembler.push(token), max_length)
+            piece = row.assembler.push(token)
             tokens[b] = token
-            if len(row.assembler.text) >= max_length:
+            text = row.assembler.text
+            if (stop and cut_at_stop(text[max(0, row.emitted - max(map(len, stop))):], stop)[1]) \
+                    or (max_tokens is not None and row.steps >= max_tokens):
+                self._emit(row, piece + row.assembler.finish(), max_length, stop, final=True)
+                finished.append(b)
+                continue
+            self._emit(row, piece, max_length, stop, final=len(text) >= max_length)
+            if len(text) >= max_length:
                 finished.append(b)
         return tokens, finished
 
@@ -344,7 +391,7 @@ class Generator:
         yields (job, text) as samples finish.  An exception from ``sources`` is
         raised once every job it gave before has been finished."""
         max_length = options.max_length
-        if max_length == 0:
+        if max_length == 0 or options.max_tokens == 0:
             for jobs in sources:
                 for job in jobs:
                     yield job, ""
@@ -396,7 +443,7 @@ class Generator:
                     raise failure
                 return
             t_step = time.perf_counter()  # sampling, text and the decoding step count as decoding
-            tokens, finished = self._draw(active, logits, params, max_length)
+            tokens, finished = self._draw(active, logits, params, max_length, options.max_tokens, options.stop)
             stats.tokens += len(active)
             if progress is not None:
                 progress(len(active))
@@ -404,7 +451,7 @@ class Generator:
                 retry = []
                 for b in finished:
                     row = active[b]
-                    text = row.assembler.text[:max_length]
+                    text = cut_at_stop(row.assembler.text[:max_length], options.stop)[0]
                     if text == "" and row.job.attempt < RETRIES_FOR_EMPTY:
                         row.job.attempt += 1  # the original draws an empty sample again
                         retry.append(row.job)

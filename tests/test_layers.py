@@ -1,6 +1,7 @@
 """The architecture holds: imports only go down the layers.
 
     cli                     flags, errors, one module per tool
+    server                  the HTTP API of gpt2-server.py (cli/server.py runs it)
     tasks, hub              text work over a Model and an Encoder; released names -> directories
     model, encoder          the network and its file format; the BPE encoder
     util                    small pieces any layer may use
@@ -16,7 +17,7 @@ import pytest
 
 from conftest import ROOT
 
-LAYERS = {"util": 0, "encoder": 1, "model": 1, "hub": 2, "tasks": 2, "cli": 3}
+LAYERS = {"util": 0, "encoder": 1, "model": 1, "hub": 2, "tasks": 2, "server": 3, "cli": 4}
 SHIMS = {"model/__main__.py", "encoder/__main__.py"}
 
 

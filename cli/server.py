@@ -1,0 +1,94 @@
+"""gpt2-server.py: an OpenAI-compatible HTTP server over one model, with continuous batching."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import common, flags
+from .errors import ArgumentParser, UsageError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog="gpt2-server.py",
+        description="Serve a Japanese GPT-2 model over HTTP with OpenAI's API (/v1/completions, /v1/embeddings, "
+                    "/v1/models), /tokenize, /detokenize, /health, /metrics and a demonstration page at /.",
+        epilog="Example: python gpt2-server.py --model gpt2ja-small --port 8000, then open http://127.0.0.1:8000/",
+    )
+    flags.add_model_flags(p)
+    flags.add(p, "batch_size", batch_size={
+        "help": "samples decoded together; requests join the running batch at the next step (default %(default)s)"})
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=flags.non_negative_int, default=8000,
+                   help="TCP port (default %(default)s; 0 picks a free one, printed on stderr)")
+    p.add_argument("--api_key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page "
+                        "(default: $GPT2JA_API_KEY; none when unset)")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages of ORIGIN (e.g. https://example.com, or *) to call the API; repeatable; "
+                        "default: no CORS headers")
+    p.add_argument("--max_queue", type=flags.non_negative_int, default=256, metavar="N",
+                   help="samples that may wait for a place in the batch; past it requests get 429 with "
+                        "Retry-After (default %(default)s)")
+    p.add_argument("--timeout", type=flags.positive_float, default=600.0, metavar="SECONDS",
+                   help="longest time one request may take; then it is cancelled (504) (default %(default)s)")
+    p.add_argument("--max_body", type=flags.positive_int, default=1 << 20, metavar="BYTES",
+                   help="largest request body; larger ones get 413 (default %(default)s)")
+    p.add_argument("--grace", type=flags.positive_float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C: stop accepting, let requests in flight finish for this long, "
+                        "then cancel them and exit 0 (default %(default)s)")
+    p.add_argument("--served_model_name", default=None, metavar="NAME",
+                   help="the model id of the API (default: the model directory's name)")
+    p.add_argument("--engine", choices=("auto", "numpy", "tf"), default="auto",
+                   help="decoding engine, as gpt2-generate.py's (default auto)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2JA_API_KEY") or None
+    import signal
+    import socket
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise UsageError("the server needs fastapi and uvicorn: pip install -r requirements.txt") from None
+    from server.app import ServerConfig, create_app
+    from tasks.serving import Engine
+
+    try:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    enc = common.load_encoder(args)
+    m = common.load_model(args, enc)
+    engine = Engine(m, enc, batch_size=args.batch_size, max_queue=args.max_queue, engine=args.engine).start()
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    config = ServerConfig(model_name=name, api_key=api_key, cors=list(args.cors), max_body=args.max_body,
+                          timeout=args.timeout)
+    app = create_app(m, enc, engine, config)
+    sock.listen(2048)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    sys.stderr.write(f"gpt2-server.py: serving {name} on http://{shown}:{port}/ "
+                     f"(engine {engine.decoder.engine}, batch {args.batch_size})\n")
+    sys.stderr.flush()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning",
+                                           timeout_graceful_shutdown=args.grace, access_log=args.verbose,
+                                           lifespan="off"))
+    # uvicorn handles SIGTERM/SIGINT (graceful shutdown) and re-raises the signal when done: a handler that
+    # does nothing makes that a clean exit, status 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop(cancel=True)
+    sys.stderr.write("gpt2-server.py: stopped\n")
+    return 0

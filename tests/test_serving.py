@@ -1,0 +1,111 @@
+"""tasks/serving.py: the server's engine decodes every sample as gpt2-generate.py does."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tasks.generate import GenerateOptions, Generator
+from tasks.sampling import SamplingParams
+from tasks.serving import Engine, QueueFull, SampleRequest, cut_at_stop
+
+
+def _wait(jobs, timeout=120):
+    end = time.monotonic() + timeout
+    while not all(j.done for j in jobs):
+        assert time.monotonic() < end, "engine did not finish"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def engine(tiny, enc):
+    e = Engine(tiny, enc, batch_size=4, max_queue=8).start()
+    yield e
+    e.stop()
+
+
+def test_seeded_samples_equal_the_generator(tiny, enc, engine):
+    contexts = ["今日は良い天気です。", "吾輩は猫である", ""]
+    ref = list(Generator(tiny, enc).generate_many(contexts, num=3, batch_size=4,
+                                                  options=GenerateOptions(top_k=40, seed=7, max_length=60)))
+    pieces = {}
+    lock = threading.Lock()
+
+    def on_event(job, kind, data):
+        if kind == "text":
+            with lock:
+                pieces[id(job)] = pieces.get(id(job), "") + data
+
+    jobs = []
+    for j, c in enumerate(contexts):
+        for i in range(3):
+            rng = np.random.default_rng(np.random.SeedSequence([7, j, i]))
+            jobs.append(engine.submit(SampleRequest(engine.context_ids(c), SamplingParams(40, 0.0, 1.0), rng=rng,
+                                                    max_length=60), on_event))
+    _wait(jobs)
+    assert [j.text for j in jobs] == [s.text for s in ref]
+    assert [pieces.get(id(j), "") for j in jobs] == [j.text for j in jobs]
+
+
+def test_max_tokens_stop_and_streamed_text(tiny, enc, engine):
+    ids = engine.context_ids("今日は")
+    greedy = SamplingParams(0, 0.0, 0.0)
+    full = engine.submit(SampleRequest(ids, greedy, max_tokens=20), lambda *a: None)
+    _wait([full])
+    assert len(full.tokens) == 20 and full.finish_reason == "length"
+    assert full.text == enc.decode(full.tokens)
+    stop = full.text[5:7]
+    streamed = []
+    cut = engine.submit(SampleRequest(ids, greedy, max_tokens=20, stop=(stop,)),
+                        lambda job, kind, data: streamed.append(data) if kind == "text" else None)
+    _wait([cut])
+    assert cut.text == cut_at_stop(full.text, [stop])[0] and cut.finish_reason == "stop"
+    assert "".join(streamed) == cut.text
+
+
+def test_cancel_frees_the_row_and_queue_is_bounded(tiny, enc):
+    e = Engine(tiny, enc, batch_size=1, max_queue=1).start()
+    try:
+        ids = e.context_ids("今日は")
+        long = e.submit(SampleRequest(ids, SamplingParams(0, 0.0, 0.0), max_tokens=100000), lambda *a: None)
+        waiting = e.submit(SampleRequest(ids, SamplingParams(0, 0.0, 0.0), max_tokens=3), lambda *a: None)
+        with pytest.raises(QueueFull):
+            e.submit(SampleRequest(ids, SamplingParams(0, 0.0, 0.0), max_tokens=3), lambda *a: None)
+        long.cancel()
+        _wait([waiting])
+        assert len(waiting.tokens) == 3
+    finally:
+        e.stop()
+
+
+def test_generator_max_tokens_and_stop_match_the_engine(tiny, enc, engine):
+    """gpt2-generate.py's --max_tokens / --stop (GenerateOptions) and the server's max_tokens / stop agree."""
+    gen = Generator(tiny, enc)
+    base = gen.generate("今日は", 4, GenerateOptions(seed=3, max_length=10 ** 6, max_tokens=25))
+    stop = next(t[4:6] for t in base if len(t) > 8)
+    for opts in (GenerateOptions(seed=3, max_length=10 ** 6, max_tokens=25),
+                 GenerateOptions(seed=3, max_length=10 ** 6, max_tokens=25, stop=(stop, "ZZ")),
+                 GenerateOptions(seed=3, max_length=12, stop=(stop,))):
+        streamed = {}
+        texts = gen.generate("今日は", 4, opts,
+                             on_text=lambda i, piece: streamed.__setitem__(i, streamed.get(i, "") + piece))
+        assert [streamed.get(i, "") for i in range(4)] == texts
+        jobs = [engine.submit(SampleRequest(engine.context_ids("今日は"), opts.sampling(),
+                                            rng=np.random.default_rng(np.random.SeedSequence([3, 0, i])),
+                                            max_tokens=opts.max_tokens, max_length=opts.max_length,
+                                            stop=opts.stop), lambda *a: None) for i in range(4)]
+        _wait(jobs)
+        assert [j.text for j in jobs] == texts
+        for t in texts:
+            assert not any(s in t for s in opts.stop)
+
+
+def test_generator_options_refuse_bad_limits():
+    from tasks.errors import OptionError
+
+    with pytest.raises(OptionError, match="max_tokens"):
+        GenerateOptions(max_tokens=-1)
+    with pytest.raises(OptionError, match="stop"):
+        GenerateOptions(stop=("",))
+    with pytest.raises(OptionError, match="stop"):
+        GenerateOptions(stop="。")
