@@ -70,8 +70,8 @@ def parser() -> argparse.ArgumentParser:
                        description="Columns: line, index, context, text: sample i of line j is what "
                                    "gpt2-generate.py --seed S gives for context j.")
     common_flags(g, "contexts")
-    flags.add(g, "num_generate", "top_k", "top_p", "temperature", "max_length", "min_length", "seed", "batch_size",
-              min_length={"type": int})
+    flags.add(g, "num_generate", "top_k", "top_p", "temperature", "max_length", "max_tokens", "stop", "min_length",
+              "seed", "batch_size", min_length={"type": int})
     g.add_argument("--engine", choices=("auto", "numpy", "tf"), default="auto",
                    help="decoding engine (as gpt2-generate.py)")
     return p
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
         shards = bulk.plan_shards(inputs, args.shard_lines or bulk.SHARD_LINES)
     except bulk.BulkError as e:
         raise UsageError(str(e)) from None
-    job = _job_description(args, task, shards)
+    job = json.loads(json.dumps(_job_description(args, task, shards)))  # as it reads back (tuples -> lists)
     todo = _prepare_output(args, job, shards)
     total = sum(s.lines for s in shards)
     if not todo:

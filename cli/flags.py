@@ -127,6 +127,14 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
                                            help="characters per sample at most (default 500)")),
     "min_length": (("--min_length",), dict(type=non_negative_int, default=0,
                                            help="tokens before <|endoftext|> may end a sample (default 0)")),
+    "max_tokens": (("--max_tokens",), dict(
+        type=non_negative_int, default=None, metavar="N",
+        help="tokens per sample at most, beside --max_length characters (default: no limit); as the server's "
+             "max_tokens")),
+    "stop": (("--stop",), dict(
+        action="append", default=[], metavar="STR",
+        help="end a sample before the first occurrence of STR (not part of the text); repeatable; as the "
+             "server's stop")),
     "num_generate": (("--num_generate",), dict(type=positive_int, default=5, help="samples per context (default 5)")),
     "clean_text": (("--clean_text",), dict(action="store_true",
                                            help="replace URLs, e-mail addresses, phone numbers, dates and prices "

@@ -28,12 +28,7 @@ def parser() -> argparse.ArgumentParser:
               batch_size={"help": "samples decoded together, from as many contexts as it takes (default "
                                   "%(default)s); larger batches give more tokens per second on a CPU and use "
                                   "more memory"})
-    p.add_argument("--max_tokens", type=flags.non_negative_int, default=None, metavar="N",
-                   help="tokens per sample at most, beside --max_length characters (default: no limit); "
-                        "as the server's max_tokens")
-    p.add_argument("--stop", action="append", default=[], metavar="STR",
-                   help="end a sample before the first occurrence of STR (not part of the text); repeatable; "
-                        "as the server's stop")
+    flags.add(p, "max_tokens", "stop")
     p.add_argument("--contexts", metavar="FILE", default=None,
                    help="one context per line (FILE or '-' for stdin); --num_generate samples for each")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
