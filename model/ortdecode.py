@@ -260,7 +260,7 @@ class OnnxDecoder:
             so.add_external_initializers(list(external),
                                          [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
         self.session = ort.InferenceSession(onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        L, H, D = hp.n_layer, hp.n_head, hp.head_dim
+        H, D = hp.n_head, hp.head_dim
         self._empty_cache = np.zeros((1, H, 1, D), np.float32)
         self._empty_mask = np.full((1, 1, 1, 1), _MASKED, np.float32)
         self._K: Optional[np.ndarray] = None  # [L, slots, H, capacity, D]
