@@ -332,3 +332,38 @@ def test_quantize_with_another_engine_is_a_usage_error(tiny_copy, env):
 
     with pytest.raises(UsageError, match="onnx engine"):
         cli_generate.main(["--model", str(tiny_copy), "--quantize", "q4", "--engine", "numpy"])
+
+
+# -- the benchmark's functions (so that they cannot rot) ---------------------------------------------
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quantize", ROOT / "bench" / "bench_quantize.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_functions_on_the_tiny_model(tiny_q, enc, corpus_lines):
+    bench = _bench()
+    s = bench.speed(tiny_q, steps=2, batches=(1, 2))
+    assert set(s["decode"]) == {f"{e} b{b}" for e in ("numpy f32", "onnx f32", "onnx q8", "onnx q4") for b in (1, 2)}
+    assert all(r["tokens_per_s"] > 0 and r["x_bound"] > 0 for r in s["decode"].values())
+    q = bench.quantize_times(tiny_q, formats=("q4",))
+    assert q["q4"]["quantize_s"] > 0 and q["q4"]["cache_bytes"] > 0
+    k = bench.kld(enc, corpus_lines[:300], train_steps=2, min_positions=60)
+    assert k["training"]["steps"] == 2
+    for fmt in ("q8", "q4"):
+        assert k[fmt]["positions"] >= 60 and 0 <= k[fmt]["mean_kld"] < 1 and 0 <= k[fmt]["top1_agreement"] <= 1
+    assert k["q8"]["mean_kld"] < k["q4"]["mean_kld"]
+
+
+def test_teacher_forced_logits_are_the_decoders_logits(tiny_q):
+    bench = _bench()
+    seqs = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    got = bench.teacher_forced_logits(NumpyDecoder.from_model(tiny_q), seqs, rows=2)
+    assert [g.shape[0] for g in got] == [3, 1, 2]
+    for s, g in zip(seqs, got):
+        np.testing.assert_allclose(g, tiny_q.logits([s])[0, :-1], atol=1e-4)
