@@ -384,7 +384,8 @@ class OnnxDecoder:
                 done[seq] = self._prefill(seq)
             k, v, last = done[seq]
             slot = len(self._slots)
-            self._reserve(slot + 1, len(seq) + 1)
+            if b == 0:  # room for all the new rows at once
+                self._reserve(slot + len(seqs), max(len(s) for s in seqs) + 1)
             self._place(slot, k, v)
             self._slots.append(slot)
             logits[b] = last
