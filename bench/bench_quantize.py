@@ -21,7 +21,7 @@ Peak RSS (small): a child process that loads the model and decodes 64 steps with
 reference, one decoding with the numpy engine), ``/usr/bin/time -f %M`` (or os.wait4).
 
 Quality (KLD): a copy of the tiny test checkpoint is fine-tuned for --train-steps steps
-(``tasks.train.Trainer``, chunks of 128 tokens of ``tasks.dataset.Chunks``, Adam 1e-3, batch 8)
+(``tasks.train.Trainer``, chunks of 128 tokens of ``tasks.dataset.Chunks``, Adam 3e-3, batch 8)
 on texts of --text (default: the repository's golden texts), saved and loaded again; then on
 held-out texts (not trained on) every position's next-token distribution of q8 and q4 decoding
 (teacher-forced decoder steps) is compared with the float32 numpy engine's: mean KL(fp32 || q),
@@ -183,7 +183,7 @@ def encode_texts(enc, texts):
     return [np.asarray(enc.encode(t) + [enc.eos_id], np.int32) for t in texts if t.strip()]
 
 
-def train_tiny(out_dir: str, enc, texts, steps: int, chunk: int = 128, batch: int = 8, lr: float = 1e-3,
+def train_tiny(out_dir: str, enc, texts, steps: int, chunk: int = 128, batch: int = 8, lr: float = 3e-3,
                seed: int = 0) -> dict:
     """Fine-tune a copy of the tiny checkpoint on ``texts`` for ``steps`` steps; saved to ``out_dir``."""
     import model

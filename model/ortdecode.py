@@ -42,6 +42,7 @@ import numpy as np
 from .errors import ModelError
 from .hparams import LAYER_NORM_EPSILON, HParams
 from .npdecode import cpu_weights
+from .quantize import BLOCK
 
 MS = "com.microsoft"
 #: MatMulNBits' accuracy_level: 4 = int8 arithmetic on the (per-block quantized) activations.
@@ -124,14 +125,15 @@ class _GraphBuilder:
         return outputs[0] if len(outputs) == 1 else outputs
 
 
-def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = None, bits: Optional[int] = None):
+def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = None):
     """The ONNX model of one decoding step (or a prefill) and its external initializers.
 
     Inputs: ``x`` [B, S, E] (embeddings of S new tokens per row), ``mask`` [B, 1, 1, T] (additive,
     over the T cached positions), ``causal`` [S, S] (additive, among the new tokens), ``split``
     int64 [T, S], and per layer ``pk{i}``/``pv{i}`` [B, H, T, D] (the cache).  Outputs: ``logits``
     [B, V] after the last new token, ``new_k``/``new_v`` [L, B, H, S, D].
-    ``quantized``: arrays of ``model.quantize`` (``name/q``, ``name/s``) with ``bits``; None: float32.
+    ``quantized``: arrays of ``model.quantize`` (``name/q``, ``name/s``; 8 or 4 bits, matrix by matrix);
+    None: float32.
     """
     from onnx import TensorProto, helper
 
@@ -152,9 +154,14 @@ def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = Non
         """x @ W for W [k, n] (checkpoint layout [in, out])."""
         if quantized is None:
             return g.node("MatMul", [x, g.const(name, weights[f"model/{name}"])])
-        return g.node("MatMulNBits", [x, g.const(name + "/q", quantized[name + "/q"]),
-                                      g.const(name + "/s", quantized[name + "/s"])],
-                      domain=MS, K=k, N=n, bits=bits, block_size=32, accuracy_level=ACCURACY_LEVEL)
+        return nbits(x, name, k, n)
+
+    def nbits(x, name, k, n, out=None):
+        """MatMulNBits over quantized[name/q] [n, blocks, blob]: its bits follow from the blob size."""
+        q = quantized[name + "/q"]
+        return g.node("MatMulNBits", [x, g.const(name + "/q", q), g.const(name + "/s", quantized[name + "/s"])],
+                      out, domain=MS, K=k, N=n, bits=q.shape[2] * 8 // BLOCK, block_size=BLOCK,
+                      accuracy_level=ACCURACY_LEVEL)
 
     def layer_norm(x, prefix):
         return g.node("LayerNormalization", [x, g.const(prefix + "/g", weights[prefix + "/g"]),
@@ -188,8 +195,7 @@ def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = Non
     if quantized is None:
         g.node("Gemm", [last, g.const("wte", weights["model/wte"])], "logits", transB=1)
     else:
-        g.node("MatMulNBits", [last, g.const("wte/q", quantized["wte/q"]), g.const("wte/s", quantized["wte/s"])],
-               "logits", domain=MS, K=E, N=V, bits=bits, block_size=32, accuracy_level=ACCURACY_LEVEL)
+        nbits(last, "wte", E, V, "logits")
     g.node("Concat", new_k, "new_k", axis=0)
     g.node("Concat", new_v, "new_v", axis=0)
 
@@ -252,8 +258,7 @@ class OnnxDecoder:
         self.quantized_now = bool(quantized is not None and quantized.made)
         self.wte = weights["model/wte"]
         self.wpe = weights["model/wpe"]
-        bits = None if quantized is None else {"q8": 8, "q4": 4}[quantized.fmt]
-        onnx_model, external = build_step_graph(hp, weights, None if quantized is None else quantized.arrays, bits)
+        onnx_model, external = build_step_graph(hp, weights, None if quantized is None else quantized.arrays)
         so = session_options(threads)
         self._external = external  # the buffers must outlive the session
         if external:

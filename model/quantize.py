@@ -7,10 +7,14 @@
 The format is ONNX Runtime's ``MatMulNBits`` (``com.microsoft``): each weight
 matrix W [K in, N out] is stored transposed as N rows of K values, cut into
 blocks of ``BLOCK`` (32) values along K; every block has one float32 scale
-(its largest absolute value / 127 for q8, / 7 for q4) and its values are
-rounded to ``round(w / scale)`` stored with an offset (128 for 8 bits, 8 for
-4 bits: the op's implicit zero point), two 4-bit values per byte (even k in
-the low nibble).  Quantized are the four matrices of every block and the
+and its values are rounded to ``round(w / scale)``, stored with an offset
+(128 for 8 bits, 8 for 4 bits: the op's implicit zero point), two 4-bit
+values per byte (even k in the low nibble).  The scale is the block's value
+of largest magnitude divided by -128 (q8) or -8 (q4), as llama.cpp's Q8_0 /
+Q4_0 do, so that all 256 / 16 levels are used: that value is exact and
+the others lie in [-8, 8) steps (the rare +8 is clipped to 7).  On a
+fine-tuned tiny model this gave q4 a mean KL divergence of 0.011 against
+0.014 for the symmetric max/7 scale.  Quantized are the four matrices of every block and the
 token embedding (the tied output projection, ``wte`` [V, E], already N x K);
 embeddings for the input, biases and layer norms stay float32.
 
@@ -47,7 +51,7 @@ from .hparams import HParams
 FORMATS = ("q8", "q4")
 BITS = {"q8": 8, "q4": 4}
 BLOCK = 32
-VERSION = 1
+VERSION = 2
 SUBDIR = "quantized"
 _META = "__meta__"
 
@@ -55,8 +59,9 @@ _META = "__meta__"
 def quantize_matrix(wt: np.ndarray, bits: int, block: int = BLOCK) -> Tuple[np.ndarray, np.ndarray]:
     """wt [N, K] float32 -> (q uint8 [N, ceil(K/block), block*bits/8], scales float32 [N*ceil(K/block)]).
 
-    Symmetric per block: scale = max|w| / (2**(bits-1) - 1), q = round(w / scale) + 2**(bits-1)
-    (MatMulNBits' implicit zero point); K is padded with zeros to a whole number of blocks."""
+    Per block: scale = (the value of largest magnitude) / -2**(bits-1) (negative for a positive
+    extreme), q = clip(round(w / scale) + 2**(bits-1), 0, 2**bits - 1) (MatMulNBits' implicit
+    zero point); K is padded with zeros to a whole number of blocks."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     wt = np.asarray(wt, dtype=np.float32)
@@ -65,13 +70,13 @@ def quantize_matrix(wt: np.ndarray, bits: int, block: int = BLOCK) -> Tuple[np.n
     if nb * block != K:
         wt = np.concatenate([wt, np.zeros((N, nb * block - K), np.float32)], axis=1)
     wb = wt.reshape(N, nb, block)
-    top = np.float32(2 ** (bits - 1) - 1)
-    scale = np.abs(wb).max(axis=2)
-    scale /= top
+    half = np.float32(2 ** (bits - 1))
+    extreme = np.take_along_axis(wb, np.abs(wb).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+    scale = extreme / -half
     scale[scale == 0] = 1.0
     q = wb / scale[:, :, None]
     np.rint(q, out=q)
-    q += np.float32(2 ** (bits - 1))
+    q += half
     np.clip(q, 0, 2 ** bits - 1, out=q)
     q = q.astype(np.uint8)
     if bits == 4:
