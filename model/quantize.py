@@ -29,7 +29,8 @@ cache file is used only when it names the same key, format, block size and
 version and holds every array with the expected shape and type (its zip
 checksums are verified on reading); anything else -- a truncated or
 corrupted file, one made for another checkpoint -- is made again and
-replaced, never trusted.
+replaced, never trusted.  Beside the checkpoint, a new file replaces the files
+that earlier contents of the same checkpoint left there.
 """
 from __future__ import annotations
 
@@ -221,6 +222,18 @@ def _write_cache(path: Path, arrays: Dict[str, np.ndarray], meta: dict) -> None:
     atomic_write(path, lambda f: np.savez(f, **payload))
 
 
+def _remove_stale(path: Path, prefix, fmt: str) -> None:
+    """Beside the checkpoint, remove this format's files of earlier contents of the same checkpoint
+    (same name, another key: the checkpoint was overwritten).  Never under the shared model cache,
+    where checkpoints of other directories may share the name."""
+    for old in path.parent.glob(glob.escape(f"{os.path.basename(str(prefix))}.{fmt}-") + "*.npz"):
+        if old != path:
+            try:
+                old.unlink()
+            except OSError:
+                pass
+
+
 def load_or_make(weights, prefix: Optional[str | os.PathLike], fmt: str, hp: HParams,
                  cache_root: Optional[str | os.PathLike] = None) -> Quantized:
     """The ``fmt`` weights of the checkpoint ``prefix`` whose float32 weights are ``weights``:
@@ -243,9 +256,11 @@ def load_or_make(weights, prefix: Optional[str | os.PathLike], fmt: str, hp: HPa
     for path in candidates:
         try:
             _write_cache(path, arrays, meta)
-            return Quantized(fmt, arrays, path, True)
         except OSError:
             continue
+        if path == candidates[0]:
+            _remove_stale(path, prefix, fmt)
+        return Quantized(fmt, arrays, path, True)
     return Quantized(fmt, arrays, None, True)
 
 

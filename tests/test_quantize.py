@@ -270,6 +270,18 @@ def test_corrupted_or_foreign_cache_is_rebuilt(tiny_copy, tiny_q, tmp_path):
     assert not reload().quantized_now  # and the rebuilt file is used again
 
 
+def test_a_changed_checkpoint_gets_new_weights_and_the_old_file_goes(tiny_q, tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(TINY_DIR, d)
+    w = model.npdecode.cpu_weights(tiny_q)
+    first = quantize.load_or_make(w, str(d / "model-1000"), "q4", tiny_q.hparams)
+    q8 = quantize.load_or_make(w, str(d / "model-1000"), "q8", tiny_q.hparams)
+    os.utime(d / "model-1000.data-00000-of-00001", ns=(1, 1))  # the checkpoint was written again
+    second = quantize.load_or_make(w, str(d / "model-1000"), "q4", tiny_q.hparams)
+    assert second.made and second.path != first.path and second.path.is_file()
+    assert not first.path.exists() and q8.path.exists()  # only the stale file of that format goes
+
+
 def test_cache_goes_to_the_model_cache_when_the_checkpoint_directory_is_not_writable(tiny_q, tmp_path,
                                                                                        monkeypatch):
     d = tmp_path / "ro"
