@@ -9,6 +9,8 @@ Speed (per shape; random checkpoints from bench/make_checkpoint.py, made under /
 
 - bound: the numpy float32 matrix-vector chain over one decoding step's weights
   (``bench_generate.Bound``), sampled before every timed repeat in this run;
+- the same chain with one OpenBLAS thread (when threadpoolctl is installed): on a loaded machine
+  2-thread OpenBLAS collapses and this is the steadier reference;
 - tokens/s of decoder steps (``decode_measure``: --steps steps from position 8) at 1 and 8 rows, for
   the numpy engine (float32, the default) and the onnx engine with float32, q8 and q4 weights; each
   as best of repeats and as "x bound" (best rate / best bound; with 8 rows the aggregate rate over
@@ -77,18 +79,35 @@ def decoders(m, formats=FORMATS, fp32_onnx=True):
     return out
 
 
+class OneThreadBound(bg.Bound):
+    """The same chain with OpenBLAS on one thread (threadpoolctl): when other processes hold the
+    cores, 2-thread OpenBLAS collapses (its threads wait on each other), and this one does not."""
+
+    def chain(self):
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(1):
+            super().chain()
+
+
 def speed(m, steps: int, batches=(1, 8), position: int = 8, formats=FORMATS) -> dict:
-    """Tokens/s of decoder steps for every engine and batch, with the same-run bound."""
+    """Tokens/s of decoder steps for every engine and batch, with the same-run bound (and, when
+    threadpoolctl is installed, the bound with one OpenBLAS thread)."""
     from model.npdecode import cpu_weights
 
     hp = m.hparams
     bound = bg.Bound(hp, cpu_weights(m))
+    try:
+        one = OneThreadBound(hp, cpu_weights(m))
+    except ImportError:
+        one = None
     decs = decoders(m, formats)
     rows = {}
     for batch in batches:
         for name, dec in decs.items():
             r = bg.repeat(bg.decode_measure(dec, hp, batch, position, steps), bound)
             rows[f"{name} b{batch}"] = r
+            if one is not None:
+                one.sample()
             log(f"  {name} b{batch}: {r['tokens_per_s']:.1f} tok/s")
         # interleave: a second pass over the engines so that load that comes and goes hits all of them
         for name, dec in decs.items():
@@ -100,7 +119,10 @@ def speed(m, steps: int, batches=(1, 8), position: int = 8, formats=FORMATS) -> 
     b = bound.summary()
     for r in rows.values():
         r["x_bound"] = r["tokens_per_s"] / b["tokens_per_s"]
-    return {"bound": b, "decode": rows}
+    out = {"bound": b, "decode": rows}
+    if one is not None:
+        out["bound_1thread"] = one.summary()
+    return out
 
 
 def quantize_times(m, formats=FORMATS) -> dict:
@@ -322,6 +344,8 @@ def main(argv=None) -> int:
             b = s["bound"]
             print(f"\n== {shape}: bound (numpy f32 matrix-vector chain, same run) {b['tokens_per_s']:.1f} tok/s "
                   f"({b['gb_per_s']:.1f} GB/s over {b['weight_bytes'] / 1e6:.0f} MB)")
+            if "bound_1thread" in s:
+                print(f"   the same chain with one OpenBLAS thread: {s['bound_1thread']['tokens_per_s']:.1f} tok/s")
             print(f"{'engine':<14} {'rows':>4} {'tok/s':>8} {'x bound':>8} {'paired':>7}")
             for name, r in s["decode"].items():
                 eng, rows = name.rsplit(" b", 1)
