@@ -1,8 +1,9 @@
-"""python -m model: the model cache -- download, list, remove.
+"""python -m model: the model cache -- download, list, remove, quantize.
 
     python -m model download gpt2ja-medium [gpt2ja-small ...]
     python -m model list
     python -m model remove gpt2ja-medium
+    python -m model quantize gpt2ja-small q4     # or a model directory; q8 or q4
 
 download: each model is downloaded (resuming a partial download), extracted,
 checked to be a loadable checkpoint and moved into the cache ($GPT2JA_HOME,
@@ -12,7 +13,11 @@ GPT2JA_OFFLINE=1 (the vocabulary ships with the encoder package).  The
 directory of each model is printed on stdout, one per line, whether it was
 downloaded now or found in the cache.  list: one line per cached model,
 ``name<TAB>size<TAB>path`` (an unfinished download says so).  remove: deletes
-a model (and any unfinished download of it) from the cache.
+a model (and any unfinished download of it) from the cache.  quantize: makes
+the 8-bit (q8) or 4-bit (q4) weights that ``--quantize`` decodes with, ahead of
+time (otherwise they are made on first use), and prints the cache file
+(beside the checkpoint, ``DIR/quantized/``, when that directory is writable,
+else under ``$GPT2JA_HOME/quantized``); a valid cache file is reused.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ _NAMES = ", ".join(hub.RELEASED_MODELS)
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m model", description="The cache of released gpt2ja models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{download,list,remove}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{download,list,remove,quantize}")
     d = sub.add_parser(
         "download", help="fetch released models into the cache",
         description="Download released models into the cache, with resume, checks and safe extraction; "
@@ -42,7 +47,35 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("remove", help="delete a model from the cache",
                        description="Delete a released model (and any unfinished download of it) from the cache.")
     r.add_argument("names", nargs="+", metavar="NAME", help="released model: " + _NAMES)
+    q = sub.add_parser(
+        "quantize", help="make the 8-/4-bit weights of a model ahead of time",
+        description="Quantize a model's weights for --quantize (ONNX Runtime MatMulNBits, blocks of 32) and "
+                    "cache them beside the checkpoint (or under $GPT2JA_HOME/quantized when its directory is "
+                    "not writable); print the cache file. A valid cache file is reused.",
+        epilog="example: python -m model quantize gpt2ja-small q4")
+    q.add_argument("model", metavar="MODEL", help="model directory, or a released name: " + _NAMES)
+    q.add_argument("format", choices=("q8", "q4"), help="q8: 8-bit weights; q4: 4-bit weights")
+    flags.add(q, "no_download", "verbose")
     return p
+
+
+def _quantize(args) -> int:
+    from . import common
+
+    common.quiet_tensorflow(args.verbose)
+    model_dir = hub.resolve_model(args.model, download=not args.no_download)
+    import model
+    from model import quantize
+
+    m = model.load(str(model_dir))
+    q = quantize.ensure(m, args.format)
+    if q.path is None:
+        key = quantize.checkpoint_key(m.path, args.format)
+        places = " or ".join(str(p.parent) for p in quantize.cache_candidates(m.path, args.format, key))
+        raise model.ModelError(f"cannot write the quantized weights to {places}")
+    common.log(args, f"{args.format} weights {'made' if q.made else 'already cached'}")
+    print(q.path, flush=True)
+    return 0
 
 
 def _size(n: int) -> str:
@@ -55,6 +88,8 @@ def _size(n: int) -> str:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "quantize":
+        return _quantize(args)
     for name in getattr(args, "names", ()):
         if not hub.is_released(name):
             raise UsageError(f"unknown model {name!r}; released models: {_NAMES}")

@@ -141,6 +141,11 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
                                                 "by tags, as the original's clean_text")),
     "num_process": (("--num_process",), dict(type=positive_int, default=None, metavar="N",
                                              help="encoding processes (default: the CPUs, at most 8)")),
+    "quantize": (("--quantize",), dict(
+        choices=("none", "q8", "q4"), default="none",
+        help="decode with 8-bit (q8) or 4-bit (q4) weights through ONNX Runtime: faster on a CPU, "
+             "slightly different numbers; made from the checkpoint on first use and cached beside it "
+             "(or under $GPT2JA_HOME/quantized); default none: float32 weights")),
     "progress": (("--progress",), dict(action="store_true",
                                        help="show progress bars even when stderr is not a terminal")),
 }

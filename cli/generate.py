@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     )
     flags.add_model_flags(p)
     flags.add(p, "output_file", "context", "num_generate", "top_k", "top_p", "temperature", "max_length",
-              "min_length", "seed", "batch_size",
+              "min_length", "seed", "batch_size", "quantize",
               context={"help": "text to continue (default <|endoftext|>, i.e. from scratch); '-' reads all of stdin"},
               num_generate={"default": None,
                             "help": f"samples per context (default {DEFAULT_NUM_GENERATE}; 1 with --stream)"},
@@ -36,8 +36,9 @@ def parser() -> argparse.ArgumentParser:
                         "{context, index, text} per sample, flushed as it is done")
     p.add_argument("--stream", action="store_true",
                    help="print the text as it is produced (one sample of one context, text format)")
-    p.add_argument("--engine", choices=("auto", "numpy", "tf"), default="auto",
-                   help="decoding engine: numpy (fastest on a CPU), tf (TensorFlow; used on a GPU); default auto")
+    p.add_argument("--engine", choices=("auto", "numpy", "tf", "onnx"), default="auto",
+                   help="decoding engine: numpy (fastest on a CPU with float32 weights), tf (TensorFlow; used "
+                        "on a GPU), onnx (ONNX Runtime; what --quantize uses); default auto")
     return p
 
 
@@ -51,6 +52,8 @@ def _check(args) -> None:
         raise UsageError("--context and --contexts are exclusive")
     if args.context == "-" and args.contexts == "-":
         raise UsageError("stdin cannot be both the context and the contexts")
+    if args.quantize != "none" and args.engine not in ("auto", "onnx"):
+        raise UsageError(f"--quantize {args.quantize} decodes with the onnx engine: leave out --engine {args.engine}")
     if args.stream:
         if args.num_generate not in (None, 1) or args.contexts is not None:
             raise UsageError("--stream prints one sample: use it with --num_generate 1 and a single --context")
@@ -94,8 +97,13 @@ def main(argv=None) -> int:
 
     enc = common.load_encoder(args)
     m = common.load_model(args, enc)
-    generator = Generator(m, enc, engine=args.engine)
-    common.log(args, f"engine: {generator.engine_name}")
+    quantize = None if args.quantize == "none" else args.quantize
+    generator = Generator(m, enc, engine=args.engine, quantize=quantize)
+    if quantize is not None:
+        dec = generator.engine()  # quantized weights: made now or read from the cache
+        made = "made and cached in" if dec.quantized_now else "read from"
+        common.log(args, f"{quantize} weights {made} {dec.quantized_path}")
+    common.log(args, f"engine: {generator.engine_name}" + (f" ({quantize})" if quantize else ""))
 
     with io.output(args.output_file) as out:
         if args.stream:

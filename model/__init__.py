@@ -12,6 +12,8 @@
     dec = model.decoder(m)                # rows decoded token by token: NumpyDecoder on a
     first = dec.add([[1, 2, 3], [4, 5]])  # CPU, TFDecoder (over Cache) on a GPU; see decoding
     nxt = dec.step([42, 7])
+    dec = model.decoder(m, quantize="q4") # OnnxDecoder (ONNX Runtime) over 4-bit weights,
+                                          # made once and cached (model.quantize)
     arr, lens = model.as_batch([[1, 2], [3]], m.hparams)  # checked, right-padded int32 batch
     model.save(m, "out_dir", step=1000)   # released layout, state file written last
     dev = model.select_device("-1")       # --gpu: '-1' CPU, 'N' -> '/GPU:N' if present
@@ -46,6 +48,8 @@ _LAZY = {
     "TFDecoder": "tfdecode",
     "configure_threads": "threads",
     "cpu_count": "threads",
+    "OnnxDecoder": "ortdecode",
+    "quantize": "quantize",
 }
 
 __all__ = ["ModelError", "import_tf", "HParams", "RELEASED", "check_vocab", "variable_shapes", "LAYER_NAMES",
@@ -57,7 +61,8 @@ def __getattr__(name):
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    loaded = importlib.import_module(f"{__name__}.{module}")
+    value = loaded if name == module else getattr(loaded, name)  # a module itself (quantize)
     globals()[name] = value
     return value
 

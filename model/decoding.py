@@ -1,4 +1,4 @@
-"""Incremental decoding engines: one interface, two implementations, and the factory choosing one.
+"""Incremental decoding engines: one interface, three implementations, and the factory choosing one.
 
     import model
     dec = model.decoder(m)                  # numpy on the CPU, TensorFlow on a GPU ("auto")
@@ -11,7 +11,12 @@ buffers, every row with its own cache (rows join and leave at any step:
 ``joins_running`` True).  ``tfdecode.TFDecoder`` keeps rows over the model's
 TensorFlow cache (``Model.start``/``Model.step``; what a GPU uses), whose rows
 share one slot counter, so new rows join only when there are none.  Both
-give every row exactly the numbers it would have alone.
+give every row exactly the numbers it would have alone.  ``ortdecode.OnnxDecoder``
+(engine 'onnx') runs each step as one ONNX Runtime graph, with float32 weights
+or, with ``quantize`` 'q8' / 'q4', 8-/4-bit weights made once per checkpoint
+and cached (``model.quantize``); rows as NumpyDecoder's.
+
+    dec = model.decoder(m, quantize="q4")   # OnnxDecoder over 4-bit weights
 """
 from __future__ import annotations
 
@@ -19,13 +24,15 @@ from typing import List, Optional, Protocol, Sequence
 
 import numpy as np
 
-ENGINES = ("auto", "numpy", "tf")
+ENGINES = ("auto", "numpy", "tf", "onnx")
+#: Weight formats of ``quantize`` (None: float32).
+QUANTIZE = ("q8", "q4")
 
 
 class Decoder(Protocol):
     """What both decoders offer.  Rows are numbered 0..rows-1 in the order they were added."""
 
-    #: "numpy" or "tf".
+    #: "numpy", "tf" or "onnx".
     engine: str
     #: Whether ``add`` may be called while there are rows (False: only when there are none).
     joins_running: bool
@@ -59,11 +66,18 @@ class Decoder(Protocol):
         """Forget every row."""
 
 
-def choose_engine(m, engine: str = "auto") -> str:
-    """``engine`` ('auto', 'numpy' or 'tf') for model ``m``: 'auto' is numpy on a CPU, tf on a GPU.
+def choose_engine(m, engine: str = "auto", quantize: Optional[str] = None) -> str:
+    """``engine`` ('auto', 'numpy', 'tf' or 'onnx') for model ``m``: 'auto' is numpy on a CPU, tf on
+    a GPU, and onnx whenever ``quantize`` ('q8' or 'q4') is given.
 
-    Raises ValueError for an unknown name.
+    Raises ValueError for an unknown name, or for ``quantize`` with an engine other than onnx.
     """
+    if quantize is not None:
+        if quantize not in QUANTIZE:
+            raise ValueError(f"unknown weight format {quantize!r}; one of {', '.join(QUANTIZE)}")
+        if engine not in ("auto", "onnx"):
+            raise ValueError(f"quantized weights ({quantize}) decode with the onnx engine, not {engine!r}")
+        return "onnx"
     if engine == "auto":
         engine = "tf" if "GPU" in str(getattr(m, "device", "")).upper() else "numpy"
     if engine not in ENGINES[1:]:
@@ -71,11 +85,17 @@ def choose_engine(m, engine: str = "auto") -> str:
     return engine
 
 
-def decoder(m, engine: str = "auto") -> Decoder:
-    """A new decoder over model ``m``: ``NumpyDecoder`` ('numpy'; the default on a CPU) or
-    ``TFDecoder`` ('tf'; the default on a GPU).  See ``choose_engine``."""
-    if choose_engine(m, engine) == "numpy":
+def decoder(m, engine: str = "auto", quantize: Optional[str] = None, cache_root=None) -> Decoder:
+    """A new decoder over model ``m``: ``NumpyDecoder`` ('numpy'; the default on a CPU),
+    ``TFDecoder`` ('tf'; the default on a GPU) or ``OnnxDecoder`` ('onnx'; float32, or the
+    ``quantize`` format 'q8' / 'q4', whose weights are cached beside the checkpoint or under
+    ``cache_root``, see ``model.quantize``).  See ``choose_engine``."""
+    chosen = choose_engine(m, engine, quantize)
+    if chosen == "numpy":
         from .npdecode import NumpyDecoder
         return NumpyDecoder.from_model(m)
+    if chosen == "onnx":
+        from .ortdecode import OnnxDecoder
+        return OnnxDecoder.from_model(m, quantize=quantize, cache_root=cache_root)
     from .tfdecode import TFDecoder
     return TFDecoder(m)

@@ -197,20 +197,26 @@ class Generator:
     (the model's TensorFlow cache: what a GPU uses) or 'auto' (numpy on the
     CPU, tf on a GPU); see ``model.decoder``.  ``decoder``: a decoder
     (``model.decoding.Decoder``) to use instead of a new one; ``engine`` is
-    then its ``engine``.
+    then its ``engine``.  ``quantize``: 'q8' or 'q4' decodes with 8-/4-bit weights (engine 'onnx',
+    ``model.ortdecode``; the weights are made on first use and cached, see ``model.quantize``);
+    None (the default) keeps float32 weights.
     """
 
-    def __init__(self, model, enc, engine: str = "auto", decoder=None):
+    def __init__(self, model, enc, engine: str = "auto", decoder=None, quantize: Optional[str] = None):
         self.model = model
         self.enc = enc
-        self.engine_name = decoder.engine if decoder is not None else choose_engine(model, engine)
+        self.quantize = decoder.quantize if decoder is not None and hasattr(decoder, "quantize") else quantize
+        self.engine_name = decoder.engine if decoder is not None else choose_engine(model, engine, quantize)
         self._decoder = decoder
         self.stats = GenerationStats()
 
     def engine(self):
         """The decoder (made on first use and kept: every generation reuses it)."""
         if self._decoder is None:
-            self._decoder = new_decoder(self.model, self.engine_name)
+            if self.quantize is None:
+                self._decoder = new_decoder(self.model, self.engine_name)
+            else:
+                self._decoder = new_decoder(self.model, self.engine_name, quantize=self.quantize)
         return self._decoder
 
     def context_ids(self, context: str) -> List[int]:

@@ -1,0 +1,385 @@
+"""The onnx engine (model/ortdecode.py), 8-/4-bit weights (model/quantize.py) and --quantize."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import model
+from cli import generate as cli_generate
+from cli.download import main as model_main
+from model import quantize
+from model.npdecode import NumpyDecoder
+from model.ortdecode import OnnxDecoder
+from tasks.generate import GenerateOptions, Generator
+
+from conftest import ROOT, TINY_DIR
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_copy(tmp_path_factory):
+    """A writable copy of the tiny checkpoint (quantized weights are cached beside it)."""
+    d = tmp_path_factory.mktemp("tiny") / "gpt2ja-tiny"
+    shutil.copytree(TINY_DIR, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_q(tiny_copy):
+    return model.load(tiny_copy)
+
+
+@pytest.fixture(scope="module")
+def onnx32(tiny_q):
+    return model.decoder(tiny_q, engine="onnx")
+
+
+def _contexts(n, rng, low=1, high=40):
+    return [list(rng.integers(0, 20573, int(rng.integers(low, high)))) for _ in range(n)]
+
+
+class Twin:
+    """A decoder that runs NumpyDecoder and OnnxDecoder side by side, checks that every logits
+    they return agree (atol 1e-4) and that their rows' lengths agree, and returns numpy's."""
+
+    engine = "numpy"
+    joins_running = True
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+        self.calls = {}
+
+    def _both(self, name, *args):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        x = getattr(self.a, name)(*args)
+        y = getattr(self.b, name)(*args)
+        if x is not None:
+            np.testing.assert_allclose(y, x, atol=ATOL, err_msg=name)
+        assert self.a.lengths() == self.b.lengths(), name
+        return x
+
+    @property
+    def rows(self):
+        return self.a.rows
+
+    def lengths(self):
+        return self.a.lengths()
+
+    def add(self, seqs):
+        return self._both("add", seqs)
+
+    def step(self, tokens, rows=None):
+        return self._both("step", tokens, rows)
+
+    def feed(self, tokens, stepping, restarting, windows):
+        if restarting:
+            self.calls["restart"] = self.calls.get("restart", 0) + len(restarting)
+        return self._both("feed", tokens, stepping, restarting, windows)
+
+    def truncate(self, rows, length):
+        return self._both("truncate", rows, length)
+
+    def keep(self, rows):
+        return self._both("keep", rows)
+
+    def clear(self):
+        return self._both("clear")
+
+
+# -- float32 through ONNX Runtime equals the numpy engine ---------------------------------------
+
+
+def test_onnx_decoder_is_the_chosen_engine(tiny_q, enc):
+    assert model.choose_engine(tiny_q, "auto", "q8") == "onnx"
+    assert model.choose_engine(tiny_q, "onnx") == "onnx"
+    assert model.choose_engine(tiny_q) == "numpy"  # the default path is unchanged
+    with pytest.raises(ValueError, match="onnx engine"):
+        model.choose_engine(tiny_q, "tf", "q4")
+    with pytest.raises(ValueError, match="unknown weight format"):
+        model.choose_engine(tiny_q, "auto", "q2")
+    assert isinstance(Generator(tiny_q, enc).engine(), NumpyDecoder)
+    gen = Generator(tiny_q, enc, "auto", None, "q8")
+    assert gen.engine_name == "onnx" and gen.engine().quantize == "q8"
+
+
+def test_onnx_float32_equals_numpy_ragged_rows(tiny_q, onnx32):
+    rng = np.random.default_rng(0)
+    nd = NumpyDecoder.from_model(tiny_q)
+    od = onnx32
+    od.clear()
+    seqs = _contexts(3, rng) + [[5] * 70]  # 70 tokens: past the first cache capacity (64)
+    seqs.append(seqs[0])  # identical rows are prefilled once
+    np.testing.assert_allclose(od.add(seqs), nd.add(seqs), atol=ATOL)
+    for _ in range(6):
+        tokens = rng.integers(0, 20573, nd.rows)
+        np.testing.assert_allclose(od.step(tokens), nd.step(tokens), atol=ATOL)
+    assert od.lengths() == nd.lengths()
+    # some rows only, in another order
+    np.testing.assert_allclose(od.step([3, 4], rows=[4, 1]), nd.step([3, 4], rows=[4, 1]), atol=ATOL)
+    assert od.lengths() == nd.lengths()
+    # rewind, reorder and drop, join while running, restart from a window
+    for d in (nd, od):
+        d.truncate([0, 2], 2)
+        d.keep([3, 0, 2])
+    assert od.lengths() == nd.lengths() == [76, 2, 2]
+    np.testing.assert_allclose(od.step([1, 2, 3]), nd.step([1, 2, 3]), atol=ATOL)
+    np.testing.assert_allclose(od.add([[9, 8, 7]]), nd.add([[9, 8, 7]]), atol=ATOL)
+    np.testing.assert_allclose(od.feed([11, 12], [0, 3], [1, 2], [[4, 4, 4, 4], [1] * 130]),
+                               nd.feed([11, 12], [0, 3], [1, 2], [[4, 4, 4, 4], [1] * 130]), atol=ATOL)
+    assert od.lengths() == nd.lengths() == [78, 4, 130, 4]
+    np.testing.assert_allclose(od.step([7, 7, 7, 7]), nd.step([7, 7, 7, 7]), atol=ATOL)
+    with pytest.raises(ValueError, match="cannot rewind"):
+        od.truncate([1], 10)
+    with pytest.raises(ValueError, match="tokens for"):
+        od.step([1])
+    od.clear()
+    assert od.rows == 0 and od.lengths() == []
+    np.testing.assert_allclose(od.start([[1, 2], [3, 4]]), nd.start([[1, 2], [3, 4]]), atol=ATOL)
+    np.testing.assert_allclose(od.step([5, 6]), nd.step([5, 6]), atol=ATOL)
+
+
+def test_onnx_float32_equals_numpy_at_the_end_of_the_context(enc):
+    hp = model.HParams(n_vocab=20573, n_ctx=16, n_embd=32, n_head=2, n_layer=2)
+    m = model.Model.from_weights(model.random_weights(hp, seed=3), hparams=hp)
+    nd, od = NumpyDecoder.from_model(m), OnnxDecoder.from_model(m)
+    np.testing.assert_allclose(od.add([[1] * 15, [2]]), nd.add([[1] * 15, [2]]), atol=ATOL)
+    np.testing.assert_allclose(od.step([3, 4]), nd.step([3, 4]), atol=ATOL)  # row 0 fills the context
+    np.testing.assert_allclose(od.step([5], rows=[1]), nd.step([5], rows=[1]), atol=ATOL)  # row 0 waits
+    with pytest.raises(ValueError, match="full"):
+        od.step([1, 1])
+
+
+def test_generator_over_onnx_float32_equals_numpy_sliding_windows(enc):
+    """Generation with min_length rewinds, rows joining and leaving and sliding windows: at every
+    call the onnx engine's logits equal the numpy engine's."""
+    hp = model.HParams(n_vocab=20573, n_ctx=16, n_embd=32, n_head=2, n_layer=2)
+    m = model.Model.from_weights(model.random_weights(hp, seed=3), hparams=hp)
+    twin = Twin(NumpyDecoder.from_model(m), OnnxDecoder.from_model(m))
+    gen = Generator(m, enc, decoder=twin)
+    opts = GenerateOptions(top_k=5, max_length=60, seed=2, min_length=3)
+    contexts = ["今日は", "江戸時代のインターネット回線は", "あ"]
+    many = list(gen.generate_many(contexts, 2, opts, batch_size=4))
+    assert len(many) == 6
+    assert twin.calls["restart"] >= 3 and twin.calls["truncate"] >= 1 and twin.calls["keep"] >= 1
+    assert twin.calls["add"] >= 2  # rows joined a running batch
+
+
+# -- quantized weights -------------------------------------------------------------------------
+
+
+def test_quantize_matrix_round_trip():
+    rng = np.random.default_rng(1)
+    w = rng.normal(0, 0.02, (48, 70)).astype(np.float32)  # K = 70: padded to 3 blocks of 32
+    for bits in (8, 4):
+        q, s = quantize.quantize_matrix(w, bits)
+        assert q.shape == (48, 3, 32 * bits // 8) and s.shape == (48 * 3,)
+        back = quantize.dequantize_matrix(q, s, bits, 70)
+        step = np.abs(np.repeat(s.reshape(48, 3), 32, axis=1)[:, :70])
+        err = np.abs(back - w)
+        assert np.all(err <= step + 1e-7)  # within a step (half a step unless clipped at +8 / +128)
+        assert np.mean(err <= step / 2 + 1e-7) > 0.99
+        extreme = np.abs(w.reshape(48, -1)).max(axis=1)  # each row's extreme is exact
+        np.testing.assert_allclose(np.abs(back).max(axis=1), extreme, rtol=1e-6)
+    assert quantize.relative_error(quantize.dequantize_matrix(*quantize.quantize_matrix(w, 8), 8, 70), w) < 0.01
+
+
+def test_quantized_logits_close_to_float32(tiny_q, onnx32):
+    """Measured on the tiny (random) checkpoint, 24 random contexts and 8 steps each: relative error
+    of the logits q8 0.018, q4 0.22; top-1 agreement q8 0.97, q4 0.57.  (A random model's logits are
+    nearly flat; bench/bench_quantize.py measures KL divergence and top-1 on a trained one.)"""
+    rng = np.random.default_rng(5)
+    seqs = _contexts(24, rng, 2, 60)
+    steps = [rng.integers(0, 20573, len(seqs)) for _ in range(8)]
+
+    def run(dec):
+        dec.clear()
+        out = [dec.add(seqs)] + [dec.step(t) for t in steps]
+        return np.concatenate(out)
+
+    ref = run(onnx32)
+    np.testing.assert_allclose(ref, run(NumpyDecoder.from_model(tiny_q)), atol=ATOL)
+    errors, top1 = {}, {}
+    for fmt in ("q8", "q4"):
+        got = run(model.decoder(tiny_q, quantize=fmt))
+        errors[fmt] = quantize.relative_error(got, ref)
+        top1[fmt] = float(np.mean(got.argmax(1) == ref.argmax(1)))
+    assert errors["q8"] < 0.03, errors
+    assert errors["q4"] < 0.35, errors
+    assert errors["q8"] < errors["q4"] / 5
+    assert top1["q8"] >= 0.85 and top1["q4"] >= 0.3, top1
+
+
+def test_cache_made_once_and_reused(tiny_copy, tiny_q):
+    shutil.rmtree(tiny_copy / "quantized", ignore_errors=True)
+    first = model.decoder(tiny_q, quantize="q4")
+    assert first.quantized_now
+    path = first.quantized_path
+    assert path.parent == tiny_copy / "quantized" and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    second = model.decoder(tiny_q, quantize="q4")
+    assert not second.quantized_now and second.quantized_path == path
+    assert path.stat().st_mtime_ns == stamp
+    seq = [[1, 2, 3, 4]]
+    np.testing.assert_array_equal(first.add(seq), second.add(seq))
+    # another format is another file
+    q8 = model.decoder(tiny_q, quantize="q8")
+    assert q8.quantized_now and q8.quantized_path != path
+
+
+def test_corrupted_or_foreign_cache_is_rebuilt(tiny_copy, tiny_q, tmp_path):
+    good = model.decoder(tiny_q, quantize="q8")
+    path = good.quantized_path
+    reference = good.add([[5, 6, 7]])
+    data = path.read_bytes()
+
+    def reload():
+        dec = model.decoder(tiny_q, quantize="q8")
+        assert dec.quantized_path == path
+        np.testing.assert_array_equal(dec.add([[5, 6, 7]]), reference)
+        return dec
+
+    # a byte changed in the middle of the weights (the zip checksum catches it)
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    path.write_bytes(bytes(bad))
+    assert reload().quantized_now
+    # cut short
+    path.write_bytes(data[: len(data) // 3])
+    assert reload().quantized_now
+    # not a zip file at all
+    path.write_bytes(b"hello")
+    assert reload().quantized_now
+    # the q4 weights of the same checkpoint under the q8 name
+    q4 = model.decoder(tiny_q, quantize="q4").quantized_path
+    shutil.copyfile(q4, path)
+    assert reload().quantized_now
+    # the weights of another checkpoint (another key) under this name
+    other = tmp_path / "other"
+    shutil.copytree(TINY_DIR, other)
+    with open(other / "model-1000.index", "ab") as f:
+        f.write(b"\0")  # another index file: another key
+    other_file = quantize.load_or_make(model.npdecode.cpu_weights(tiny_q), str(other / "model-1000"), "q8",
+                                       tiny_q.hparams).path
+    assert other_file.parent == other / "quantized" and other_file.name != path.name
+    shutil.copyfile(other_file, path)
+    assert reload().quantized_now
+    assert not reload().quantized_now  # and the rebuilt file is used again
+
+
+def test_a_changed_checkpoint_gets_new_weights_and_the_old_file_goes(tiny_q, tmp_path):
+    d = tmp_path / "ck"
+    shutil.copytree(TINY_DIR, d)
+    w = model.npdecode.cpu_weights(tiny_q)
+    first = quantize.load_or_make(w, str(d / "model-1000"), "q4", tiny_q.hparams)
+    q8 = quantize.load_or_make(w, str(d / "model-1000"), "q8", tiny_q.hparams)
+    os.utime(d / "model-1000.data-00000-of-00001", ns=(1, 1))  # the checkpoint was written again
+    second = quantize.load_or_make(w, str(d / "model-1000"), "q4", tiny_q.hparams)
+    assert second.made and second.path != first.path and second.path.is_file()
+    assert not first.path.exists() and q8.path.exists()  # only the stale file of that format goes
+
+
+def test_cache_goes_to_the_model_cache_when_the_checkpoint_directory_is_not_writable(tiny_q, tmp_path,
+                                                                                       monkeypatch):
+    d = tmp_path / "ro"
+    shutil.copytree(TINY_DIR, d)
+    (d / "quantized").write_text("not a directory")  # nothing can be written there
+    home = tmp_path / "home"
+    monkeypatch.setenv("GPT2JA_HOME", str(home))
+    w = model.npdecode.cpu_weights(tiny_q)
+    q = quantize.load_or_make(w, str(d / "model-1000"), "q4", tiny_q.hparams)
+    assert q.made and q.path.parent == home / "quantized" and q.path.is_file()
+    again = quantize.load_or_make(w, str(d / "model-1000"), "q4", tiny_q.hparams)
+    assert not again.made and again.path == q.path
+
+
+# -- the tools ---------------------------------------------------------------------------------
+
+
+def test_python_m_model_quantize(tiny_copy, env):
+    shutil.rmtree(tiny_copy / "quantized", ignore_errors=True)
+    command = [sys.executable, "-m", "model", "quantize", str(tiny_copy), "q8"]
+    p = subprocess.run(command, capture_output=True, env=env, cwd=ROOT, timeout=180)
+    assert p.returncode == 0, p.stderr
+    path = p.stdout.decode().strip()
+    assert os.path.isfile(path) and os.path.dirname(path) == str(tiny_copy / "quantized")
+    stamp = os.stat(path).st_mtime_ns
+    p = subprocess.run(command, capture_output=True, env=env, cwd=ROOT, timeout=180)
+    assert p.returncode == 0 and p.stdout.decode().strip() == path and os.stat(path).st_mtime_ns == stamp
+    p = subprocess.run(command[:-1] + ["q5"], capture_output=True, env=env, cwd=ROOT, timeout=60)
+    assert p.returncode == 2 and p.stdout == b""
+    assert len(p.stderr.decode().strip().splitlines()) == 1 and "invalid choice" in p.stderr.decode()
+
+
+def test_python_m_model_quantize_in_process(tiny_copy, capsys):
+    assert model_main(["quantize", str(tiny_copy), "q4"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.endswith(".npz") and os.path.isfile(out)
+
+
+def test_generate_with_quantize_end_to_end(tiny_copy, env, capsys):
+    args = ["--model", str(tiny_copy), "--gpu", "-1", "--quantize", "q8", "--seed", "1", "--num_generate", "3",
+            "--max_length", "30", "--context", "今日は"]
+    p = subprocess.run([sys.executable, str(ROOT / "gpt2-generate.py"), *args], capture_output=True, env=env,
+                       cwd=ROOT, timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == b""
+    text = p.stdout.decode()
+    assert text.count("========\n") == 2
+    assert cli_generate.main(args) == 0
+    assert capsys.readouterr().out == text  # deterministic with a seed
+    assert cli_generate.main(args[:5] + ["q4"] + args[6:]) == 0
+    assert capsys.readouterr().out != text  # another format, other numbers (on this random model)
+
+
+def test_bad_quantize_value_is_one_line(env):
+    p = subprocess.run([sys.executable, str(ROOT / "gpt2-generate.py"), "--quantize", "q3"], capture_output=True,
+                       env=env, cwd=ROOT, timeout=60)
+    assert p.returncode == 2 and p.stdout == b""
+    err = p.stderr.decode()
+    assert len(err.strip().splitlines()) == 1 and "--quantize" in err and "invalid choice" in err
+
+
+def test_quantize_with_another_engine_is_a_usage_error(tiny_copy, env):
+    from cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="onnx engine"):
+        cli_generate.main(["--model", str(tiny_copy), "--quantize", "q4", "--engine", "numpy"])
+
+
+# -- the benchmark's functions (so that they cannot rot) ---------------------------------------------
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quantize", ROOT / "bench" / "bench_quantize.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_functions_on_the_tiny_model(tiny_q, enc, corpus_lines):
+    bench = _bench()
+    s = bench.speed(tiny_q, steps=2, batches=(1, 2))
+    assert set(s["decode"]) == {f"{e} b{b}" for e in ("numpy f32", "onnx f32", "onnx q8", "onnx q4") for b in (1, 2)}
+    assert all(r["tokens_per_s"] > 0 and r["x_bound"] > 0 for r in s["decode"].values())
+    q = bench.quantize_times(tiny_q, formats=("q4",))
+    assert q["q4"]["quantize_s"] > 0 and q["q4"]["cache_bytes"] > 0
+    k = bench.kld(enc, corpus_lines[:300], train_steps=2, min_positions=60)
+    assert k["training"]["steps"] == 2
+    for fmt in ("q8", "q4"):
+        assert k[fmt]["positions"] >= 60 and 0 <= k[fmt]["mean_kld"] < 1 and 0 <= k[fmt]["top1_agreement"] <= 1
+    assert k["q8"]["mean_kld"] < k["q4"]["mean_kld"]
+
+
+def test_teacher_forced_logits_are_the_decoders_logits(tiny_q):
+    bench = _bench()
+    seqs = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    got = bench.teacher_forced_logits(NumpyDecoder.from_model(tiny_q), seqs, rows=2)
+    assert [g.shape[0] for g in got] == [3, 1, 2]
+    for s, g in zip(seqs, got):
+        np.testing.assert_allclose(g, tiny_q.logits([s])[0, :-1], atol=1e-4)
