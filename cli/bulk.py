@@ -72,7 +72,8 @@ def parser() -> argparse.ArgumentParser:
     common_flags(g, "contexts")
     flags.add(g, "num_generate", "top_k", "top_p", "temperature", "max_length", "max_tokens", "stop", "min_length",
               "seed", "batch_size", min_length={"type": int})
-    g.add_argument("--engine", choices=("auto", "numpy", "tf"), default="auto",
+    flags.add(g, "quantize")
+    g.add_argument("--engine", choices=("auto", "numpy", "tf", "onnx"), default="auto",
                    help="decoding engine (as gpt2-generate.py)")
     return p
 
@@ -124,7 +125,8 @@ def _task(args):
     generate._check(argparse.Namespace(**{**vars(args), "context": None, "stream": False, "format": "jsonl",
                                           "output_file": ""}))
     num = args.num_generate
-    return bulk.GenerateTask(generate.options_from(args), num, batch_size=args.batch_size, engine=args.engine)
+    return bulk.GenerateTask(generate.options_from(args), num, batch_size=args.batch_size, engine=args.engine,
+                             quantize=None if args.quantize == "none" else args.quantize)
 
 
 def _job_description(args, task, shards) -> dict:

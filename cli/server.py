@@ -41,8 +41,9 @@ def parser() -> argparse.ArgumentParser:
                         "then cancel them and exit 0 (default %(default)s)")
     p.add_argument("--served_model_name", default=None, metavar="NAME",
                    help="the model id of the API (default: the model directory's name)")
-    p.add_argument("--engine", choices=("auto", "numpy", "tf"), default="auto",
+    p.add_argument("--engine", choices=("auto", "numpy", "tf", "onnx"), default="auto",
                    help="decoding engine, as gpt2-generate.py's (default auto)")
+    flags.add(p, "quantize")
     return p
 
 
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     enc = common.load_encoder(args)
     m = common.load_model(args, enc)
-    engine = Engine(m, enc, batch_size=args.batch_size, max_queue=args.max_queue, engine=args.engine).start()
+    engine = Engine(m, enc, batch_size=args.batch_size, max_queue=args.max_queue, engine=args.engine,
+                    quantize=None if args.quantize == "none" else args.quantize).start()
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     config = ServerConfig(model_name=name, api_key=api_key, cors=list(args.cors), max_body=args.max_body,
                           timeout=args.timeout)

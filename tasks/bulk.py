@@ -302,18 +302,19 @@ class GenerateTask(Task):
     kind = "generate"
     key = ("line", "index")
 
-    def __init__(self, options, num: int, batch_size: int = 16, engine: str = "auto"):
+    def __init__(self, options, num: int, batch_size: int = 16, engine: str = "auto", quantize=None):
         self.gen_options, self.num, self.batch_size, self.engine = options, num, batch_size, engine
+        self.quantize = quantize
         self.rows_per_line = num
 
     def options(self) -> dict:
-        return {**asdict(self.gen_options), "num_generate": self.num}
+        return {**asdict(self.gen_options), "num_generate": self.num, "quantize": self.quantize}
 
     def setup(self, model, enc) -> None:
         from .generate import Generator
 
         super().setup(model, enc)
-        self.generator = Generator(model, enc, engine=self.engine)
+        self.generator = Generator(model, enc, engine=self.engine, quantize=self.quantize)
 
     def process(self, first_line, texts):
         import pyarrow as pa

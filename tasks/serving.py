@@ -110,14 +110,14 @@ class Engine:
     """One decoder and one thread decoding every submitted sample.  See the module's docstring."""
 
     def __init__(self, model, enc, batch_size: int = 16, max_queue: int = 256, engine: str = "auto",
-                 decoder=None):
+                 decoder=None, quantize=None):
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model = model
         self.enc = enc
         self.batch_size = batch_size
         self.max_queue = max_queue
-        self.decoder = decoder if decoder is not None else new_decoder(model, engine)
+        self.decoder = decoder if decoder is not None else new_decoder(model, engine, quantize=quantize)
         self._waiting: Deque[Job] = deque()
         self._active: List[_Row] = []
         self._cv = threading.Condition()

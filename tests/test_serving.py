@@ -109,3 +109,24 @@ def test_generator_options_refuse_bad_limits():
         GenerateOptions(stop=("",))
     with pytest.raises(OptionError, match="stop"):
         GenerateOptions(stop="。")
+
+
+def test_quantized_engine_equals_the_quantized_generator(tiny, enc, tmp_path):
+    """--quantize reaches the server's engine: its seeded samples are the quantized Generator's."""
+    import shutil
+
+    import model
+
+    local = tmp_path / "tiny"
+    shutil.copytree(tiny.path.rsplit("/", 1)[0], local)
+    m = model.load(local)
+    ref = Generator(m, enc, quantize="q8").generate("今日は", 2, GenerateOptions(top_k=40, seed=5, max_length=40))
+    e = Engine(m, enc, batch_size=2, max_queue=4, quantize="q8").start()
+    try:
+        jobs = [e.submit(SampleRequest(e.context_ids("今日は"), SamplingParams(40, 0.0, 1.0), max_length=40,
+                                       rng=np.random.default_rng(np.random.SeedSequence([5, 0, i]))),
+                         lambda *a: None) for i in range(2)]
+        _wait(jobs)
+    finally:
+        e.stop()
+    assert e.decoder.engine == "onnx" and [j.text for j in jobs] == ref
