@@ -67,7 +67,13 @@ def test_cancel_frees_the_row_and_queue_is_bounded(tiny, enc):
     e = Engine(tiny, enc, batch_size=1, max_queue=1).start()
     try:
         ids = e.context_ids("今日は")
-        long = e.submit(SampleRequest(ids, SamplingParams(0, 0.0, 0.0), max_tokens=100000), lambda *a: None)
+        # 500 tokens during which <|endoftext|> cannot end it: still running when the others come
+        long = e.submit(SampleRequest(ids, SamplingParams(0, 0.0, 0.0, min_length=500), max_tokens=100000),
+                        lambda *a: None)
+        end = time.monotonic() + 120
+        while not (e.active_rows == 1 and long.tokens):  # the long sample holds the only row
+            assert time.monotonic() < end, "the long sample never started"
+            time.sleep(0.001)
         waiting = e.submit(SampleRequest(ids, SamplingParams(0, 0.0, 0.0), max_tokens=3), lambda *a: None)
         with pytest.raises(QueueFull):
             e.submit(SampleRequest(ids, SamplingParams(0, 0.0, 0.0), max_tokens=3), lambda *a: None)
