@@ -351,9 +351,10 @@ class NumpyDecoder:
     # -- one step ------------------------------------------------------------------------
 
     def _logits(self, x):
-        # The output projection's last bits depend on OpenBLAS's thread count for one row:
-        # it always runs with one thread, so that tokens never depend on --threads or the load.
-        set_blas_threads(1)
+        # The output projection's last bits depend on OpenBLAS's thread count when it runs
+        # as matrix-vector products (up to ROWS_AS_VECTORS rows): those run with one thread,
+        # so that tokens never depend on --threads or the load; a matrix product's do not.
+        set_blas_threads(self.threads if x.shape[0] > ROWS_AS_VECTORS else 1)
         return _mm(_layer_norm(x, self.ln_f_g, self.ln_f_b), self.wte.T)
 
     def step(self, tokens, rows: Optional[Sequence[int]] = None) -> np.ndarray:
