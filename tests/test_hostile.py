@@ -258,17 +258,22 @@ def test_ctrl_c_during_parallel_encoding_is_quiet(tmp_path, env):
     src.mkdir()
     for i in range(3000):
         (src / f"{i:04d}.txt").write_text("吾輩は猫である。名前はまだ無い。\n" * 400, encoding="utf-8")
-    for attempt in range(3):
+    import select
+
+    for _ in range(2):
         p = subprocess.Popen([sys.executable, ENCODE, "--src_dir", str(src), "--dst_file", str(tmp_path / "o.npz"),
-                              "--num_process", "2"], stderr=subprocess.PIPE, env=env, cwd=ROOT,
+                              "--num_process", "2", "--progress"], stderr=subprocess.PIPE, env=env, cwd=ROOT,
                              start_new_session=True)
-        time.sleep(1.5 + attempt * 0.5)  # somewhere in the encoding
-        if p.poll() is not None:
-            pytest.fail(f"encoding ended before the interrupt: {p.stderr.read()!r}")
+        seen = b""
+        deadline = time.monotonic() + 120
+        while b"/3000" not in seen:  # the progress bar shows that encoding is under way
+            assert time.monotonic() < deadline and p.poll() is None, seen[-500:]
+            if select.select([p.stderr], [], [], 1.0)[0]:
+                seen += os.read(p.stderr.fileno(), 65536)
         os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C does: the whole process group
-        err = p.communicate(timeout=60)[1]
-        assert p.returncode == 130, err
-        assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err
+        err = seen + p.communicate(timeout=60)[1]
+        assert p.returncode == 130, err[-2000:]
+        assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err[-2000:]
         assert not (tmp_path / "o.npz").exists()
 
 
