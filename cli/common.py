@@ -43,11 +43,16 @@ def load_encoder(args):
     return encoder.load(args.vocab)
 
 
-def load_model(args, enc=None):
+def load_model(args, enc=None, quantize=None):
     """Set the threads (--threads), select the device (--gpu), load --model (a
     directory, or a released name resolved to the cache and downloaded when
     missing), check it against the vocabulary.  With --verbose, say how long
-    loading took."""
+    loading took.
+
+    ``quantize`` ('q8' or 'q4'): a model to decode with those weights only
+    (``model.load_quantized``): read from the cache file without TensorFlow
+    (which is loaded only to quantize the checkpoint the first time); it runs
+    on the CPU whatever --gpu says."""
     import time
 
     import hub
@@ -57,12 +62,19 @@ def load_model(args, enc=None):
     import model
 
     t0 = time.perf_counter()
-    threads = model.configure_threads(getattr(args, "threads", None))
-    device = model.select_device(str(args.gpu), verbose=args.verbose)
-    m = model.load(str(model_dir), device=device)
+    if quantize is not None:
+        threads = model.configure_threads(getattr(args, "threads", None), tensorflow=False)
+        if model.parse_gpu(args.gpu) >= 0:
+            log(args, f"note: {quantize} weights decode on the CPU (ONNX Runtime), not on GPU {args.gpu}")
+        m = model.load_quantized(str(model_dir), quantize)
+        where = "the CPU"
+    else:
+        threads = model.configure_threads(getattr(args, "threads", None))
+        where = model.select_device(str(args.gpu), verbose=args.verbose)
+        m = model.load(str(model_dir), device=where)
     if enc is not None:
         model.check_vocab(m.hparams, len(enc))
-    log(args, f"model: {m.path} on {device}, {threads} thread(s); loaded in {time.perf_counter() - t0:.2f} s")
+    log(args, f"model: {m.path} on {where}, {threads} thread(s); loaded in {time.perf_counter() - t0:.2f} s")
     return m
 
 

@@ -96,8 +96,8 @@ def main(argv=None) -> int:
     from tasks.generate import Generator
 
     enc = common.load_encoder(args)
-    m = common.load_model(args, enc)
     quantize = None if args.quantize == "none" else args.quantize
+    m = common.load_model(args, enc, quantize=quantize)
     generator = Generator(m, enc, engine=args.engine, quantize=quantize)
     if quantize is not None:
         dec = generator.engine()  # quantized weights: made now or read from the cache

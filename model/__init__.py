@@ -14,6 +14,8 @@
     nxt = dec.step([42, 7])
     dec = model.decoder(m, quantize="q4") # OnnxDecoder (ONNX Runtime) over 4-bit weights,
                                           # made once and cached (model.quantize)
+    qm = model.load_quantized(dir, "q4")  # the same weights from the cache alone: no
+    dec = model.decoder(qm)               # TensorFlow, no float32 weights in memory
     arr, lens = model.as_batch([[1, 2], [3]], m.hparams)  # checked, right-padded int32 batch
     model.save(m, "out_dir", step=1000)   # released layout, state file written last
     dev = model.select_device("-1")       # --gpu: '-1' CPU, 'N' -> '/GPU:N' if present
@@ -40,6 +42,7 @@ _LAZY = {
     "find_checkpoint": "checkpoint",
     "open_checkpoint": "checkpoint",
     "select_device": "device",
+    "parse_gpu": "device",
     "as_batch": "batch",
     "decoder": "decoding",
     "choose_engine": "decoding",
@@ -50,6 +53,8 @@ _LAZY = {
     "cpu_count": "threads",
     "OnnxDecoder": "ortdecode",
     "quantize": "quantize",
+    "load_quantized": "quantize",
+    "QuantizedModel": "quantize",
 }
 
 __all__ = ["ModelError", "import_tf", "HParams", "RELEASED", "check_vocab", "variable_shapes", "LAYER_NAMES",

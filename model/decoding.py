@@ -70,8 +70,15 @@ def choose_engine(m, engine: str = "auto", quantize: Optional[str] = None) -> st
     """``engine`` ('auto', 'numpy', 'tf' or 'onnx') for model ``m``: 'auto' is numpy on a CPU, tf on
     a GPU, and onnx whenever ``quantize`` ('q8' or 'q4') is given.
 
+    A ``model.quantize.QuantizedModel`` decodes its own format (onnx).
     Raises ValueError for an unknown name, or for ``quantize`` with an engine other than onnx.
     """
+    from .quantize import QuantizedModel
+
+    if isinstance(m, QuantizedModel):
+        if quantize not in (None, m.fmt):
+            raise ValueError(f"this model holds {m.fmt} weights, not {quantize}")
+        quantize = m.fmt
     if quantize is not None:
         if quantize not in QUANTIZE:
             raise ValueError(f"unknown weight format {quantize!r}; one of {', '.join(QUANTIZE)}")
@@ -91,6 +98,7 @@ def decoder(m, engine: str = "auto", quantize: Optional[str] = None, cache_root=
     ``quantize`` format 'q8' / 'q4', whose weights are cached beside the checkpoint or under
     ``cache_root``, see ``model.quantize``).  See ``choose_engine``."""
     chosen = choose_engine(m, engine, quantize)
+    quantize = quantize or getattr(m, "fmt", None)
     if chosen == "numpy":
         from .npdecode import NumpyDecoder
         return NumpyDecoder.from_model(m)

@@ -6,6 +6,17 @@ import sys
 CPU = "/CPU:0"
 
 
+def parse_gpu(gpu: str | int | None) -> int:
+    """A ``--gpu`` value as a number (negative, ``''`` and None: -1, the CPU); ModelError when it is
+    not a number.  Imports nothing."""
+    text = "" if gpu is None else str(gpu).strip()
+    try:
+        return int(text) if text else -1
+    except ValueError:
+        from .errors import ModelError
+        raise ModelError(f"--gpu must be a GPU number or -1 for the CPU, got {gpu!r}") from None
+
+
 def select_device(gpu: str | int | None = "0", verbose: bool = False) -> str:
     """Map a ``--gpu`` value to a TensorFlow device string and prepare TF for it.
 
@@ -15,14 +26,9 @@ def select_device(gpu: str | int | None = "0", verbose: bool = False) -> str:
     exists, otherwise ``'/CPU:0'`` -- with a note on stderr when ``verbose``.
     Pass the result to ``model.load(dir, device=...)``.
     """
+    index = parse_gpu(gpu)
     from ._tf import import_tf
     tf = import_tf()
-    text = "" if gpu is None else str(gpu).strip()
-    try:
-        index = int(text) if text else -1
-    except ValueError:
-        from .errors import ModelError
-        raise ModelError(f"--gpu must be a GPU number or -1 for the CPU, got {gpu!r}") from None
     try:
         gpus = tf.config.list_physical_devices("GPU")
     except Exception:  # a broken CUDA set-up must not stop CPU use

@@ -5,36 +5,36 @@
     logits = dec.add([[1, 2, 3], [4, 5]])
     logits = dec.step([42, 7])
 
-One ONNX graph computes a whole decoding step -- every block (layer norms,
-the weight products, biases, FastGelu, the attention) and the logits -- in
-one ``run`` for all rows; the same graph with S tokens per row and an empty
-cache prefills a new row.  Weight products are ``MatMul`` (float32, over
-the model's own weight buffers, no copy) or ``com.microsoft`` ``MatMulNBits``
-(block 32, ``accuracy_level`` 4: int8 arithmetic on the activations) over
-weights quantized by ``model.quantize`` (made once per checkpoint and cached).
+One ONNX graph computes a whole decoding step -- every block and the
+logits -- in one ``run`` for all rows, in about 7 nodes a block (fused
+``com.microsoft`` ops: ``SkipLayerNormalization``, ``GroupQueryAttention``,
+``FastGelu`` with its bias); the same graph with S tokens in one row
+prefills it.  Weight products are ``MatMul`` (float32, over the model's own
+weight buffers, no copy) or ``MatMulNBits`` (block 32, ``accuracy_level`` 4:
+int8 arithmetic on the activations, the bias inside) over weights quantized
+by ``model.quantize`` (made once per checkpoint and cached; the input
+embedding is then a float16 table).
 
-Python keeps the key/value caches and the rows' bookkeeping, as
-``NumpyDecoder`` does (same interface, ``model.decoding.Decoder``): rows of
-any lengths decode together, join and leave at any step, rewind and restart
-on their own.  The caches are two numpy arrays [n_layer, slots, n_head,
-capacity, head_dim]; layer i's slice of the rows in use is handed to the
-graph as an input without a copy (IOBinding over the numpy buffer), and an
-additive mask [slots, 1, 1, capacity] (0 below a row's length, -1e9 from it
-on) gives every row attention over exactly its own length.  The graph
-returns the new token's keys and values; Python writes them at each row's
-position.  Rows occupy slots 0..rows-1 in any order (a row that leaves is
-replaced by the last slot's row: one row's cache is copied, not the batch).
-Numbers are those of float32 GPT-2 up to float rounding (the float32 graph
-matches ``NumpyDecoder`` to about 1e-5) or of the quantized weights.
+Python keeps the rows' bookkeeping, as ``NumpyDecoder`` does (same interface,
+``model.decoding.Decoder``): rows of any lengths decode together, join and
+leave at any step, rewind and restart on their own.  The key/value caches are
+two numpy arrays [n_layer, slots, n_head, capacity, head_dim]; layer i's slice
+of the rows in use is bound (IOBinding, no copy) both as the attention's past
+and as its present, so ``GroupQueryAttention`` writes each row's new keys and
+values in place at that row's length (``seqlens``) and attends over exactly
+that row's positions.  Rows occupy slots 0..rows-1 in any order (a row that
+leaves is replaced by the last slot's row: one row's cache is copied, not the
+batch).  Numbers are those of float32 GPT-2 up to float rounding (the float32
+graph matches ``NumpyDecoder`` to about 1e-5) or of the quantized weights.
 
-Threads: ONNX Runtime uses as many intra-op threads as this process may run
-on (``os.sched_getaffinity``), one inter-op thread, and its threads do not
-spin while waiting (on a shared machine spinning threads collapse under load).
+Threads: ONNX Runtime uses the count ``--threads`` fixed, else as many
+intra-op threads as this process may run on (``os.sched_getaffinity``), one
+inter-op thread, and its threads do not spin while waiting (on a shared
+machine spinning threads collapse under load).
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -43,12 +43,12 @@ from .errors import ModelError
 from .hparams import LAYER_NORM_EPSILON, HParams
 from .npdecode import cpu_weights
 from .quantize import BLOCK
+from .threads import cpu_count, fixed_threads
 
 MS = "com.microsoft"
 #: MatMulNBits' accuracy_level: 4 = int8 arithmetic on the (per-block quantized) activations.
 ACCURACY_LEVEL = 4
 _MIN_CAPACITY = 64
-_MASKED = np.float32(-1e9)
 
 
 def _import_ort():
@@ -61,20 +61,13 @@ def _import_ort():
     return onnxruntime
 
 
-def cpu_count() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def session_options(threads: Optional[int] = None):
-    """ONNX Runtime session options: ``threads`` intra-op threads (default ``cpu_count()``), one
+    """ONNX Runtime session options: ``threads`` intra-op threads (default: the count --threads fixed
+    (``model.configure_threads``), else ``cpu_count()``), one
     inter-op thread, no spinning, every graph optimization."""
     ort = _import_ort()
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or cpu_count()
+    so.intra_op_num_threads = threads or fixed_threads() or cpu_count()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -128,88 +121,83 @@ class _GraphBuilder:
 def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = None):
     """The ONNX model of one decoding step (or a prefill) and its external initializers.
 
-    Inputs: ``x`` [B, S, E] (embeddings of S new tokens per row), ``mask`` [B, 1, 1, T] (additive,
-    over the T cached positions), ``causal`` [S, S] (additive, among the new tokens), ``split``
-    int64 [T, S], and per layer ``pk{i}``/``pv{i}`` [B, H, T, D] (the cache).  Outputs: ``logits``
-    [B, V] after the last new token, ``new_k``/``new_v`` [L, B, H, S, D].
-    ``quantized``: arrays of ``model.quantize`` (``name/q``, ``name/s``; 8 or 4 bits, matrix by matrix);
-    None: float32.
+    Inputs: ``x`` [B, S, E] (embeddings of S new tokens per row), ``seqlens`` int32 [B] (each
+    row's cached length; its new tokens go at that position), ``total`` int32 scalar (the longest
+    row's length after this run), and per layer ``pk{i}``/``pv{i}`` [B, H, capacity, D] (the
+    cache).  Outputs: ``logits`` [B, V] after the last new token, and per layer ``ck{i}``/``cv{i}``:
+    the same cache with the new tokens' keys and values written in (bound to the inputs' buffers,
+    so written in place).
+
+    Per block: ``MatMulNBits`` (or ``MatMul``) with its bias for the attention's projection;
+    ``GroupQueryAttention`` (as many key/value heads as heads: plain multi-head attention over each
+    row's own length, causal among new tokens); the output projection; ``SkipLayerNormalization``
+    adds the residual and the projection's bias and normalizes for the MLP in one node; the MLP's
+    first product with ``FastGelu`` (bias inside); its second product, whose residual and bias the
+    next block's (or the final) ``SkipLayerNormalization`` adds.  About 7 nodes a block.
+    ``quantized``: arrays of ``model.quantize`` (``name/q``, ``name/s``; 8 or 4 bits, matrix by
+    matrix); None: float32.
     """
     from onnx import TensorProto, helper
 
     g = _GraphBuilder()
     E, H, D, L, V = hp.n_embd, hp.n_head, hp.head_dim, hp.n_layer, hp.n_vocab
-    scale = 1.0 / math.sqrt(D)
     eps = float(LAYER_NORM_EPSILON)
-    shape_qkv = g.const("shape_qkv", np.array([0, 0, 3 * H, D], np.int64))
-    shape_e3 = g.const("shape_e3", np.array([0, 0, E], np.int64))
     shape_e2 = g.const("shape_e2", np.array([-1, E], np.int64))
-    heads3 = g.const("heads3", np.array([H, H, H], np.int64))
     last_start = g.const("last_start", np.array([-1], np.int64))
     last_end = g.const("last_end", np.array([1 << 62], np.int64))
     axis1 = g.const("axis1", np.array([1], np.int64))
-    axis0 = g.const("axis0", np.array([0], np.int64))
 
-    def matmul(x, name, k, n):
-        """x @ W for W [k, n] (checkpoint layout [in, out])."""
+    def w(name):
+        return g.const(name, weights[name])
+
+    def matmul(x, name, k, n, bias=None):
+        """x @ W (+ bias) for W [k, n] (checkpoint layout [in, out])."""
         if quantized is None:
-            return g.node("MatMul", [x, g.const(name, weights[f"model/{name}"])])
-        return nbits(x, name, k, n)
+            y = g.node("MatMul", [x, g.const(name, weights[f"model/{name}"])])
+            return y if bias is None else g.node("Add", [y, w(bias)])
+        q = quantized[name + "/q"]  # [n, blocks, blob]: the bits follow from the blob size
+        inputs = [x, g.const(name + "/q", q), g.const(name + "/s", quantized[name + "/s"])]
+        if bias is not None:
+            inputs += ["", "", w(bias)]  # no zero points, no g_idx
+        return g.node("MatMulNBits", inputs, domain=MS, K=k, N=n, bits=q.shape[2] * 8 // BLOCK,
+                      block_size=BLOCK, accuracy_level=ACCURACY_LEVEL)
 
-    def nbits(x, name, k, n, out=None):
-        """MatMulNBits over quantized[name/q] [n, blocks, blob]: its bits follow from the blob size."""
-        q = quantized[name + "/q"]
-        return g.node("MatMulNBits", [x, g.const(name + "/q", q), g.const(name + "/s", quantized[name + "/s"])],
-                      out, domain=MS, K=k, N=n, bits=q.shape[2] * 8 // BLOCK, block_size=BLOCK,
-                      accuracy_level=ACCURACY_LEVEL)
-
-    def layer_norm(x, prefix):
-        return g.node("LayerNormalization", [x, g.const(prefix + "/g", weights[prefix + "/g"]),
-                                             g.const(prefix + "/b", weights[prefix + "/b"])], axis=-1, epsilon=eps)
+    def skip_norm(x, skip, ln, bias, i):
+        """(layer_norm(x + skip + bias), x + skip + bias)."""
+        outs = g.node("SkipLayerNormalization", [x, skip, w(ln + "/g"), w(ln + "/b"), w(bias)],
+                      [f"{ln}/normed", "", "", f"{ln}/sum"], domain=MS, epsilon=eps)
+        return outs[0], outs[3]
 
     x = "x"
-    new_k, new_v = [], []
+    normed = g.node("LayerNormalization", [x, w("model/h0/ln_1/g"), w("model/h0/ln_1/b")], axis=-1, epsilon=eps)
     for i in range(L):
         p = f"model/h{i}/"
         h = f"h{i}/"
-        qkv = g.node("Add", [matmul(layer_norm(x, p + "ln_1"), h + "attn/c_attn/w", E, 3 * E),
-                             g.const(p + "attn/c_attn/b", weights[p + "attn/c_attn/b"])])
-        qkv = g.node("Transpose", [g.node("Reshape", [qkv, shape_qkv])], perm=[0, 2, 1, 3])  # [B, 3H, S, D]
-        q, k, v = g.node("Split", [qkv, heads3], [f"q{i}", f"k{i}", f"v{i}"], axis=1)
-        new_k.append(g.node("Unsqueeze", [k, axis0]))
-        new_v.append(g.node("Unsqueeze", [v, axis0]))
-        cached = g.node("Add", [g.node("FusedMatMul", [q, f"pk{i}"], domain=MS, transB=1, alpha=scale), "mask"])
-        fresh = g.node("Add", [g.node("FusedMatMul", [q, k], domain=MS, transB=1, alpha=scale), "causal"])
-        probs = g.node("Softmax", [g.node("Concat", [cached, fresh], axis=-1)], axis=-1)
-        p_cached, p_fresh = g.node("Split", [probs, "split"], [f"pc{i}", f"pf{i}"], axis=-1)
-        a = g.node("Add", [g.node("MatMul", [p_cached, f"pv{i}"]), g.node("MatMul", [p_fresh, v])])  # [B,H,S,D]
-        a = g.node("Reshape", [g.node("Transpose", [a], perm=[0, 2, 1, 3]), shape_e3])  # [B, S, E]
-        o = g.node("Add", [matmul(a, h + "attn/c_proj/w", E, E), g.const(p + "attn/c_proj/b", weights[p + "attn/c_proj/b"])])
-        x = g.node("Add", [x, o])
-        f = g.node("FastGelu", [matmul(layer_norm(x, p + "ln_2"), h + "mlp/c_fc/w", E, 4 * E),
-                                g.const(p + "mlp/c_fc/b", weights[p + "mlp/c_fc/b"])], domain=MS)
-        o = g.node("Add", [matmul(f, h + "mlp/c_proj/w", 4 * E, E), g.const(p + "mlp/c_proj/b", weights[p + "mlp/c_proj/b"])])
-        x = g.node("Add", [x, o])
-    last = g.node("Reshape", [g.node("Slice", [x, last_start, last_end, axis1]), shape_e2])  # [B, E]
-    last = layer_norm(last, "model/ln_f")
+        qkv = matmul(normed, h + "attn/c_attn/w", E, 3 * E, p + "attn/c_attn/b")
+        a = g.node("GroupQueryAttention", [qkv, "", "", f"pk{i}", f"pv{i}", "seqlens", "total"],
+                   [f"a{i}", f"ck{i}", f"cv{i}"], domain=MS, num_heads=H, kv_num_heads=H,
+                   scale=1.0 / math.sqrt(D))[0]
+        o = matmul(a, h + "attn/c_proj/w", E, E)
+        normed, x = skip_norm(x, o, p + "ln_2", p + "attn/c_proj/b", i)
+        f = g.node("FastGelu", [matmul(normed, h + "mlp/c_fc/w", E, 4 * E), w(p + "mlp/c_fc/b")], domain=MS)
+        o = matmul(f, h + "mlp/c_proj/w", 4 * E, E)
+        following = f"model/h{i + 1}/ln_1" if i + 1 < L else "model/ln_f"
+        normed, x = skip_norm(x, o, following, p + "mlp/c_proj/b", i)
+    last = g.node("Reshape", [g.node("Slice", [normed, last_start, last_end, axis1]), shape_e2])  # [B, E]
     if quantized is None:
         g.node("Gemm", [last, g.const("wte", weights["model/wte"])], "logits", transB=1)
     else:
-        nbits(last, "wte", E, V, "logits")
-    g.node("Concat", new_k, "new_k", axis=0)
-    g.node("Concat", new_v, "new_v", axis=0)
+        matmul(last, "wte", E, V)
+        g.nodes[-1].output[0] = "logits"
 
-    f32 = TensorProto.FLOAT
+    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
     inputs = [helper.make_tensor_value_info("x", f32, ["B", "S", E]),
-              helper.make_tensor_value_info("mask", f32, ["B", 1, 1, "T"]),
-              helper.make_tensor_value_info("causal", f32, ["S", "S"]),
-              helper.make_tensor_value_info("split", TensorProto.INT64, [2])]
+              helper.make_tensor_value_info("seqlens", i32, ["B"]),
+              helper.make_tensor_value_info("total", i32, [])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["B", V])]
     for i in range(L):
-        inputs += [helper.make_tensor_value_info(f"pk{i}", f32, ["B", H, "T", D]),
-                   helper.make_tensor_value_info(f"pv{i}", f32, ["B", H, "T", D])]
-    outputs = [helper.make_tensor_value_info("logits", f32, ["B", V]),
-               helper.make_tensor_value_info("new_k", f32, [L, "B", H, "S", D]),
-               helper.make_tensor_value_info("new_v", f32, [L, "B", H, "S", D])]
+        inputs += [helper.make_tensor_value_info(f"p{kv}{i}", f32, ["B", H, "T", D]) for kv in "kv"]
+        outputs += [helper.make_tensor_value_info(f"c{kv}{i}", f32, ["B", H, "T", D]) for kv in "kv"]
     graph = helper.make_graph(g.nodes, "gpt2_step", inputs, outputs, initializer=g.inits)
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
     onnx_model.ir_version = 9
@@ -240,23 +228,35 @@ class OnnxDecoder:
     @classmethod
     def from_model(cls, model, quantize: Optional[str] = None, cache_root=None,
                    threads: Optional[int] = None) -> "OnnxDecoder":
-        weights = cpu_weights(model)
-        quantized = None
-        if quantize is not None:
-            from . import quantize as q
-            quantized = q.load_or_make(weights, getattr(model, "path", None), quantize, model.hparams, cache_root)
-        return cls(model.hparams, weights, quantized, threads=threads)
+        """A decoder over a loaded ``Model`` (float32, or ``quantize`` weights made from it or read
+        from the cache) or over a ``model.quantize.QuantizedModel`` (its own format)."""
+        from . import quantize as q
 
-    def __init__(self, hparams: HParams, weights: dict, quantized=None, threads: Optional[int] = None):
-        """``weights``: float32 arrays by checkpoint name (conv1d as [in, out]); ``quantized``: a
-        ``model.quantize.Quantized`` (None: float32 weight products)."""
+        if isinstance(model, q.QuantizedModel):
+            if quantize not in (None, model.fmt):
+                raise ValueError(f"this model holds {model.fmt} weights, not {quantize}")
+            return cls(model.hparams, None, model.quantized, threads=threads)
+        weights = cpu_weights(model)
+        if quantize is None:
+            return cls(model.hparams, weights, None, threads=threads)
+        quantized = q.load_or_make(weights, getattr(model, "path", None), quantize, model.hparams, cache_root)
+        return cls(model.hparams, None, quantized, threads=threads)
+
+    def __init__(self, hparams: HParams, weights: Optional[dict], quantized=None, threads: Optional[int] = None):
+        """``weights``: float32 arrays by checkpoint name (conv1d as [in, out]), for float32 weight
+        products; ``quantized``: a ``model.quantize.Quantized`` instead (its arrays hold the float
+        ones too: biases, layer norms, embeddings for the input)."""
         ort = _import_ort()
         self._ort = ort
         self.hparams = hp = hparams
         self.quantize = None if quantized is None else quantized.fmt
         self.quantized_path = None if quantized is None else quantized.path
         self.quantized_now = bool(quantized is not None and quantized.made)
-        self.wte = weights["model/wte"]
+        if quantized is not None:
+            weights = quantized.arrays
+        elif weights is None:
+            raise ValueError("OnnxDecoder needs float32 weights or quantized ones")
+        self.wte = weights["model/wte"]  # float16 with quantized weights: the input embedding only
         self.wpe = weights["model/wpe"]
         onnx_model, external = build_step_graph(hp, weights, None if quantized is None else quantized.arrays)
         so = session_options(threads)
@@ -265,13 +265,9 @@ class OnnxDecoder:
             so.add_external_initializers(list(external),
                                          [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
         self.session = ort.InferenceSession(onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        H, D = hp.n_head, hp.head_dim
-        self._empty_cache = np.zeros((1, H, 1, D), np.float32)
-        self._empty_mask = np.full((1, 1, 1, 1), _MASKED, np.float32)
         self._K: Optional[np.ndarray] = None  # [L, slots, H, capacity, D]
         self._V: Optional[np.ndarray] = None
-        self._mask: Optional[np.ndarray] = None  # [slots, 1, 1, capacity]
-        self._n = np.zeros(0, np.int64)  # length per slot
+        self._n = np.zeros(0, np.int32)  # length per slot
         self._slots: List[int] = []  # row -> slot; the slots in use are 0..rows-1
         self._binding = None
         self._binding_key = None
@@ -292,8 +288,8 @@ class OnnxDecoder:
 
     def clear(self) -> None:
         self._slots = []
-        self._K = self._V = self._mask = None
-        self._n = np.zeros(0, np.int64)
+        self._K = self._V = None
+        self._n = np.zeros(0, np.int32)
         self._binding = self._binding_key = None
 
     def truncate(self, rows, length: int) -> None:
@@ -302,9 +298,7 @@ class OnnxDecoder:
             if not 0 <= length <= n:
                 raise ValueError(f"cannot rewind row {r} to {length} from {n}")
         for r in rows:
-            s = self._slots[int(r)]
-            self._n[s] = length
-            self._mask[s, :, :, length:] = _MASKED
+            self._n[self._slots[int(r)]] = length
 
     def rewind(self, length: int) -> None:
         self.truncate(range(self.rows), length)
@@ -318,16 +312,21 @@ class OnnxDecoder:
         for j, s in enumerate(slots):
             if s >= count:  # move this row into a free slot below count
                 hole = holes.pop()
-                n = int(self._n[s])
-                self._K[:, hole, :, :n] = self._K[:, s, :, :n]
-                self._V[:, hole, :, :n] = self._V[:, s, :, :n]
-                self._mask[hole] = self._mask[s]
-                self._n[hole] = n
+                self._copy_slot(s, hole)
                 slots[j] = hole
         self._slots = slots
 
+    def _copy_slot(self, src: int, dst: int) -> None:
+        n = int(self._n[src])
+        self._K[:, dst, :, :n] = self._K[:, src, :, :n]
+        self._V[:, dst, :, :n] = self._V[:, src, :, :n]
+        self._n[dst] = n
+
     def _reserve(self, slots: int, positions: int) -> None:
-        """Room for ``slots`` rows of ``positions`` positions each (grown by doubling)."""
+        """Room for ``slots`` rows of ``positions`` positions each (grown by doubling).  A step
+        writes the new token's keys and values of every slot in use at that slot's length, also
+        for rows that do not step (their lengths do not advance, so it is overwritten later): the
+        capacity is always above the longest row, up to n_ctx + 1."""
         hp = self.hparams
         if self._K is not None and self._K.shape[1] >= slots and self._K.shape[3] >= positions:
             return
@@ -335,24 +334,40 @@ class OnnxDecoder:
         new_slots = max(slots, old_slots, 1)
         if new_slots > old_slots and old_slots:
             new_slots = max(new_slots, min(2 * old_slots, new_slots + 8))
-        cap = max(old_cap, _capacity(positions, hp.n_ctx))
+        cap = max(old_cap, _capacity(positions, hp.n_ctx + 1))
         shape = (hp.n_layer, new_slots, hp.n_head, cap, hp.head_dim)
-        # zeros (not empty): masked positions are still multiplied, and must be finite
-        K, V = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        mask = np.full((new_slots, 1, 1, cap), _MASKED, np.float32)
+        K, V = np.zeros(shape, np.float32), np.zeros(shape, np.float32)  # never read past a row's length
         if self._K is not None:
             K[:, :old_slots, :, :old_cap] = self._K
             V[:, :old_slots, :, :old_cap] = self._V
-            mask[:old_slots, :, :, :old_cap] = self._mask
-        n = np.zeros(new_slots, np.int64)
+        n = np.zeros(new_slots, np.int32)
         n[: len(self._n)] = self._n
-        self._K, self._V, self._mask, self._n = K, V, mask, n
+        self._K, self._V, self._n = K, V, n
         self._binding = self._binding_key = None
 
-    # -- prefill ----------------------------------------------------------------------
+    # -- runs -------------------------------------------------------------------------
 
-    def _prefill(self, ids):
-        """(keys, values [L, H, T, D], logits [n_vocab]) of a new row holding ``ids``."""
+    def _binding_over(self, first: int, count: int, x: np.ndarray, seqlens: np.ndarray, total: np.ndarray,
+                      logits: np.ndarray):
+        """An IOBinding of the graph over slots first..first+count-1 of the cache (written in
+        place), with the given input and output buffers."""
+        ov = self._ort.OrtValue.ortvalue_from_numpy
+        io = self.session.io_binding()
+        keep = [x, seqlens, total, logits]
+        for name, a in (("x", x), ("seqlens", seqlens), ("total", total)):
+            io.bind_ortvalue_input(name, ov(a))
+        io.bind_ortvalue_output("logits", ov(logits))
+        for i in range(self.hparams.n_layer):
+            for kv, cache in (("k", self._K), ("v", self._V)):
+                view = cache[i, first:first + count]  # contiguous: leading-axis slices
+                value = ov(view)  # shares the numpy buffer
+                io.bind_ortvalue_input(f"p{kv}{i}", value)
+                io.bind_ortvalue_output(f"c{kv}{i}", value)
+                keep.append(view)
+        return io, keep
+
+    def _prefill(self, slot: int, ids) -> np.ndarray:
+        """Fill ``slot`` with a new row holding ``ids``; the logits after it [n_vocab]."""
         hp = self.hparams
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         T = ids.shape[0]
@@ -362,38 +377,31 @@ class OnnxDecoder:
             raise ValueError(f"{T} tokens do not fit the context of {hp.n_ctx}")
         if ids.min() < 0 or ids.max() >= hp.n_vocab:
             raise ValueError(f"token ids must be in [0, {hp.n_vocab})")
+        self._reserve(slot + 1, T + 1)
         self.prefilled_tokens += T
-        feeds = {"x": (self.wte[ids] + self.wpe[:T])[None], "mask": self._empty_mask,
-                 "causal": np.triu(np.full((T, T), _MASKED, np.float32), 1),
-                 "split": np.array([1, T], np.int64)}
-        for i in range(hp.n_layer):
-            feeds[f"pk{i}"] = feeds[f"pv{i}"] = self._empty_cache
-        logits, k, v = self.session.run(["logits", "new_k", "new_v"], feeds)
-        return k[:, 0], v[:, 0], logits[0]
-
-    def _place(self, slot: int, k, v) -> None:
-        T = k.shape[2]
-        self._K[:, slot, :, :T] = k
-        self._V[:, slot, :, :T] = v
-        self._mask[slot] = _MASKED
-        self._mask[slot, :, :, :T] = 0.0
+        logits = np.empty((1, hp.n_vocab), np.float32)
+        x = np.ascontiguousarray((self.wte[ids] + self.wpe[:T])[None])
+        io, _keep = self._binding_over(slot, 1, x, np.array([T - 1], np.int32), np.array(T, np.int32), logits)
+        self.session.run_with_iobinding(io)
         self._n[slot] = T
+        return logits[0]
 
     def add(self, seqs) -> np.ndarray:
         """Append rows holding ``seqs``; logits [len(seqs), n_vocab] after each."""
         seqs = [tuple(int(t) for t in np.asarray(s).reshape(-1)) for s in seqs]
         logits = np.empty((len(seqs), self.hparams.n_vocab), np.float32)
-        done = {}
+        if seqs:  # room for all the new rows at once
+            self._reserve(self.rows + len(seqs), max(len(s) for s in seqs) + 1)
+        done = {}  # a sequence -> (slot it was prefilled in, its logits)
         for b, seq in enumerate(seqs):
-            if seq not in done:
-                done[seq] = self._prefill(seq)
-            k, v, last = done[seq]
             slot = len(self._slots)
-            if b == 0:  # room for all the new rows at once
-                self._reserve(slot + len(seqs), max(len(s) for s in seqs) + 1)
-            self._place(slot, k, v)
+            if seq in done:
+                first, logits[b] = done[seq]
+                self._copy_slot(first, slot)
+            else:
+                logits[b] = self._prefill(slot, seq)
+                done[seq] = (slot, logits[b])
             self._slots.append(slot)
-            logits[b] = last
         return logits
 
     def reset(self, rows, seqs) -> np.ndarray:
@@ -403,9 +411,7 @@ class OnnxDecoder:
             raise ValueError("one sequence per row")
         logits = np.empty((len(rows), self.hparams.n_vocab), np.float32)
         for j, (r, seq) in enumerate(zip(rows, seqs)):
-            k, v, logits[j] = self._prefill(seq)
-            self._reserve(self.rows, k.shape[2] + 1)
-            self._place(self._slots[r], k, v)
+            logits[j] = self._prefill(self._slots[r], seq)
         return logits
 
     def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
@@ -430,35 +436,17 @@ class OnnxDecoder:
     # -- one step ---------------------------------------------------------------------
 
     def _bind(self, B: int):
-        """The IOBinding of a step over slots 0..B-1 (inputs and outputs are numpy buffers)."""
+        """The IOBinding of a step over slots 0..B-1."""
         key = (B, id(self._K))
-        if self._binding_key == key:
-            return self._binding
-        hp, ort = self.hparams, self._ort
-        L, H, D, cap = hp.n_layer, hp.n_head, hp.head_dim, self._K.shape[3]
-        self._x = np.zeros((B, 1, hp.n_embd), np.float32)
-        self._logits = np.empty((B, hp.n_vocab), np.float32)
-        self._new_k = np.empty((L, B, H, 1, D), np.float32)
-        self._new_v = np.empty((L, B, H, 1, D), np.float32)
-        ov = ort.OrtValue.ortvalue_from_numpy
-        arrays = {"x": self._x, "mask": self._mask[:B], "causal": np.zeros((1, 1), np.float32),
-                  "split": np.array([cap, 1], np.int64)}
-        for i in range(L):
-            arrays[f"pk{i}"] = self._K[i, :B]
-            arrays[f"pv{i}"] = self._V[i, :B]
-        io = self.session.io_binding()
-        values = []
-        for name, a in arrays.items():
-            value = ov(a)  # shares the numpy buffer (contiguous: leading-axis slices)
-            values.append((value, a))
-            io.bind_ortvalue_input(name, value)
-        for name, a in (("logits", self._logits), ("new_k", self._new_k), ("new_v", self._new_v)):
-            value = ov(a)
-            values.append((value, a))
-            io.bind_ortvalue_output(name, value)
-        self._bound_values = values
-        self._binding, self._binding_key = io, key
-        return io
+        if self._binding_key != key:
+            hp = self.hparams
+            self._x = np.zeros((B, 1, hp.n_embd), np.float32)
+            self._logits = np.empty((B, hp.n_vocab), np.float32)
+            self._seqlens = np.zeros(B, np.int32)
+            self._total = np.zeros((), np.int32)
+            self._binding, self._bound = self._binding_over(0, B, self._x, self._seqlens, self._total, self._logits)
+            self._binding_key = key
+        return self._binding
 
     def step(self, tokens, rows: Optional[Sequence[int]] = None) -> np.ndarray:
         """One token for each of ``rows`` (default all, in order); logits [len(rows), n_vocab]."""
@@ -477,17 +465,14 @@ class OnnxDecoder:
         if pos.max() >= hp.n_ctx:
             raise ValueError(f"the context of {hp.n_ctx} tokens is full")
         B = self.rows  # every slot in use runs; rows not stepping are computed and ignored
-        self._reserve(B, int(pos.max()) + 1)
+        self._reserve(B, int(self._n[:B].max()) + 1)
         io = self._bind(B)
         all_tok = np.zeros(B, np.int64)
-        all_pos = np.minimum(self._n[:B], hp.n_ctx - 1)
         all_tok[slots] = tokens
-        np.add(self.wte[all_tok], self.wpe[all_pos], out=self._x[:, 0])
+        lengths = self._n[:B]
+        np.add(self.wte[all_tok], self.wpe[np.minimum(lengths, hp.n_ctx - 1)], out=self._x[:, 0])
+        self._seqlens[:] = lengths
+        self._total[...] = int(lengths.max()) + 1
         self.session.run_with_iobinding(io)
-        # the new keys/values at each stepping row's position
-        # (K[:, slots, :, pos] is [b, L, H, D]: the advanced indices' axis comes first)
-        self._K[:, slots, :, pos, :] = self._new_k[:, :, :, 0][:, slots].transpose(1, 0, 2, 3)
-        self._V[:, slots, :, pos, :] = self._new_v[:, :, :, 0][:, slots].transpose(1, 0, 2, 3)
-        self._mask[slots, 0, 0, pos] = 0.0
         self._n[slots] += 1
         return self._logits[slots]

@@ -3,6 +3,8 @@
     from model import quantize
     q = quantize.load_or_make(weights, m.path, "q4")   # Quantized: .arrays, .path, .made
     q = quantize.ensure(m, "q8")                         # the same from a loaded Model
+    qm = quantize.load_quantized("gpt2ja-small-dir", "q4")  # QuantizedModel: no TensorFlow
+                                                         # when the cache file is there
 
 The format is ONNX Runtime's ``MatMulNBits`` (``com.microsoft``): each weight
 matrix W [K in, N out] is stored transposed as N rows of K values, cut into
@@ -16,12 +18,16 @@ the others lie in [-8, 8) steps (the rare +8 is clipped to 7).  On a
 fine-tuned tiny model this gave q4 a mean KL divergence of 0.011 against
 0.014 for the symmetric max/7 scale.  Quantized are the four matrices of every block and the
 token embedding (the tied output projection, ``wte`` [V, E], already N x K);
-embeddings for the input, biases and layer norms stay float32.
+biases, layer norms and the position embedding stay float32, and the token
+embedding for the input (one row gathered per token) is kept as float16.
+A cache file holds all of them and the hyperparameters, so that a quantized
+model decodes from its cache file alone (``load_quantized``: no TensorFlow,
+no float32 copy of the weights in memory).
 
 Cache: one ``.npz`` file per checkpoint and format, named by a key of the
-checkpoint's contents (sha256 of its ``.index`` file, the data files' names,
-sizes and modification times, the format, the block size and this module's
-``VERSION``).  It is written beside the checkpoint (``DIR/quantized/``) when
+checkpoint's contents (sha256 of its ``.index`` file and its ``hparams.json``, the data files'
+names, sizes and modification times, the format, the block size and this
+module's ``VERSION``).  It is written beside the checkpoint (``DIR/quantized/``) when
 that directory is writable, else under the model cache
 (``$GPT2JA_HOME/quantized``, default ``$XDG_CACHE_HOME/gpt2-japanese`` or
 ``~/.cache/gpt2-japanese``), atomically (``util.files.atomic_write``).  A
@@ -47,12 +53,12 @@ import numpy as np
 from util.files import atomic_write
 
 from .errors import ModelError
-from .hparams import HParams
+from .hparams import HParams, variable_shapes
 
 FORMATS = ("q8", "q4")
 BITS = {"q8": 8, "q4": 4}
 BLOCK = 32
-VERSION = 2
+VERSION = 3
 SUBDIR = "quantized"
 _META = "__meta__"
 
@@ -109,6 +115,16 @@ def matrix_names(hp: HParams) -> Dict[str, Tuple[str, bool]]:
     return names
 
 
+def float_shapes(hp: HParams) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """The arrays kept in floating point beside the quantized matrices: checkpoint name -> (shape,
+    dtype).  ``model/wte`` (float16) is the input embedding only; the output projection is ``wte/q``."""
+    out = {"model/wte": ((hp.n_vocab, hp.n_embd), "float16"), "model/wpe": ((hp.n_ctx, hp.n_embd), "float32")}
+    for name, shape in variable_shapes(hp).items():
+        if len(shape) == 1:  # biases and layer norms
+            out[name] = (shape, "float32")
+    return out
+
+
 def expected_shapes(hp: HParams, fmt: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     """Every array a cache file of ``fmt`` holds for hparams ``hp``: name -> (shape, dtype)."""
     bits = BITS[fmt]
@@ -121,15 +137,17 @@ def expected_shapes(hp: HParams, fmt: str) -> Dict[str, Tuple[Tuple[int, ...], s
         nb = -(-K // BLOCK)
         out[name + "/q"] = ((N, nb, BLOCK * bits // 8), "uint8")
         out[name + "/s"] = ((N * nb,), "float32")
+    out.update(float_shapes(hp))
     return out
 
 
 def quantize_weights(weights, hp: HParams, fmt: str) -> Dict[str, np.ndarray]:
     """The quantized arrays (``name/q``, ``name/s``) of ``weights`` (checkpoint names -> float32 arrays,
-    conv1d weights as [in, out], e.g. ``npdecode.cpu_weights(m)``)."""
+    conv1d weights as [in, out], e.g. ``npdecode.cpu_weights(m)``), and the arrays of
+    ``float_shapes`` (copies, in their types)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
-    out = {}
+    out = {name: np.array(weights[name], dtype=dtype) for name, (_, dtype) in float_shapes(hp).items()}
     for name, (source, transpose) in matrix_names(hp).items():
         w = np.asarray(weights[source], dtype=np.float32)
         q, s = quantize_matrix(np.ascontiguousarray(w.T) if transpose else w, BITS[fmt])
@@ -162,6 +180,10 @@ def checkpoint_key(prefix: str | os.PathLike, fmt: str) -> str:
     try:
         with open(prefix + ".index", "rb") as f:
             h.update(f.read())
+        hparams_file = os.path.join(os.path.dirname(prefix), "hparams.json")
+        if os.path.isfile(hparams_file):
+            with open(hparams_file, "rb") as f:
+                h.update(b"\0hparams.json\0" + f.read())
         for data in sorted(glob.glob(glob.escape(prefix) + ".data-*")):
             st = os.stat(data)
             h.update(f"\0{os.path.basename(data)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
@@ -193,15 +215,29 @@ class Quantized(NamedTuple):
     made: bool
 
 
-def read_cache(path: Path, hp: HParams, fmt: str, key: str) -> Optional[Dict[str, np.ndarray]]:
-    """The arrays of the cache file ``path``, or None when it is missing, unreadable, corrupted
-    (zip checksums), or not exactly what key, format and hparams ask for."""
+def _meta(key: str, fmt: str, hp: HParams) -> dict:
+    return {"key": key, "format": fmt, "block": BLOCK, "version": VERSION, "hparams": hp.to_dict()}
+
+
+def read_cache(path: Path, hp: Optional[HParams], fmt: str, key: str
+               ) -> Optional[Tuple[HParams, Dict[str, np.ndarray]]]:
+    """(hparams, arrays) of the cache file ``path``, or None when it is missing, unreadable,
+    corrupted (zip checksums), or not exactly what key, format and hparams ask for.  ``hp`` None:
+    the hparams the file names (checked to be valid)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(bytes(z[_META]).decode())
-            if meta != {"key": key, "format": fmt, "block": BLOCK, "version": VERSION}:
+            if not isinstance(meta, dict):
                 return None
-            want = expected_shapes(hp, fmt)
+            try:
+                stored = HParams.from_dict(meta.get("hparams"), source=str(path))
+            except (ModelError, TypeError, AttributeError):
+                return None
+            if hp is not None and stored != hp:
+                return None
+            if meta != _meta(key, fmt, stored):
+                return None
+            want = expected_shapes(stored, fmt)
             if set(z.files) != set(want) | {_META}:
                 return None
             arrays = {}
@@ -210,7 +246,7 @@ def read_cache(path: Path, hp: HParams, fmt: str, key: str) -> Optional[Dict[str
                 if a.shape != shape or a.dtype != np.dtype(dtype):
                     return None
                 arrays[name] = a
-            return arrays
+            return stored, arrays
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError):
         return None
 
@@ -248,11 +284,11 @@ def load_or_make(weights, prefix: Optional[str | os.PathLike], fmt: str, hp: HPa
     key = checkpoint_key(prefix, fmt)
     candidates = cache_candidates(prefix, fmt, key, cache_root)
     for path in candidates:
-        arrays = read_cache(path, hp, fmt, key)
-        if arrays is not None:
-            return Quantized(fmt, arrays, path, False)
+        found = read_cache(path, hp, fmt, key)
+        if found is not None:
+            return Quantized(fmt, found[1], path, False)
     arrays = quantize_weights(weights, hp, fmt)
-    meta = {"key": key, "format": fmt, "block": BLOCK, "version": VERSION}
+    meta = _meta(key, fmt, hp)
     for path in candidates:
         try:
             _write_cache(path, arrays, meta)
@@ -271,11 +307,49 @@ def ensure(m, fmt: str, cache_root: Optional[str | os.PathLike] = None) -> Quant
     return load_or_make(cpu_weights(m), getattr(m, "path", None), fmt, m.hparams, cache_root)
 
 
+class QuantizedModel:
+    """A model to decode with 8-/4-bit weights only (``model.decoder(qm)`` gives its ``OnnxDecoder``):
+    ``hparams``, ``path`` (the checkpoint prefix), ``device`` (always the CPU), ``fmt`` and
+    ``quantized`` (the ``Quantized`` arrays).  Holds no float32 weight matrices and no TensorFlow
+    objects; ``tasks.generate.Generator`` takes it like a ``Model``."""
+
+    device = "/CPU:0"
+
+    def __init__(self, hparams: HParams, path: str, quantized: Quantized):
+        self.hparams, self.path, self.quantized = hparams, path, quantized
+        self.fmt = quantized.fmt
+
+
+def load_quantized(model_dir: str | os.PathLike, fmt: str,
+                   cache_root: Optional[str | os.PathLike] = None) -> QuantizedModel:
+    """The ``fmt`` model of a model directory, read from its cache file without TensorFlow when a
+    valid one is there (see ``cache_candidates``); otherwise the checkpoint is loaded
+    (``model.load``, TensorFlow), quantized and cached as ``load_or_make`` does, and its float32
+    weights are let go.  ModelError for a directory that holds no checkpoint."""
+    from .checkpoint import find_checkpoint
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+    prefix = find_checkpoint(model_dir)
+    key = checkpoint_key(prefix, fmt)
+    for path in cache_candidates(prefix, fmt, key, cache_root):
+        found = read_cache(path, None, fmt, key)
+        if found is not None:
+            return QuantizedModel(found[0], prefix, Quantized(fmt, found[1], path, False))
+    from .gpt2 import load
+
+    m = load(model_dir)
+    q = ensure(m, fmt, cache_root)
+    hp = m.hparams
+    del m
+    return QuantizedModel(hp, prefix, q)
+
+
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     """||a - b|| / ||b|| (Frobenius)."""
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-__all__ = ["FORMATS", "BLOCK", "VERSION", "Quantized", "quantize_matrix", "dequantize_matrix", "quantize_weights",
+__all__ = ["FORMATS", "BLOCK", "VERSION", "Quantized", "QuantizedModel", "load_quantized", "quantize_matrix", "dequantize_matrix", "quantize_weights",
            "load_or_make", "ensure", "checkpoint_key", "default_cache_root", "read_cache",
            "relative_error"]

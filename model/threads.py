@@ -36,15 +36,19 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def configure_threads(threads: Optional[int] = None) -> int:
+def configure_threads(threads: Optional[int] = None, tensorflow: bool = True) -> int:
     """Set the thread policy of this process: ``threads`` fixed, or None for the
     default (all CPUs, decoding steps tuned).  Call before the model is loaded,
-    so that TensorFlow's pools are sized before TensorFlow starts.  Returns the
-    largest count any pool gets."""
+    so that TensorFlow's pools are sized before TensorFlow starts (``tensorflow``
+    False: TensorFlow is left alone, not even imported).  Returns the largest
+    count any pool gets."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     _POLICY["threads"] = threads
     count = threads or cpu_count()
+    set_blas_threads(count)
+    if not tensorflow:  # a process that decodes without TensorFlow (quantized weights) must not load it
+        return count
     from ._tf import import_tf
 
     tf = import_tf()
@@ -53,7 +57,6 @@ def configure_threads(threads: Optional[int] = None) -> int:
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # TensorFlow already started: its pools keep their sizes
         pass
-    set_blas_threads(count)
     return count
 
 

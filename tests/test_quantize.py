@@ -296,6 +296,69 @@ def test_cache_goes_to_the_model_cache_when_the_checkpoint_directory_is_not_writ
     assert not again.made and again.path == q.path
 
 
+def test_load_quantized_decodes_as_the_full_model(tiny_copy, tiny_q):
+    """model.load_quantized reads hparams and every array from the cache file: its decoder gives
+    exactly the numbers of the decoder made from the loaded float32 model with the same format."""
+    rng = np.random.default_rng(5)
+    seqs = _contexts(3, rng)
+    for fmt in ("q8", "q4"):
+        full = model.decoder(tiny_q, quantize=fmt)  # makes or reads the cache file
+        qm = model.load_quantized(tiny_copy, fmt)
+        assert isinstance(qm, model.QuantizedModel)
+        assert qm.hparams == tiny_q.hparams and qm.fmt == fmt and qm.path == tiny_q.path
+        assert not qm.quantized.made and qm.quantized.path == full.quantized_path
+        light = model.decoder(qm)
+        assert light.quantize == fmt and model.choose_engine(qm) == "onnx"
+        np.testing.assert_array_equal(light.add(seqs), full.add(seqs))
+        for _ in range(3):
+            tokens = rng.integers(0, 20573, len(seqs))
+            np.testing.assert_array_equal(light.step(tokens), full.step(tokens))
+    with pytest.raises(ValueError, match="holds q4 weights"):
+        model.decoder(qm, quantize="q8")
+    with pytest.raises(ValueError, match="holds q4 weights"):
+        model.choose_engine(qm, "auto", "q8")
+
+
+def test_load_quantized_without_a_cache_makes_it(tmp_path, tiny_q):
+    d = tmp_path / "m"
+    shutil.copytree(TINY_DIR, d)
+    qm = model.load_quantized(d, "q4")
+    assert qm.quantized.made and qm.quantized.path.parent == d / "quantized"
+    assert not model.load_quantized(d, "q4").quantized.made
+    with pytest.raises(model.ModelError, match="does not exist"):
+        model.load_quantized(tmp_path / "missing", "q4")
+    with pytest.raises(ValueError, match="unknown format"):
+        model.load_quantized(d, "q2")
+
+
+def test_the_cache_key_covers_hparams_json(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(TINY_DIR, d)
+    prefix = model.find_checkpoint(d)
+    before = quantize.checkpoint_key(prefix, "q8")
+    (d / "hparams.json").write_text((d / "hparams.json").read_text() + "\n")
+    assert quantize.checkpoint_key(prefix, "q8") != before
+
+
+def test_quantized_decoding_needs_no_tensorflow(tiny_copy, env):
+    """With the cache file there, neither model.load_quantized and its decoder nor
+    gpt2-generate.py --quantize import TensorFlow."""
+    model.load_quantized(tiny_copy, "q4")  # the cache file exists from here on
+    code = ("import sys, model; qm = model.load_quantized(sys.argv[1], 'q4'); d = model.decoder(qm); "
+            "d.add([[1, 2, 3]]); d.step([4]); print('tensorflow' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_copy)], capture_output=True, env=env, cwd=ROOT,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode().strip() == "False"
+    code = ("import sys; from cli import generate; rc = generate.main(sys.argv[1:]); "
+            "sys.stderr.write('TF=%s' % ('tensorflow' in sys.modules)); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code, "--model", str(tiny_copy), "--quantize", "q4", "--seed", "3",
+                        "--num_generate", "2", "--max_length", "20", "--context", "今日は"],
+                       capture_output=True, env=env, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.decode().endswith("TF=False") and p.stdout.decode().count("========\n") == 1
+
+
 # -- the tools ---------------------------------------------------------------------------------
 
 
@@ -331,6 +394,11 @@ def test_generate_with_quantize_end_to_end(tiny_copy, env, capsys):
     assert text.count("========\n") == 2
     assert cli_generate.main(args) == 0
     assert capsys.readouterr().out == text  # deterministic with a seed
+    # the tool reads the cache alone; a Generator over the loaded float32 model and q8 gives the same
+    opts = GenerateOptions(top_k=40, max_length=30, seed=1)
+    samples = Generator(model.load(tiny_copy), cli_generate.common.load_encoder(cli_generate.parser().parse_args([])),
+                        quantize="q8").generate("今日は", 3, opts)
+    assert "========\n".join(s + "\n" for s in samples) == text
     assert cli_generate.main(args[:5] + ["q4"] + args[6:]) == 0
     assert capsys.readouterr().out != text  # another format, other numbers (on this random model)
 
