@@ -19,8 +19,10 @@ Speed (per shape; random checkpoints from bench/make_checkpoint.py, made under /
   quantize=...)`` with an empty cache (quantize, write the cache, build the session), and of a
   second one reading the cache.
 
-Peak RSS (small): a child process that loads the model and decodes 64 steps with q8 (and, for
-reference, one decoding with the numpy engine), ``/usr/bin/time -f %M`` (or os.wait4).
+Peak RSS (per shape, ``/usr/bin/time -f %M`` or os.wait4): ``python -c "import tensorflow"`` alone,
+and gpt2-generate.py decoding 64 tokens with float32 weights, with --quantize q8 and with q4 (their
+cache files made beforehand, as after a first run).  Bars (issue 15): q8 small at most 250 MB above
+TensorFlow itself; q4 medium at most 0.45 x the float32 run.
 
 Quality (KLD): a copy of the tiny test checkpoint is fine-tuned for --train-steps steps
 (``tasks.train.Trainer``, chunks of 128 tokens of ``tasks.dataset.Chunks``, Adam 3e-3, batch 8)
@@ -162,40 +164,40 @@ def quantize_times(m, formats=FORMATS) -> dict:
 
 # -- peak RSS ---------------------------------------------------------------------------------
 
-_CHILD = """
-import sys, numpy as np
-sys.path.insert(0, {repo!r})
-import model
-m = model.load({d!r})
-dec = model.decoder(m, engine={engine!r}, quantize={fmt!r})
-dec.start(np.arange(8)[None] + 100)
-for t in range(64):
-    dec.step([t + 1])
-"""
 
-
-def child_rss(directory: str, engine: str, fmt) -> int:
-    """Peak RSS in bytes of a child that loads ``directory`` and decodes 64 steps."""
-    code = _CHILD.format(repo=REPO, d=directory, engine=engine, fmt=fmt)
+def peak_rss(command) -> int:
+    """Peak RSS in bytes of ``command`` (``/usr/bin/time -f %M``, or os.wait4)."""
     with tempfile.NamedTemporaryFile("r") as out:
         if os.access("/usr/bin/time", os.X_OK):
-            subprocess.run(["/usr/bin/time", "-f", "%M", "-o", out.name, sys.executable, "-c", code], check=True,
+            subprocess.run(["/usr/bin/time", "-f", "%M", "-o", out.name, *command], check=True, cwd=REPO,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             return int(out.read().strip().splitlines()[-1]) * 1024
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)
         if status:
-            raise RuntimeError("child failed")
+            raise RuntimeError(f"{command} failed")
         return usage.ru_maxrss * 1024
 
 
-def rss(directory: str) -> dict:
-    import model
-    m = model.load(directory)
-    model.decoder(m, quantize="q8")  # the cache exists before the child runs (a steady-state run)
-    del m
-    return {"numpy f32": child_rss(directory, "numpy", None), "onnx q8": child_rss(directory, "auto", "q8"),
-            "onnx q4": child_rss(directory, "auto", "q4")}
+def generate_command(directory: str, fmt=None, tokens: int = 64):
+    """gpt2-generate.py decoding ``tokens`` tokens of one sample (float32, or ``fmt`` weights)."""
+    command = [sys.executable, os.path.join(REPO, "gpt2-generate.py"), "--model", directory, "--gpu", "-1",
+               "--context", "江戸時代のインターネット回線について、", "--num_generate", "1", "--seed", "1",
+               "--max_tokens", str(tokens), "--max_length", "100000"]
+    return command + (["--quantize", fmt] if fmt else [])
+
+
+def rss(directory: str, formats=FORMATS) -> dict:
+    """Peak RSS of ``import tensorflow`` alone, and of gpt2-generate.py decoding 64 tokens with float32
+    weights and with each format (its cache file made beforehand: a steady-state run)."""
+    for fmt in formats:
+        subprocess.run([sys.executable, "-m", "model", "quantize", directory, fmt], check=True,
+                       cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = {"tensorflow itself": peak_rss([sys.executable, "-c", "import tensorflow"]),
+           "numpy f32": peak_rss(generate_command(directory))}
+    for fmt in formats:
+        out[f"onnx {fmt}"] = peak_rss(generate_command(directory, fmt))
+    return out
 
 
 # -- quality: KL divergence on a trained tiny model ---------------------------------------------
@@ -320,10 +322,12 @@ def main(argv=None) -> int:
 
     figures = {}
     shapes = [s for s in args.shapes.split(",") if s]
-    if not args.skip_rss and "small" in shapes:
-        bg.ensure_checkpoint("small", args.dir_small)
-        log("peak RSS, small")
-        figures["rss_small"] = rss(args.dir_small)
+    if not args.skip_rss:
+        for shape in shapes:
+            d = getattr(args, f"dir_{shape}")
+            bg.ensure_checkpoint(shape, d)
+            log(f"peak RSS, {shape}")
+            figures[f"rss_{shape}"] = rss(d)
     if not args.skip_speed:
         for shape in shapes:
             d = getattr(args, f"dir_{shape}")
@@ -356,9 +360,17 @@ def main(argv=None) -> int:
                 print(f"quantize {shape} {fmt}: {r['quantize_s']:.2f} s (arrays), first decoder {r['first_decoder_s']:.2f} s "
                       f"(quantize + write cache + session), from the cache {r['cached_decoder_s']:.2f} s; "
                       f"cache file {r['cache_bytes'] / 1e6:.0f} MB")
-    if "rss_small" in figures:
-        print("\npeak RSS, load small + decode 64 steps: " +
-              ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in figures["rss_small"].items()))
+    for shape in shapes:
+        r = figures.get(f"rss_{shape}")
+        if r:
+            tf, f32 = r["tensorflow itself"], r["numpy f32"]
+            print(f"\npeak RSS, {shape}, gpt2-generate.py decoding 64 tokens: " +
+                  ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in r.items()))
+            for fmt in FORMATS:
+                if f"onnx {fmt}" in r:
+                    q = r[f"onnx {fmt}"]
+                    print(f"  {fmt}: {(q - tf) / 1e6:+.0f} MB over TensorFlow itself (bar for q8 small: +250), "
+                          f"{q / f32:.2f} x the float32 run (bar for q4 medium: 0.45)")
     if "kld" in figures:
         k = figures["kld"]
         if "training" in k:

@@ -430,8 +430,11 @@ def _bench():
     return bench
 
 
-def test_bench_functions_on_the_tiny_model(tiny_q, enc, corpus_lines):
+def test_bench_functions_on_the_tiny_model(tiny_q, tiny_copy, enc, corpus_lines):
     bench = _bench()
+    r = bench.rss(str(tiny_copy), formats=("q4",))
+    assert set(r) == {"tensorflow itself", "numpy f32", "onnx q4"} and min(r.values()) > 0
+    assert r["onnx q4"] < r["tensorflow itself"] < r["numpy f32"]  # quantized decoding loads no TensorFlow
     s = bench.speed(tiny_q, steps=2, batches=(1, 2))
     assert set(s["decode"]) == {f"{e} b{b}" for e in ("numpy f32", "onnx f32", "onnx q8", "onnx q4") for b in (1, 2)}
     assert all(r["tokens_per_s"] > 0 and r["x_bound"] > 0 for r in s["decode"].values())
