@@ -190,6 +190,12 @@ class _SampleInProgress:
     emitted: int = 0
 
 
+def _onnx_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
 class Generator:
     """Generates samples with a loaded Model and Encoder.
 
@@ -200,23 +206,33 @@ class Generator:
     then its ``engine``.  ``quantize``: 'q8' or 'q4' decodes with 8-/4-bit weights (engine 'onnx',
     ``model.ortdecode``; the weights are made on first use and cached, see ``model.quantize``);
     None (the default) keeps float32 weights.
+
+    With 'auto' on a CPU and float32 weights, a generation that decodes ``ONNX_ROWS`` or more
+    samples at once runs on the onnx engine (ONNX Runtime, float32: its small-batch matrix
+    products are 2-3x numpy's/OpenBLAS's; it holds a second, packed copy of the weights), fewer
+    on numpy.  The engine is chosen when it is first needed (``engine(rows)``) and kept.
     """
+
+    #: 'auto' on a CPU decodes with float32 ONNX Runtime from this many samples at once.
+    ONNX_ROWS = 4
 
     def __init__(self, model, enc, engine: str = "auto", decoder=None, quantize: Optional[str] = None):
         self.model = model
         self.enc = enc
         self.quantize = decoder.quantize if decoder is not None and hasattr(decoder, "quantize") else quantize
         self.engine_name = decoder.engine if decoder is not None else choose_engine(model, engine, quantize)
+        self._auto = decoder is None and engine == "auto" and self.engine_name == "numpy"
         self._decoder = decoder
         self.stats = GenerationStats()
 
-    def engine(self):
-        """The decoder (made on first use and kept: every generation reuses it)."""
+    def engine(self, rows: Optional[int] = None):
+        """The decoder (made on first use and kept: every generation reuses it).  ``rows``: how many
+        samples the first generation decodes at once (with 'auto', ``ONNX_ROWS`` or more choose the
+        onnx engine when onnxruntime is installed)."""
         if self._decoder is None:
-            if self.quantize is None:
-                self._decoder = new_decoder(self.model, self.engine_name)
-            else:
-                self._decoder = new_decoder(self.model, self.engine_name, quantize=self.quantize)
+            if self._auto and rows is not None and rows >= self.ONNX_ROWS and _onnx_available():
+                self.engine_name = "onnx"
+            self._decoder = new_decoder(self.model, self.engine_name, quantize=self.quantize)
         return self._decoder
 
     def context_ids(self, context: str) -> List[int]:
@@ -265,11 +281,12 @@ class Generator:
         it is produced (pieces concatenate to the final text).  ``progress(n)``
         (optional) is called after every decoding step with the tokens drawn.
         """
-        self._check(num, options, min(batch_size or num, num))
+        rows = min(batch_size or num, num)
+        self._check(num, options, rows)
         jobs = self._jobs(context_index, context, num, options.seed, first, on_text)
         texts = [""] * num
         for job, text in self._decode(iter([jobs]), options, batch_size or num, read_ahead=True,
-                                      progress=progress):
+                                      progress=progress, rows=rows):
             texts[job.index - first] = text
         return texts
 
@@ -295,8 +312,8 @@ class Generator:
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        known = len(contexts) if hasattr(contexts, "__len__") else None
-        self._check(num, options, batch_size if known is None else max(1, min(batch_size, num * known)))
+        rows = self.planned_rows(num, batch_size, len(contexts) if hasattr(contexts, "__len__") else None)
+        self._check(num, options, rows)
         numbers = itertools.count()
 
         def sources():
@@ -308,7 +325,7 @@ class Generator:
 
         done = {}
         following = 0
-        for job, text in self._decode(sources(), options, batch_size, read_ahead, progress):
+        for job, text in self._decode(sources(), options, batch_size, read_ahead, progress, rows=rows):
             done[job.order] = Sample(job.context_index, job.context, job.index, text)
             while following in done:
                 yield done.pop(following)
@@ -391,8 +408,15 @@ class Generator:
             engine.truncate(rows, base)
         return engine.feed(tokens[stepping], stepping, restarting, [active[b].window for b in restarting])
 
+    @staticmethod
+    def planned_rows(num: int, batch_size: int, contexts: Optional[int] = None) -> int:
+        """Samples ``generate_many`` decodes at once at most: ``batch_size``, or fewer when the number of
+        ``contexts`` is known and they have fewer samples."""
+        return batch_size if contexts is None else max(1, min(batch_size, num * contexts))
+
     def _decode(self, sources: Iterator[List[_Job]], options: GenerateOptions, batch_size: int,
-                read_ahead: bool, progress: Optional[Callable[[int], None]] = None) -> Iterator[tuple]:
+                read_ahead: bool, progress: Optional[Callable[[int], None]] = None,
+                rows: Optional[int] = None) -> Iterator[tuple]:
         """Decode the jobs that ``sources`` gives (a list of jobs per context);
         yields (job, text) as samples finish.  An exception from ``sources`` is
         raised once every job it gave before has been finished."""
@@ -406,7 +430,7 @@ class Generator:
         failure: Optional[Exception] = None
         params = options.sampling()
         hp = self.model.hparams
-        engine = self.engine()
+        engine = self.engine(rows)
         engine.clear()
         pending: Deque[_Job] = deque()
         exhausted = False

@@ -327,7 +327,7 @@ def test_batch_equals_single_samples(tiny, enc):
 CONTEXTS = ["江戸時代の", "今日は良い天気です。明日も晴れるかな", "", "文字列をフォント '0' の変換テーブルとして使用する。"]
 
 
-@pytest.mark.parametrize("batch_size,engine", [(1, "numpy"), (3, "numpy"), (16, "numpy"), (16, "tf")])
+@pytest.mark.parametrize("batch_size,engine", [(1, "numpy"), (3, "numpy"), (16, "numpy"), (16, "tf"), (16, "onnx")])
 def test_contexts_batched_together_equal_separate_runs(tiny, enc, batch_size, engine):
     """Samples of several contexts share batches (rows of different lengths,
     joining as others finish); every sample is what a run of its context alone gives."""
@@ -341,7 +341,7 @@ def test_contexts_batched_together_equal_separate_runs(tiny, enc, batch_size, en
         assert [s.text for s in many if s.context_index == j] == alone
 
 
-@pytest.mark.parametrize("engine", ["numpy", "tf"])
+@pytest.mark.parametrize("engine", ["numpy", "tf", "onnx"])
 def test_contexts_batched_with_sliding_windows_equal_separate_runs(enc, engine):
     """Rows of different lengths slide their windows at different steps, each as it would alone."""
     m = _small_ctx_model(n_ctx=16)
@@ -351,6 +351,28 @@ def test_contexts_batched_with_sliding_windows_equal_separate_runs(enc, engine):
     many = list(gen.generate_many(contexts, 2, opts, batch_size=4))
     for j, context in enumerate(contexts):
         assert [s.text for s in many if s.context_index == j] == gen.generate(context, 2, opts, context_index=j)
+
+
+def test_auto_engine_follows_the_rows_decoded_at_once(tiny, enc):
+    """'auto' on a CPU: numpy below Generator.ONNX_ROWS samples at once, float32 ONNX Runtime from
+    there on, with the same (greedy) text; an engine asked for is kept."""
+    opts = GenerateOptions(top_k=1, max_length=60)
+    rows = Generator.ONNX_ROWS
+    few = Generator(tiny, enc)
+    few_texts = few.generate("今日は", rows - 1, opts)
+    assert few.engine_name == "numpy"
+    many = Generator(tiny, enc)
+    assert many.generate("今日は", rows, opts) == few_texts + few_texts[:1]
+    assert many.engine_name == "onnx" and many.engine().engine == "onnx"
+    narrow = Generator(tiny, enc)
+    narrow.generate("今日は", 2 * rows, opts, batch_size=rows - 1)
+    assert narrow.engine_name == "numpy"
+    contexts = Generator(tiny, enc)
+    list(contexts.generate_many(["a", "b"], 2, opts, batch_size=16))
+    assert contexts.engine_name == "onnx"  # 2 contexts x 2 samples decoded together
+    asked = Generator(tiny, enc, engine="numpy")
+    asked.generate("今日は", 2 * rows, opts)
+    assert asked.engine_name == "numpy"
 
 
 def test_contexts_with_the_tensorflow_engine(tiny, enc):
