@@ -190,12 +190,6 @@ class _SampleInProgress:
     emitted: int = 0
 
 
-def _onnx_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
-
-
 class Generator:
     """Generates samples with a loaded Model and Encoder.
 
@@ -207,31 +201,26 @@ class Generator:
     ``model.ortdecode``; the weights are made on first use and cached, see ``model.quantize``);
     None (the default) keeps float32 weights.
 
-    With 'auto' on a CPU and float32 weights, a generation that decodes ``ONNX_ROWS`` or more
-    samples at once runs on the onnx engine (ONNX Runtime, float32: its small-batch matrix
-    products are 2-3x numpy's/OpenBLAS's; it holds a second, packed copy of the weights), fewer
-    on numpy.  The engine is chosen when it is first needed (``engine(rows)``) and kept.
+    With 'auto' on a CPU and float32 weights, the engine also depends on how many samples the
+    first generation decodes at once (``model.choose_engine``'s ``rows``: float32 ONNX Runtime
+    from ``model.decoding.ONNX_ROWS`` on, else numpy); it is chosen when first needed
+    (``engine(rows)``) and kept.
     """
-
-    #: 'auto' on a CPU decodes with float32 ONNX Runtime from this many samples at once.
-    ONNX_ROWS = 4
 
     def __init__(self, model, enc, engine: str = "auto", decoder=None, quantize: Optional[str] = None):
         self.model = model
         self.enc = enc
         self.quantize = decoder.quantize if decoder is not None and hasattr(decoder, "quantize") else quantize
         self.engine_name = decoder.engine if decoder is not None else choose_engine(model, engine, quantize)
-        self._auto = decoder is None and engine == "auto" and self.engine_name == "numpy"
+        self._asked = engine
         self._decoder = decoder
         self.stats = GenerationStats()
 
     def engine(self, rows: Optional[int] = None):
         """The decoder (made on first use and kept: every generation reuses it).  ``rows``: how many
-        samples the first generation decodes at once (with 'auto', ``ONNX_ROWS`` or more choose the
-        onnx engine when onnxruntime is installed)."""
+        samples the first generation decodes at once (see ``model.choose_engine``)."""
         if self._decoder is None:
-            if self._auto and rows is not None and rows >= self.ONNX_ROWS and _onnx_available():
-                self.engine_name = "onnx"
+            self.engine_name = choose_engine(self.model, self._asked, self.quantize, rows)
             self._decoder = new_decoder(self.model, self.engine_name, quantize=self.quantize)
         return self._decoder
 

@@ -354,10 +354,11 @@ def test_contexts_batched_with_sliding_windows_equal_separate_runs(enc, engine):
 
 
 def test_auto_engine_follows_the_rows_decoded_at_once(tiny, enc):
-    """'auto' on a CPU: numpy below Generator.ONNX_ROWS samples at once, float32 ONNX Runtime from
-    there on, with the same (greedy) text; an engine asked for is kept."""
+    """'auto' on a CPU: numpy below model.decoding.ONNX_ROWS samples at once, float32 ONNX Runtime
+    from there on, with the same (greedy) text; an engine asked for is kept."""
+    from model.decoding import ONNX_ROWS as rows
+
     opts = GenerateOptions(top_k=1, max_length=60)
-    rows = Generator.ONNX_ROWS
     few = Generator(tiny, enc)
     few_texts = few.generate("今日は", rows - 1, opts)
     assert few.engine_name == "numpy"
@@ -373,6 +374,9 @@ def test_auto_engine_follows_the_rows_decoded_at_once(tiny, enc):
     asked = Generator(tiny, enc, engine="numpy")
     asked.generate("今日は", 2 * rows, opts)
     assert asked.engine_name == "numpy"
+    assert model.choose_engine(tiny, "auto", rows=rows) == "onnx"
+    assert model.choose_engine(tiny, "auto", rows=rows - 1) == model.choose_engine(tiny) == "numpy"
+    assert model.decoder(tiny, rows=rows).engine == "onnx"
 
 
 def test_contexts_with_the_tensorflow_engine(tiny, enc):
