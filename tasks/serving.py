@@ -117,7 +117,9 @@ class Engine:
         self.enc = enc
         self.batch_size = batch_size
         self.max_queue = max_queue
-        self.decoder = decoder if decoder is not None else new_decoder(model, engine, quantize=quantize)
+        # rows: with --engine auto on a CPU, float32 batches of 4 or more rows decode with ONNX Runtime
+        self.decoder = decoder if decoder is not None else new_decoder(model, engine, quantize=quantize,
+                                                                       rows=batch_size)
         self._waiting: Deque[Job] = deque()
         self._active: List[_Row] = []
         self._cv = threading.Condition()
