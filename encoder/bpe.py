@@ -174,6 +174,8 @@ class Encoder:
                 self._decode_table.append(None)  # the breakline argument
             else:
                 self._decode_table.append(tok)
+        #: Ids of the byte tokens (``<|byteN|>``): text decoders hold them back until a character is whole.
+        self.byte_ids = frozenset(i for i, v in enumerate(self._decode_table) if type(v) is int)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -137,7 +137,7 @@ class TextAssembler:
 
     def __init__(self, enc):
         self.enc = enc
-        self.byte_ids = frozenset(i for i, t in enumerate(enc.tokens) if t.startswith("<|byte") and t.endswith("|>"))
+        self.byte_ids = enc.byte_ids
         self.pending: List[int] = []
         self.text = ""
 

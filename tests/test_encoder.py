@@ -35,6 +35,12 @@ def _mismatches(records, fn, key):
     return bad[:3], len(bad)
 
 
+def test_byte_ids_are_the_byte_tokens(enc):
+    want = {i for i, tok in enumerate(enc.tokens) if tok.startswith("<|byte") and tok.endswith("|>")}
+    assert enc.byte_ids == want and len(want) > 200
+    assert all(enc.decode([i]) == "" or len(enc.decode([i])) == 1 for i in want)  # one byte: no text yet, or one char
+
+
 def test_golden_encode(enc, records):
     assert _mismatches(records, lambda r: enc.encode(r["text"]), "ids") == ([], 0)
 
