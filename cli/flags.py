@@ -150,9 +150,10 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
              "(or under $GPT2JA_HOME/quantized); default none: float32 weights")),
     "precision": (("--precision",), dict(
         choices=PRECISIONS, default="fp32",
-        help="weights of the forward pass: fp32 (default; exact) or bf16: the transformer blocks' matrices "
-             "in bfloat16 (half their memory; about 2-3x faster on CPUs with AMX or AVX512_BF16, slower on "
-             "others; results differ slightly: vectors within cosine 0.999, scores within about 0.1%%)")),
+        help="forward pass: fp32 (default, the exact float32 path) or bf16: the transformer blocks' weight "
+             "matrices in bfloat16, multiplied with float32 accumulation; faster on CPUs with AMX or AVX512_BF16 "
+             "(emulated, slower, elsewhere), with slightly different numbers (vectors within cosine 0.999 of "
+             "fp32's, log-probabilities within about 0.1%%)")),
     "progress": (("--progress",), dict(action="store_true",
                                        help="show progress bars even when stderr is not a terminal")),
 }
