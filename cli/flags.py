@@ -172,8 +172,8 @@ def use_precision(m) -> None:
     if m.precision == "bf16" and not model.bf16_native(m.device):
         from .common import warn
 
-        warn("this CPU has no bfloat16 instructions (AMX, AVX512_BF16): --precision bf16 is emulated and "
-             "slower than fp32")
+        warn("bfloat16 products are emulated here (no AMX or AVX512_BF16 on this CPU, or "
+             "TF_ENABLE_ONEDNN_OPTS=0): --precision bf16 will be slower than fp32")
 
 
 def add(parser: argparse.ArgumentParser, *names: str, **overrides: dict) -> None:

@@ -59,10 +59,13 @@ def _check_precision(precision) -> str:
 
 def bf16_native(device: str = CPU) -> bool:
     """Whether ``device`` multiplies bfloat16 in hardware: a GPU, or a CPU whose flags
-    (Linux's /proc/cpuinfo) include AMX (amx_bf16) or AVX512_BF16.  Elsewhere
-    TensorFlow emulates bfloat16 products, which is slower than float32."""
+    (Linux's /proc/cpuinfo) include AMX (amx_bf16) or AVX512_BF16, with TensorFlow's
+    oneDNN kernels on (not ``TF_ENABLE_ONEDNN_OPTS=0``).  Elsewhere TensorFlow
+    emulates bfloat16 products, which is slower than float32."""
     if "GPU" in str(device).upper():
         return True
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false"):
+        return False  # Eigen's bfloat16 products: no faster than float32 (measured)
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:

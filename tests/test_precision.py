@@ -284,18 +284,21 @@ def test_warning_where_bfloat16_is_emulated(records, tiny_model_dir, env, capsys
     out = capsys.readouterr()
     assert len(json.loads(out.out)) == 64  # still computed: a warning, not a refusal
     warning, = out.err.splitlines()
-    assert "warning: this CPU has no bfloat16 instructions" in warning and "slower" in warning
+    assert "warning: bfloat16 products are emulated here" in warning and "slower" in warning
     assert cli_transform.main(base) == 0
     assert capsys.readouterr().err == ""  # fp32: no warning
 
 
-def test_bf16_native_reads_the_cpu_flags(monkeypatch, tmp_path):
+def test_bf16_native_reads_the_cpu_flags(monkeypatch):
     from model import gpt2
 
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
     assert gpt2.bf16_native("/GPU:0")
     cpuinfo = open("/proc/cpuinfo", encoding="utf-8").read() if sys.platform == "linux" else ""
     has = any(f in cpuinfo.split() for f in ("amx_bf16", "avx512_bf16"))
     assert gpt2.bf16_native() == has
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # Eigen's kernels: bfloat16 emulated
+    assert not gpt2.bf16_native() and gpt2.bf16_native("/GPU:0")
 
 
 def test_help_mentions_precision():
