@@ -15,8 +15,8 @@ Standard GPT-2 (pre-norm blocks, layer norm eps 1e-5, tanh gelu, causal
 attention masked as ``w*b - 1e10*(1-b)``, output projection tied to ``wte``),
 float32 throughout.  With ``precision="bf16"`` the four weight matrices of
 each block are held as bfloat16 (half the memory) and multiplied in bfloat16
-(oneDNN accumulates in float32; on a CPU with AMX or AVX512_BF16 that is
-several times faster); the embeddings, biases, layer norms, attention,
+(oneDNN accumulates in float32; on a CPU with AMX the products run about
+3 times faster); the embeddings, biases, layer norms, attention,
 softmax, residual stream and the output projection stay float32, and every
 result is float32.  Weights live once, as tf.Variables on the chosen
 device; every computation is a ``tf.function`` traced with unknown batch and
