@@ -1,7 +1,7 @@
 """gpt2-bulk.py: vectors, scores and samples of many lines on a Ray cluster, as Parquet files.
 
-    gpt2-bulk.py transform --model M --input PATHS... --output DIR [--pooling --layer --normalize]
-    gpt2-bulk.py score     --model M --input PATHS... --output DIR [--exclude-end --stride --tokens]
+    gpt2-bulk.py transform --model M --input PATHS... --output DIR [--pooling --layer --normalize --precision]
+    gpt2-bulk.py score     --model M --input PATHS... --output DIR [--exclude-end --stride --tokens --precision]
     gpt2-bulk.py generate  --model M --contexts PATHS... --output DIR --num_generate N --seed S [...]
 
 DIR gets one ``part-NNNNN.parquet`` per shard of the input (written atomically
@@ -58,13 +58,13 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("transform", help="sentence vectors (gpt2-transform.py)",
                        description="Columns: line, text, vector (fixed-size list of float32).")
     common_flags(t, "input")
-    flags.add(t, "pooling", "layer", "normalize", "batch_tokens", batch_tokens={"default": 4096})
+    flags.add(t, "pooling", "layer", "normalize", "batch_tokens", "precision", batch_tokens={"default": 4096})
 
     s = sub.add_parser("score", help="sentence scores (gpt2-score.py)",
                        description="Columns: line, text (stripped), logprob, tokens, perplexity "
                                    "(+ token_logprobs with --tokens); an empty line has logprob null, tokens 0.")
     common_flags(s, "input")
-    flags.add(s, "tokens", "exclude_end", "stride", "batch_tokens")
+    flags.add(s, "tokens", "exclude_end", "stride", "batch_tokens", "precision")
 
     g = sub.add_parser("generate", help="samples (gpt2-generate.py --contexts)",
                        description="Columns: line, index, context, text: sample i of line j is what "
@@ -117,9 +117,9 @@ def _task(args):
     from tasks import bulk
 
     if args.command == "transform":
-        return bulk.TransformTask(args.pooling, args.layer, args.normalize, args.batch_tokens)
+        return bulk.TransformTask(args.pooling, args.layer, args.normalize, args.batch_tokens, args.precision)
     if args.command == "score":
-        return bulk.ScoreTask(args.exclude_end, args.stride, args.tokens, args.batch_tokens)
+        return bulk.ScoreTask(args.exclude_end, args.stride, args.tokens, args.batch_tokens, args.precision)
     from . import generate
 
     generate._check(argparse.Namespace(**{**vars(args), "context": None, "stream": False, "format": "jsonl",

@@ -22,7 +22,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("input_file", metavar="INPUT_FILE",
                    help="one text per line ('-' for stdin); lines are stripped, empty lines skipped")
     flags.add_model_flags(p)
-    flags.add(p, "tokens", "exclude_end", "stride", "batch_tokens", "output_file")
+    flags.add(p, "tokens", "exclude_end", "stride", "batch_tokens", "output_file", "precision")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
                    help='text (default, the original\'s): "text<TAB>logprob" per line; jsonl: '
                         '{"text", "logprob", "tokens", "perplexity"} per line')
@@ -76,7 +76,10 @@ def main(argv=None) -> int:
     m = common.load_model(args, enc)
     from tasks.score import Scorer, TextScore
 
-    scorer = Scorer(m, enc, exclude_end=args.exclude_end, stride=args.stride, max_tokens=args.batch_tokens)
+    scorer = Scorer(m, enc, exclude_end=args.exclude_end, stride=args.stride, max_tokens=args.batch_tokens,
+                    precision=args.precision)
+    m = scorer.model  # with --precision bf16 its copy: the float32 model is dropped
+    flags.use_precision(m)
     render = render_jsonl if args.format == "jsonl" else render_text
 
     import time

@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
                    help="json (default, the original's): a list of numbers per line; jsonl: "
                         '{"text", "vector"} per line; tsv: tab-separated numbers per line; '
                         "npy: an [N, n_embd] float32 array written to --output_file")
-    flags.add(p, "output_file", "pooling", "layer", "normalize", "batch_tokens",
+    flags.add(p, "output_file", "pooling", "layer", "normalize", "batch_tokens", "precision",
               output_file={"help": "write to FILE instead of stdout (atomically); required with --format npy"},
               batch_tokens={"default": 4096})
     return p
@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     from tasks.vectors import Vectorizer
 
     vec = Vectorizer(m, enc, pooling=args.pooling, layer=args.layer, normalize=args.normalize,
-                     max_tokens=args.batch_tokens)
+                     max_tokens=args.batch_tokens, precision=args.precision)
+    m = vec.model  # with --precision bf16 its copy: the float32 model is dropped
+    flags.use_precision(m)
 
     def where(number) -> str:
         return "the context" if number is None else f"line {number}"

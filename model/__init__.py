@@ -20,12 +20,15 @@
     model.save(m, "out_dir", step=1000)   # released layout, state file written last
     dev = model.select_device("-1")       # --gpu: '-1' CPU, 'N' -> '/GPU:N' if present
     m = model.load("gpt2ja-small", device=dev)
+    b = model.load("gpt2ja-small", precision="bf16")  # block matrices in bfloat16 (or
+                                          # m.with_precision("bf16")): half the memory, faster
+                                          # batched forward passes where model.bf16_native()
 
 Inside a task's own ``tf.function``: ``m.graph_hidden(ids)`` (final hidden
 states as a tensor) and ``m.graph_logits(h)`` (the tied output projection).
 
-``ModelError``, ``HParams``, ``check_vocab``, ``RELEASED``, ``LAYER_NAMES`` and
-``layer_weights`` come without importing TensorFlow (for fast ``--help``);
+``ModelError``, ``HParams``, ``check_vocab``, ``RELEASED``, ``LAYER_NAMES``,
+``PRECISIONS`` and ``layer_weights`` come without importing TensorFlow (for fast ``--help``);
 everything else is loaded on first use (module ``__getattr__``), importing
 TensorFlow quietly then where it is needed.
 """
@@ -33,10 +36,14 @@ from ._tf import import_tf
 from .errors import ModelError
 from .hparams import LAYER_NAMES, RELEASED, HParams, check_vocab, layer_weights, variable_shapes
 
+#: The weight formats of the forward pass (``load(..., precision=)``, ``Model.with_precision``).
+PRECISIONS = ("fp32", "bf16")
+
 _LAZY = {
     "load": "gpt2",
     "Model": "gpt2",
     "Cache": "gpt2",
+    "bf16_native": "gpt2",
     "save": "checkpoint",
     "random_weights": "checkpoint",
     "find_checkpoint": "checkpoint",
@@ -58,7 +65,7 @@ _LAZY = {
 }
 
 __all__ = ["ModelError", "import_tf", "HParams", "RELEASED", "check_vocab", "variable_shapes", "LAYER_NAMES",
-           "layer_weights", *_LAZY]
+           "layer_weights", "PRECISIONS", *_LAZY]
 
 
 def __getattr__(name):

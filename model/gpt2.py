@@ -9,10 +9,16 @@
     # inside a task's own tf.function (scoring, training):
     h = m.graph_hidden(ids)                         # [B, T, n_embd] tensor, after ln_f
     logits = m.graph_logits(h)                      # [B, T, n_vocab]: the tied projection
+    b = m.with_precision("bf16")                    # bfloat16 block matrices (or model.load(dir, precision="bf16"))
 
 Standard GPT-2 (pre-norm blocks, layer norm eps 1e-5, tanh gelu, causal
 attention masked as ``w*b - 1e10*(1-b)``, output projection tied to ``wte``),
-float32 throughout.  Weights live once, as tf.Variables on the chosen
+float32 throughout.  With ``precision="bf16"`` the four weight matrices of
+each block are held as bfloat16 (half the memory) and multiplied in bfloat16
+(oneDNN accumulates in float32; on a CPU with AMX the products run about
+3 times faster); the embeddings, biases, layer norms, attention,
+softmax, residual stream and the output projection stay float32, and every
+result is float32.  Weights live once, as tf.Variables on the chosen
 device; every computation is a ``tf.function`` traced with unknown batch and
 length dimensions, so new lengths or batch sizes never retrace.  The block
 is written once (``_block``); the full forward pass, the prefill and the
@@ -27,6 +33,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from . import PRECISIONS
 from ._tf import import_tf
 from .batch import as_batch
 from .checkpoint import _tf_message, open_checkpoint, read_errors
@@ -40,6 +47,34 @@ tf = import_tf()
 _LONG_SPAN = 256
 _IDS_2D = tf.TensorSpec([None, None], tf.int32)
 _IDS_1D = tf.TensorSpec([None], tf.int32)
+#: The dtype of the block matrices (the checkpoint's ``.../w`` variables) for each precision.
+_MATRIX_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16}
+
+
+def _check_precision(precision) -> str:
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
+def bf16_native(device: str = CPU) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: a GPU, or a CPU whose flags
+    (Linux's /proc/cpuinfo) include AMX (amx_bf16) or AVX512_BF16, with TensorFlow's
+    oneDNN kernels on (not ``TF_ENABLE_ONEDNN_OPTS=0``).  Elsewhere TensorFlow
+    emulates bfloat16 products, which is slower than float32."""
+    if "GPU" in str(device).upper():
+        return True
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false"):
+        return False  # Eigen's bfloat16 products: no faster than float32 (measured)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    found = set(line.split(":", 1)[1].split())
+                    return bool(found & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -73,9 +108,18 @@ def _mask_scores(w, keep):
     return w * keep - 1e10 * (1.0 - keep)
 
 
+def _matmul(x, w):
+    """x [N, in] (float32) times a block matrix w [in, out]: a float32 w is one plain
+    MatMul (the float32 graph); a bfloat16 w multiplies x rounded to bfloat16 (oneDNN
+    accumulates in float32) and returns the product as float32."""
+    if w.dtype == tf.float32:
+        return tf.matmul(x, w)
+    return tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32)
+
+
 def _mlp(x, p):
-    h = _gelu(tf.matmul(x, p["mlp/c_fc/w"]) + p["mlp/c_fc/b"])
-    return tf.matmul(h, p["mlp/c_proj/w"]) + p["mlp/c_proj/b"]
+    h = _gelu(_matmul(x, p["mlp/c_fc/w"]) + p["mlp/c_fc/b"])
+    return _matmul(h, p["mlp/c_proj/w"]) + p["mlp/c_proj/b"]
 
 
 # --------------------------------------------------------------------------- the cache
@@ -147,9 +191,9 @@ def _block(x, p, attend, cache=None):
     earlier ones), or None.
     """
     a = _layer_norm(x, p["ln_1/g"], p["ln_1/b"])
-    qkv = tf.matmul(a, p["attn/c_attn/w"]) + p["attn/c_attn/b"]
+    qkv = _matmul(a, p["attn/c_attn/w"]) + p["attn/c_attn/b"]
     a = attend(qkv, cache)
-    x = x + tf.matmul(a, p["attn/c_proj/w"]) + p["attn/c_proj/b"]
+    x = x + _matmul(a, p["attn/c_proj/w"]) + p["attn/c_proj/b"]
     return x + _mlp(_layer_norm(x, p["ln_2/g"], p["ln_2/b"]), p)
 
 
@@ -223,7 +267,9 @@ class Model:
 
     Attributes: ``hparams`` (HParams), ``device`` (e.g. '/CPU:0'), ``path``
     (the checkpoint prefix it was loaded from, or None), ``variables``
-    (checkpoint name -> tf.Variable; conv1d weights stored as [in, out]).
+    (checkpoint name -> tf.Variable; conv1d weights stored as [in, out]),
+    ``precision`` ('fp32', or 'bf16': the block matrices are bfloat16 variables,
+    see ``with_precision``).
 
     Batches are lists of id lists or 2-D integer arrays.  Lists of unequal
     lengths are right-padded; positions past a row's length are returned as
@@ -238,6 +284,7 @@ class Model:
         self.device = device
         self.path = path
         self.variables = variables
+        self.precision = _precision_of(variables, hparams)
         self._wte = variables["model/wte"]
         self._wpe = variables["model/wpe"]
         self._layers = [layer_weights(variables, i) for i in range(hparams.n_layer)]  # by name: "ln_1/g", ...
@@ -253,8 +300,9 @@ class Model:
 
     @classmethod
     def from_weights(cls, weights, hparams: Optional[HParams] = None, device: str = CPU,
-                     path: Optional[str] = None) -> "Model":
+                     path: Optional[str] = None, precision: str = "fp32") -> "Model":
         """A Model from a mapping of checkpoint names to arrays/tensors (e.g. ``random_weights``)."""
+        _check_precision(precision)
         from .checkpoint import check_shapes, infer_hparams
         shapes = {k: tuple(int(d) for d in v.shape) for k, v in weights.items()}
         if hparams is None:
@@ -263,11 +311,42 @@ class Model:
         variables = {}
         with tf.device(device):
             for name in variable_shapes(hparams):
-                variables[name] = _make_variable(name, weights[name])
+                variables[name] = _make_variable(name, weights[name], precision)
         return cls(hparams, variables, device=device, path=path)
 
+    def with_precision(self, precision: str) -> "Model":
+        """This model with its block matrices in ``precision`` ('fp32' or 'bf16').
+
+        The same precision gives this model itself.  'bf16' of a float32 model
+        gives a new Model whose block matrices (``.../attn/c_attn/w``,
+        ``attn/c_proj/w``, ``mlp/c_fc/w``, ``mlp/c_proj/w``: nearly all the
+        weights besides the embeddings) are bfloat16 copies, cast once; every
+        other variable is shared.  Drop the float32 model to free its matrices
+        (``model.load(dir, precision="bf16")`` never holds them all).  Its
+        ``hidden``, ``logits``, ``graph_hidden``, ``start``/``step`` multiply by
+        those matrices in bfloat16 and return float32 (see the module's
+        docstring).  A bfloat16 model has lost the float32 values: asking it for
+        'fp32' is a ModelError, as are ``checkpoint_tensors``/``model.save``.
+        """
+        _check_precision(precision)
+        if precision == self.precision:
+            return self
+        if self.precision != "fp32":
+            raise ModelError(f"a model with {self.precision} weights cannot give {precision} results: "
+                             f"load it with precision='{precision}'")
+        variables = {}
+        with tf.device(self.device):
+            for name, var in self.variables.items():
+                variables[name] = _make_variable(name, var, precision, stored=True) if name.endswith("/w") else var
+        return Model(self.hparams, variables, device=self.device, path=self.path)
+
     def checkpoint_tensors(self) -> Dict[str, "tf.Tensor"]:
-        """The weights in checkpoint layout (conv1d weights [1, in, out]), without copying."""
+        """The weights in checkpoint layout (conv1d weights [1, in, out]), without copying.
+
+        Float32 models only: a bf16 model's matrices are rounded (ModelError)."""
+        if self.precision != "fp32":
+            raise ModelError(f"a model with {self.precision} weights has lost the checkpoint's float32 values: "
+                             f"save or convert the float32 model")
         out = {}
         for name, var in self.variables.items():
             value = var.read_value() if hasattr(var, "read_value") else var
@@ -291,8 +370,9 @@ class Model:
 
     def __repr__(self) -> str:
         hp = self.hparams
+        extra = "" if self.precision == "fp32" else f", precision={self.precision!r}"
         return (f"Model(n_layer={hp.n_layer}, n_embd={hp.n_embd}, n_head={hp.n_head}, n_ctx={hp.n_ctx}, "
-                f"n_vocab={hp.n_vocab}, device={self.device!r}, path={self.path!r})")
+                f"n_vocab={hp.n_vocab}, device={self.device!r}, path={self.path!r}{extra})")
 
     # ---------------------------------------------------------------- full sequences
 
@@ -498,14 +578,29 @@ class Model:
 
 # --------------------------------------------------------------------------- loading
 
-def _make_variable(name: str, value) -> "tf.Variable":
-    """A trainable float32 variable; conv1d weights [1, in, out] are stored as [in, out]."""
-    if name.endswith("/w"):
+def _make_variable(name: str, value, precision: str = "fp32", stored: bool = False) -> "tf.Variable":
+    """A trainable variable; conv1d weights [1, in, out] are stored as [in, out] (``stored``: value
+    is already [in, out]).  Float32, except the block matrices (``.../w``) with precision 'bf16'."""
+    if name.endswith("/w") and not stored:
         value = value[0]
-    return tf.Variable(tf.convert_to_tensor(value, tf.float32), name=name.replace("/", "_"), trainable=True)
+    value = tf.convert_to_tensor(value, tf.float32)
+    if name.endswith("/w") and precision != "fp32":
+        value = tf.cast(value, _MATRIX_DTYPES[precision])  # round to nearest even
+    return tf.Variable(value, name=name.replace("/", "_"), trainable=True)
 
 
-def load(model_dir: str | os.PathLike, device: Optional[str] = None) -> Model:
+def _precision_of(variables, hparams: HParams) -> str:
+    """'fp32' or 'bf16': the dtype of the block matrices, which must all have the same one."""
+    found = {variables[f"model/h{i}/{leaf}"].dtype for i in range(hparams.n_layer)
+             for leaf in ("attn/c_attn/w", "attn/c_proj/w", "mlp/c_fc/w", "mlp/c_proj/w")}
+    for precision, dtype in _MATRIX_DTYPES.items():
+        if found == {dtype}:
+            return precision
+    raise ModelError(f"block matrices of dtype {', '.join(sorted(d.name for d in found))}: "
+                     f"expected all float32 or all bfloat16")
+
+
+def load(model_dir: str | os.PathLike, device: Optional[str] = None, precision: str = "fp32") -> Model:
     """Load a model directory (checkpoint + optional hparams.json) into a Model.
 
     The checkpoint is found as ``find_checkpoint`` says; hparams come from
@@ -514,9 +609,14 @@ def load(model_dir: str | os.PathLike, device: Optional[str] = None) -> Model:
     result of ``select_device``), so at most one extra variable is in memory
     besides the weights.  Every failure is a one-line ModelError.
 
+    ``precision="bf16"``: the block matrices are rounded to bfloat16 as they
+    are read (see ``Model.with_precision``), so the float32 weights are never all
+    in memory.
+
     A released name (``gpt2ja-small``, ...) is resolved to a directory above
     this layer: ``hub.load(name)`` (or ``model.load(hub.resolve_model(name))``).
     """
+    _check_precision(precision)
     device = device or CPU
     reader, hp = open_checkpoint(model_dir)
     variables = {}
@@ -524,7 +624,7 @@ def load(model_dir: str | os.PathLike, device: Optional[str] = None) -> Model:
         with tf.device(device):
             for name in variable_shapes(hp):
                 value = reader.get(name)
-                variables[name] = _make_variable(name, value)
+                variables[name] = _make_variable(name, value, precision)
                 del value
     except ModelError:
         raise

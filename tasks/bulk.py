@@ -188,24 +188,33 @@ class Task:
         raise NotImplementedError
 
 
+def _precision_option(precision: str) -> dict:
+    """The job's precision option: absent for fp32, so that a job made before --precision
+    existed is still the same job (``--resume``)."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
 class TransformTask(Task):
     """Columns line, text, vector (fixed-size list of float32): gpt2-transform.py's vectors.
     An empty line gets <|endoftext|>'s vector (with a warning), as there."""
 
     kind = "transform"
 
-    def __init__(self, pooling: str = "last", layer: int = -1, normalize: bool = False, batch_tokens: int = 4096):
+    def __init__(self, pooling: str = "last", layer: int = -1, normalize: bool = False, batch_tokens: int = 4096,
+                 precision: str = "fp32"):
         self.pooling, self.layer, self.normalize, self.batch_tokens = pooling, layer, normalize, batch_tokens
+        self.precision = precision
 
     def options(self) -> dict:
-        return {"pooling": self.pooling, "layer": self.layer, "normalize": self.normalize}
+        return {"pooling": self.pooling, "layer": self.layer, "normalize": self.normalize,
+                **_precision_option(self.precision)}
 
     def setup(self, model, enc) -> None:
         from .vectors import Vectorizer
 
-        super().setup(model, enc)
         self.vec = Vectorizer(model, enc, pooling=self.pooling, layer=self.layer, normalize=self.normalize,
-                              max_tokens=self.batch_tokens)
+                              max_tokens=self.batch_tokens, precision=self.precision)
+        super().setup(self.vec.model, enc)  # (bf16: the float32 model is not kept)
 
     def process(self, first_line, texts):
         import pyarrow as pa
@@ -236,18 +245,20 @@ class ScoreTask(Task):
     kind = "score"
 
     def __init__(self, exclude_end: bool = False, stride: Optional[int] = None, tokens: bool = False,
-                 batch_tokens: int = 2048):
+                 batch_tokens: int = 2048, precision: str = "fp32"):
         self.exclude_end, self.stride, self.tokens, self.batch_tokens = exclude_end, stride, tokens, batch_tokens
+        self.precision = precision
 
     def options(self) -> dict:
-        return {"exclude_end": self.exclude_end, "stride": self.stride, "tokens": self.tokens}
+        return {"exclude_end": self.exclude_end, "stride": self.stride, "tokens": self.tokens,
+                **_precision_option(self.precision)}
 
     def setup(self, model, enc) -> None:
         from .score import Scorer
 
-        super().setup(model, enc)
         self.scorer = Scorer(model, enc, exclude_end=self.exclude_end, stride=self.stride,
-                             max_tokens=self.batch_tokens)
+                             max_tokens=self.batch_tokens, precision=self.precision)
+        super().setup(self.scorer.model, enc)  # (bf16: the float32 model is not kept)
 
     def process(self, first_line, texts):
         import pyarrow as pa

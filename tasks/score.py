@@ -3,7 +3,7 @@
     from tasks.score import score_ids, score_sequences, Scorer
     lp = score_ids(m, [[eos, 10, 20, 30]])        # float32 [1, 3]: log p(10|eos), log p(20|eos 10), ...
     for i, lp in score_sequences(m, id_lists): ...  # any lengths, in input order, streamed
-    scorer = Scorer(m, enc, exclude_end=False)
+    scorer = Scorer(m, enc, exclude_end=False)    # precision="bf16": bfloat16 block matrices
     for s in scorer.score(["今日は良い天気です。"]):  # TextScore: text, ids, logprobs, logprob, perplexity
         print(s.text, s.logprob)
 
@@ -41,6 +41,7 @@ from model import ModelError, as_batch, import_tf
 
 from . import memory
 from .errors import OptionError
+from .vectors import in_precision
 
 tf = import_tf()
 
@@ -240,16 +241,20 @@ class TextScore:
 class Scorer:
     """Scores texts as the original gpt2-score.py: <|endoftext|> is put before a
     text's tokens (so the first token gets a probability) and, unless
-    ``exclude_end``, after them; each of those tokens is scored."""
+    ``exclude_end``, after them; each of those tokens is scored.  ``precision``:
+    'fp32' or 'bf16' for the forward passes (None: the model's own); ``self.model``
+    is the model that computes them (the output projection and log-softmax are
+    float32 either way)."""
 
     def __init__(self, m, enc, exclude_end: bool = False, stride: Optional[int] = None,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH,
+                 precision: Optional[str] = None):
         n_ctx = m.hparams.n_ctx
         if stride is not None and (isinstance(stride, bool) or not isinstance(stride, (int, np.integer))
                                    or not 1 <= stride < n_ctx):
             raise OptionError("stride", f"must be below the model's context of {n_ctx} tokens (and at least 1), "
                                         f"got {stride!r}")
-        self.model = m
+        self.model = in_precision(m, precision)
         self.enc = enc
         self.exclude_end = exclude_end
         self.stride = stride

@@ -3,6 +3,7 @@
     from tasks.vectors import Vectorizer
     vec = Vectorizer(m, enc, pooling="last", layer=-1, normalize=False)
     for index, vector in vec.vectors(["今日は", "明日も晴れるかな"]): ...
+    vec = Vectorizer(m, enc, precision="bf16")   # bfloat16 block matrices (vec.model)
 
 ``last`` pooling of the final layer-normed state is the original
 gpt2-transform.py's vector (its ``h_flat[-1]``).  Texts are batched by length
@@ -11,24 +12,41 @@ come back in input order.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, List, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from model import PRECISIONS
 
 from .errors import OptionError
 
 POOLINGS = ("last", "mean")
 
 
+def in_precision(model, precision: Optional[str]):
+    """``model`` computing its forward passes in ``precision`` ('fp32' or 'bf16'; None: as it
+    is): the model itself, or its ``with_precision`` copy (bfloat16 block matrices, cast
+    once).  OptionError for another value."""
+    if precision is None:
+        return model
+    if precision not in PRECISIONS:
+        raise OptionError("precision", f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if getattr(model, "precision", precision) == precision:  # (a stand-in with hparams only: checks)
+        return model
+    return model.with_precision(precision)
+
+
 class Vectorizer:
     def __init__(self, model, enc, pooling: str = "last", layer: int = -1, normalize: bool = False,
-                 max_tokens: int = 4096, max_batch: int = 64):
+                 max_tokens: int = 4096, max_batch: int = 64, precision: Optional[str] = None):
+        """``precision``: 'fp32' or 'bf16' for the forward passes (None: the model's own,
+        ``model.precision``); ``self.model`` is the model that computes them."""
         if pooling not in POOLINGS:
             raise OptionError("pooling", f"must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         n_layer = model.hparams.n_layer
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -1 <= layer < n_layer:
             raise OptionError("layer", f"must be -1 (final) or 0..{n_layer - 1} for this model, got {layer!r}")
-        self.model = model
+        self.model = in_precision(model, precision)
         self.enc = enc
         self.pooling = pooling
         self.layer = layer
