@@ -71,7 +71,9 @@ def load_model(args, enc=None, quantize=None):
     else:
         threads = model.configure_threads(getattr(args, "threads", None))
         where = model.select_device(str(args.gpu), verbose=args.verbose)
-        m = model.load(str(model_dir), device=where)
+        # --precision bf16 (gpt2-transform.py, gpt2-score.py): the block matrices are read as bfloat16,
+        # so the float32 ones are never all in memory
+        m = model.load(str(model_dir), device=where, precision=getattr(args, "precision", "fp32"))
     if enc is not None:
         model.check_vocab(m.hparams, len(enc))
     log(args, f"model: {m.path} on {where}, {threads} thread(s); loaded in {time.perf_counter() - t0:.2f} s")

@@ -199,6 +199,20 @@ def test_unknown_precision_is_an_option_error(tiny, enc, make):
 # -- the tools ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tool,extra", [(cli_transform, []), (cli_score, ["-"])])
+def test_the_tools_load_bf16_matrices_directly(tool, extra, tiny_model_dir):
+    """--precision bf16 reads the block matrices as bfloat16 (model.load(..., precision='bf16')): the
+    float32 matrices are never all in memory; fp32 loads them as they are."""
+    from cli import common
+
+    for precision in ("bf16", "fp32"):
+        args = tool.parser().parse_args(["--model", str(tiny_model_dir), "--gpu", "-1", "--precision", precision,
+                                         *extra])
+        m = common.load_model(args)
+        assert m.precision == precision
+        assert m.variables["model/h0/mlp/c_fc/w"].dtype.name == ("bfloat16" if precision == "bf16" else "float32")
+
+
 def test_transform_flag_end_to_end(records, tiny_model_dir, tmp_path, env, capsys):
     text = records[3]["context"]
     assert cli_transform.main(_base(tiny_model_dir) + ["--context", text, "--precision", "bf16"]) == 0
