@@ -251,6 +251,15 @@ def read_cache(path: Path, hp: Optional[HParams], fmt: str, key: str
         return None
 
 
+def _read_any(candidates, hp: Optional[HParams], fmt: str, key: str) -> Optional[Tuple[HParams, Quantized]]:
+    """The first valid cache file among ``candidates`` (see ``read_cache``), as (hparams, Quantized)."""
+    for path in candidates:
+        found = read_cache(path, hp, fmt, key)
+        if found is not None:
+            return found[0], Quantized(fmt, found[1], path, False)
+    return None
+
+
 def _write_cache(path: Path, arrays: Dict[str, np.ndarray], meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(arrays)
@@ -283,10 +292,9 @@ def load_or_make(weights, prefix: Optional[str | os.PathLike], fmt: str, hp: HPa
         return Quantized(fmt, quantize_weights(weights, hp, fmt), None, True)
     key = checkpoint_key(prefix, fmt)
     candidates = cache_candidates(prefix, fmt, key, cache_root)
-    for path in candidates:
-        found = read_cache(path, hp, fmt, key)
-        if found is not None:
-            return Quantized(fmt, found[1], path, False)
+    found = _read_any(candidates, hp, fmt, key)
+    if found is not None:
+        return found[1]
     arrays = quantize_weights(weights, hp, fmt)
     meta = _meta(key, fmt, hp)
     for path in candidates:
@@ -332,10 +340,9 @@ def load_quantized(model_dir: str | os.PathLike, fmt: str,
         raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     prefix = find_checkpoint(model_dir)
     key = checkpoint_key(prefix, fmt)
-    for path in cache_candidates(prefix, fmt, key, cache_root):
-        found = read_cache(path, None, fmt, key)
-        if found is not None:
-            return QuantizedModel(found[0], prefix, Quantized(fmt, found[1], path, False))
+    found = _read_any(cache_candidates(prefix, fmt, key, cache_root), None, fmt, key)
+    if found is not None:
+        return QuantizedModel(found[0], prefix, found[1])
     from .gpt2 import load
 
     m = load(model_dir)
