@@ -136,6 +136,7 @@ def main():
     best = {"cli_rate": 0.0, "srv_rate": 0.0, "cli_ttft": float("inf"), "srv_ttft": float("inf"),
             "cli_vec": 0.0, "srv_vec": 0.0}
     ttfts = []
+    ratios = {"streams": [], "ttft": [], "embeddings": []}
 
     def load():
         return f"load {os.getloadavg()[0]:.1f}"
@@ -174,6 +175,9 @@ def main():
             srv_vec = len(lines) / (time.perf_counter() - t0)
             print(f"round {rnd}: embeddings {srv_vec:.1f}/s, CLI {cli_vec:.1f}/s -> {srv_vec / cli_vec:.2f}x "
                   f"({load()})", flush=True)
+            ratios["streams"].append(srv_rate / cli_rate)
+            ratios["ttft"].append(srv_ttft / cli_ttft)
+            ratios["embeddings"].append(srv_vec / cli_vec)
             for key, value in (("cli_rate", cli_rate), ("srv_rate", srv_rate), ("cli_vec", cli_vec),
                                ("srv_vec", srv_vec)):
                 best[key] = max(best[key], value)
@@ -187,7 +191,8 @@ def main():
     ttfts.sort()
     p50 = statistics.median(ttfts)
     p99 = ttfts[min(len(ttfts) - 1, int(round(0.99 * (len(ttfts) - 1))))]
-    print(f"checkpoint {args.model}, {os.cpu_count()} CPUs, best of {args.repeat}")
+    print(f"checkpoint {args.model}, {os.cpu_count()} CPUs, best of {args.repeat}; median of the rounds' ratios: "
+          + ", ".join(f"{k} {statistics.median(v):.2f}x" for k, v in ratios.items()))
     print(f"aggregate tokens/s, 8 streams x {args.tokens} tokens: server {srv_rate:.1f}, "
           f"gpt2-generate.py --num_generate 8 {cli_rate:.1f}  -> {srv_rate / cli_rate:.2f}x (target >= 0.9)")
     print(f"time to first token, idle, 1 client: server {srv_ttft * 1000:.0f} ms (HTTP included), "
