@@ -23,9 +23,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+try:
+    import orjson
+except ImportError:  # optional: faster JSON for embeddings
+    orjson = None
+
 from tasks.errors import OptionError
 from tasks.sampling import SamplingParams
-from tasks.serving import EngineStopped, QueueFull, SampleRequest
+from tasks.serving import EngineStopped, QueueFull, SampleRequest, deliver_each, vector_batches
 
 from . import requests as rq
 from .metrics import Metrics
@@ -238,18 +243,23 @@ def create_app(model, enc, engine, config: ServerConfig, tf_lock: Optional[threa
             raise rq.bad("input", str(e)) from None
 
         def compute():
+            out = np.empty((len(id_lists), hp.n_embd), np.float32)
             with tf_lock:
-                return vec.vectors_of_ids(id_lists)
+                for rows in vector_batches([len(ids) for ids in id_lists], vec.max_tokens, vec.max_batch):
+                    out[rows] = vec.batch_vectors([id_lists[i] for i in rows])
+            return out
 
         vectors = await run_in_threadpool(compute)
         data = []
         for i, v in enumerate(vectors):
-            v = np.asarray(v, np.float32)
-            emb = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if fmt == "base64" else v.tolist()
+            if fmt == "base64":
+                emb = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+            else:
+                emb = v if orjson is not None else v.tolist()
             data.append({"object": "embedding", "index": i, "embedding": emb})
         tokens = sum(len(ids) for ids in id_lists)
-        return {"object": "list", "data": data, "model": config.model_name,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        return _json({"object": "list", "data": data, "model": config.model_name,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     # -- completions --------------------------------------------------------------------
 
@@ -325,12 +335,16 @@ def create_app(model, enc, engine, config: ServerConfig, tf_lock: Optional[threa
         return jobs, full
 
     def channel():
-        """An asyncio queue fed from the engine's thread."""
+        """An asyncio queue fed with this request's events.  The engine hands each step's events of every
+        request over at once (one call_soon_threadsafe per step, see ``Engine.deliver``); on_event runs on
+        the event loop."""
         loop = asyncio.get_running_loop()
+        if getattr(engine.deliver, "loop", None) is not loop:
+            engine.deliver = _LoopDelivery(loop)
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_event(job, kind, data):
-            loop.call_soon_threadsafe(queue.put_nowait, (job, kind, data))
+            queue.put_nowait((job, kind, data))
 
         return queue, on_event
 
@@ -404,20 +418,27 @@ def create_app(model, enc, engine, config: ServerConfig, tf_lock: Optional[threa
                             yield _sse(err.body())
                             break
                         try:
-                            job, kind, data = await asyncio.wait_for(queue.get(), min(left, 1.0))
+                            events = [await asyncio.wait_for(queue.get(), min(left, 1.0))]
                         except asyncio.TimeoutError:
                             continue
-                        k = index[id(job)]
-                        if kind == "text":
-                            metrics.first_token(job)
-                            yield _sse(base([{"text": data, "index": k, "logprobs": None, "finish_reason": None}]))
-                        elif kind == "done":
-                            remaining -= 1
-                            yield _sse(base([{"text": "", "index": k, "logprobs": None,
-                                              "finish_reason": job.finish_reason}]))
-                        else:
-                            remaining -= 1
-                            yield _sse(ApiError(500, f"generation failed: {data!r}", type="server_error").body())
+                        while not queue.empty():  # a step's events of this request: one write
+                            events.append(queue.get_nowait())
+                        out = []
+                        for job, kind, data in events:
+                            k = index[id(job)]
+                            if kind == "text":
+                                metrics.first_token(job)
+                                out.append(_sse(base([{"text": data, "index": k, "logprobs": None,
+                                                       "finish_reason": None}])))
+                            elif kind == "done":
+                                remaining -= 1
+                                out.append(_sse(base([{"text": "", "index": k, "logprobs": None,
+                                                       "finish_reason": job.finish_reason}])))
+                            else:
+                                remaining -= 1
+                                out.append(_sse(ApiError(500, f"generation failed: {data!r}",
+                                                         type="server_error").body()))
+                        yield "".join(out)
                     if c.include_usage:
                         yield _sse({**base([]), "usage": usage()})
                     yield "data: [DONE]\n\n"
@@ -485,6 +506,29 @@ def create_app(model, enc, engine, config: ServerConfig, tf_lock: Optional[threa
         app.add_middleware(CORSMiddleware, allow_origins=config.cors, allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"])
     return app
+
+
+class _LoopDelivery:
+    """``Engine.deliver`` for an asyncio server: a step's events go to their requests' queues with one
+    ``call_soon_threadsafe`` (one wake-up of the event loop per step)."""
+
+    def __init__(self, loop):
+        self.loop = loop
+
+    def __call__(self, events) -> None:
+        try:
+            self.loop.call_soon_threadsafe(deliver_each, events)
+        except RuntimeError:  # the loop is closed: the server is gone
+            pass
+
+
+def _json(obj) -> Response:
+    """A JSON response encoded at once.  FastAPI's own encoder walks every number: 0.42 s for 100 vectors
+    of 768, json.dumps 0.06-0.19 s, orjson (when installed; float32 arrays as their shortest float32
+    digits, which read back to the same float32) 3 ms and half the bytes."""
+    if orjson is not None:
+        return Response(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    return Response(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), media_type="application/json")
 
 
 def _sse(obj) -> str:

@@ -528,3 +528,16 @@ def test_the_page_streams_text_in_a_browser(server, tmp_path):
         assert driver.find_element(By.ID, "generate").is_enabled()
     finally:
         driver.quit()
+
+
+def test_embeddings_json_reads_back_the_same_float32_with_or_without_orjson(monkeypatch):
+    import server.app as app
+
+    vectors = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    bodies = []
+    for fast in ([app.orjson] if app.orjson is not None else []) + [None]:
+        monkeypatch.setattr(app, "orjson", fast)
+        data = [{"embedding": v if fast is not None else v.tolist()} for v in vectors]
+        bodies.append(json.loads(app._json({"data": data}).body))
+    for body in bodies:
+        np.testing.assert_array_equal(np.array([d["embedding"] for d in body["data"]], np.float32), vectors)

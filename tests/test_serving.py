@@ -136,3 +136,55 @@ def test_quantized_engine_equals_the_quantized_generator(tiny, enc, tmp_path):
     finally:
         e.stop()
     assert e.decoder.engine == "onnx" and [j.text for j in jobs] == ref
+
+
+def test_a_steps_events_are_delivered_at_once(tiny, enc):
+    """Engine.deliver gets each step's events in one call (the server wakes its event loop once per step):
+    at most one text per sample per call, and the pieces still add up to each sample's text."""
+    e = Engine(tiny, enc, batch_size=4, max_queue=8)
+    calls = []
+    finished = threading.Event()
+
+    def deliver(events):
+        calls.append(list(events))
+        if sum(kind == "done" for c in calls for _, kind, _ in c) == 3:
+            finished.set()
+
+    e.deliver = deliver
+    e.start()
+    try:
+        jobs = e.submit_many([SampleRequest(e.context_ids("今日は"), SamplingParams(0, 0.0, 0.0), max_tokens=8 + i)
+                              for i in range(3)], lambda *a: None)
+        assert finished.wait(120), "engine did not finish"
+    finally:
+        e.stop()
+    assert len(calls) <= e.steps
+    for c in calls:
+        texts = [id(job) for job, kind, _ in c if kind == "text"]
+        assert len(texts) == len(set(texts))
+    for job in jobs:
+        assert "".join(d for c in calls for j, kind, d in c if j is job and kind == "text") == job.text
+        assert [kind for c in calls for j, kind, _ in c if j is job][-1] == "done"
+    assert any(len({id(j) for j, _, _ in c}) == 3 for c in calls)  # the samples' steps went out together
+
+
+def test_vector_batches_cover_each_text_once_with_less_padding(tiny, enc, corpus_lines):
+    from tasks.serving import vector_batches
+    from tasks.vectors import Vectorizer
+
+    vec = Vectorizer(tiny, enc)
+    lengths = [len(vec.ids(t)[0]) for t in corpus_lines[:300]]
+    for part in (lengths[:1], lengths[:7], lengths[:100], lengths):
+        batches = vector_batches(part, max_tokens=1024, max_batch=16)
+        assert sorted(i for b in batches for i in b) == list(range(len(part)))
+        for b in batches:
+            width = max(part[i] for i in b)
+            assert len(b) <= 16 and (len(b) == 1 or len(b) * width <= 1024)
+        vec.max_tokens, vec.max_batch = 1024, 16
+        greedy = list(vec._plan(part))  # gpt2-transform.py's plan: never cheaper (padding + 64 per batch)
+
+        def cost(plan):
+            return sum(len(b) * max(part[i] for i in b) + 64 for b in plan)
+
+        assert cost(batches) <= cost(greedy)
+    assert vector_batches([]) == []
