@@ -39,8 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("auto", "numpy", "tf", "onnx"), default="auto",
                    help="decoding engine: numpy (float32 on a CPU), onnx (ONNX Runtime: float32, and what "
                         "--quantize uses), tf (TensorFlow; used on a GPU); default auto: on a CPU numpy for up to 3 "
-                        "samples decoded at once, onnx from 4 (2-3x faster batches, a second copy of the weights "
-                        "in memory)")
+                        "samples decoded at once, onnx from 4 (about 2x faster batches, a second copy of the weights "
+                        "in memory: only while the available memory holds it twice over)")
     return p
 
 

@@ -24,6 +24,8 @@ from typing import List, Optional, Protocol, Sequence
 
 import numpy as np
 
+from util.system import available_memory
+
 ENGINES = ("auto", "numpy", "tf", "onnx")
 #: Weight formats of ``quantize`` (None: float32).
 QUANTIZE = ("q8", "q4")
@@ -76,12 +78,19 @@ def _onnx_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
 
+def _room_for_a_copy(m) -> bool:
+    """Whether the memory available now holds a second copy of ``m``'s float32 weights twice over
+    (unknown: yes)."""
+    have = available_memory()
+    return have is None or have >= 2 * 4 * m.hparams.n_params
+
+
 def choose_engine(m, engine: str = "auto", quantize: Optional[str] = None, rows: Optional[int] = None) -> str:
     """``engine`` ('auto', 'numpy', 'tf' or 'onnx') for model ``m``: 'auto' is tf on a GPU, onnx
     whenever ``quantize`` ('q8' or 'q4') is given, and on a CPU with float32 weights numpy -- or
     onnx (float32 ONNX Runtime, when installed) for ``rows`` >= ``ONNX_ROWS`` rows decoded at once:
     its small-batch matrix products are 2-3x OpenBLAS's, at the cost of a second (packed) copy of
-    the weights in memory.
+    the weights in memory, so only while the available memory holds that copy twice over.
 
     A ``model.quantize.QuantizedModel`` decodes its own format (onnx).
     Raises ValueError for an unknown name, or for ``quantize`` with an engine other than onnx.
@@ -101,7 +110,7 @@ def choose_engine(m, engine: str = "auto", quantize: Optional[str] = None, rows:
     if engine == "auto":
         if "GPU" in str(getattr(m, "device", "")).upper():
             engine = "tf"
-        elif rows is not None and rows >= ONNX_ROWS and _onnx_available():
+        elif rows is not None and rows >= ONNX_ROWS and _onnx_available() and _room_for_a_copy(m):
             engine = "onnx"
         else:
             engine = "numpy"

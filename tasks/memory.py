@@ -8,21 +8,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from util.system import available_memory
+
 from .errors import OptionError
 
 GIB = 2 ** 30
-
-
-def available_memory() -> Optional[int]:
-    """Bytes of memory available to new allocations (MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def check(option: str, value: int, need: int, what: str, per_unit: int = 0) -> None:

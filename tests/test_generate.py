@@ -379,6 +379,22 @@ def test_auto_engine_follows_the_rows_decoded_at_once(tiny, enc):
     assert model.decoder(tiny, rows=rows).engine == "onnx"
 
 
+def test_auto_engine_stays_numpy_without_room_for_a_second_copy(tiny, enc, monkeypatch):
+    from model import decoding
+    from model.decoding import ONNX_ROWS as rows
+
+    need = 2 * 4 * tiny.hparams.n_params
+    monkeypatch.setattr(decoding, "available_memory", lambda: need - 1)
+    assert model.choose_engine(tiny, "auto", rows=rows) == "numpy"
+    gen = Generator(tiny, enc)
+    gen.generate("今日は", rows, GenerateOptions(top_k=1, max_length=20))
+    assert gen.engine_name == "numpy"
+    monkeypatch.setattr(decoding, "available_memory", lambda: need)
+    assert model.choose_engine(tiny, "auto", rows=rows) == "onnx"
+    monkeypatch.setattr(decoding, "available_memory", lambda: None)  # unknown: as there is room
+    assert model.choose_engine(tiny, "auto", rows=rows) == "onnx"
+
+
 def test_contexts_with_the_tensorflow_engine(tiny, enc):
     opts = GenerateOptions(top_k=1, max_length=30, seed=1, min_length=4)
     tf_many = [s.text for s in Generator(tiny, enc, engine="tf").generate_many(CONTEXTS[:2], 2, opts, batch_size=3)]
