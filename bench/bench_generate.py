@@ -156,19 +156,22 @@ class Timed(NamedTuple):
 
 
 def decode_measure(dec, hp, batch: int, position: int, steps: int):
-    """A function timing ``steps`` NumpyDecoder.step calls of ``batch`` rows from ``position``."""
+    """A function timing ``steps`` decoder steps of ``batch`` rows from ``position``."""
     rng = np.random.default_rng(position * 31 + batch)
     prompt = rng.integers(0, hp.n_vocab, (batch, position))
     tokens = rng.integers(0, hp.n_vocab, (steps + 2, batch))
-    dec.start(prompt)
-    dec.step(tokens[0])
-    dec.step(tokens[1])  # warm-up (cache allocated past position + 2)
+    ids = list(range(batch))
+    dec.clear()
+    dec.add(ids, list(prompt))
+    dec.step(ids, tokens[0])
+    dec.step(ids, tokens[1])  # warm-up (cache allocated past position + 2)
 
     def measure():
-        dec.rewind(position)
+        for i in ids:
+            dec.truncate(i, position)
         t0 = time.perf_counter()
         for s in range(steps):
-            dec.step(tokens[s + 2])
+            dec.step(ids, tokens[s + 2])
         return Timed(batch * steps, time.perf_counter() - t0)
 
     return measure
@@ -179,7 +182,7 @@ class _Stop(Exception):
 
 
 class _TimedEngine:
-    """Wraps the Generator's engine: times feed() entries (one per decoding
+    """Wraps the Generator's engine: times step() entries (one per decoding
     step), stops after ``steps`` steps."""
 
     def __init__(self, inner, steps: int):
@@ -191,12 +194,12 @@ class _TimedEngine:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def feed(self, tokens, stepping, restarting, windows):
+    def step(self, ids, tokens):
         self.times.append(time.perf_counter())
-        self.rows.append(len(stepping) + len(restarting))
+        self.rows.append(len(ids))
         if len(self.times) > self.steps:
             raise _Stop
-        return self.inner.feed(tokens, stepping, restarting, windows)
+        return self.inner.step(ids, tokens)
 
 
 CONTEXTS = ["今日は", "江戸時代の", "明日の天気は晴れでしょうか", "吾輩は猫である。名前はまだ無い。",
@@ -207,8 +210,8 @@ def _loop_measure(m, enc, steps: int, run, engine: str = "numpy"):
     """A function timing ``run(generator, options)`` (top_k 40, seed 1) over ``engine``'s decoder,
     prefills excluded.
 
-    Between two feed() entries the loop computes one step's logits, samples
-    from them and assembles text: the tokens fed to the next feed() are the
+    Between two step() entries the loop computes one step's logits, samples
+    from them and assembles text: the tokens fed to the next step() are the
     ones produced in that interval.  The loop is stopped after ``steps`` steps.
     """
     import model

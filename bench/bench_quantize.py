@@ -236,12 +236,12 @@ def teacher_forced_logits(dec, seqs, rows: int = 16):
     for start in range(0, len(seqs), rows):
         group = seqs[start:start + rows]
         dec.clear()
-        first = dec.add([s[:1] for s in group])
+        first = dec.add(range(len(group)), [s[:1] for s in group])
         per = [[first[j]] for j in range(len(group))]
         longest = max(len(s) for s in group)
         for t in range(1, longest - 1):
             going = [j for j, s in enumerate(group) if t < len(s) - 1]
-            logits = dec.step([group[j][t] for j in going], rows=going)
+            logits = dec.step(going, [group[j][t] for j in going])
             for k, j in enumerate(going):
                 per[j].append(logits[k])
         for j, s in enumerate(group):

@@ -1,71 +1,36 @@
-"""Incremental decoding engines: one interface, three implementations, and the factory choosing one.
+"""Incremental decoding engines: one row table, three engines, and the factory choosing one.
 
     import model
-    dec = model.decoder(m)                  # numpy on the CPU, TensorFlow on a GPU ("auto")
-    logits = dec.add([[1, 2, 3], [4, 5]])   # two rows: logits [2, n_vocab] after each
-    logits = dec.step([42, 7])              # one more token per row
-    dec.truncate([0], 2); dec.keep([1, 0])  # rewind row 0; reorder (or drop) rows
+    dec = model.decoder(m)                        # chosen by choose_engine (see below)
+    logits = dec.add([0, 1], [[1, 2, 3], [4, 5]]) # two sequences by id: logits [2, n_vocab]
+    logits = dec.step([0, 1], [42, 7])            # one more token each
+    dec.truncate(0, 2); dec.remove([1])           # cut sequence 0 to 2 tokens; 1 leaves
 
-``npdecode.NumpyDecoder`` decodes with numpy over a CPU model's weight
-buffers, every row with its own cache (rows join and leave at any step:
-``joins_running`` True).  ``tfdecode.TFDecoder`` keeps rows over the model's
-TensorFlow cache (``Model.start``/``Model.step``; what a GPU uses), whose rows
-share one slot counter, so new rows join only when there are none.  Both
-give every row exactly the numbers it would have alone.  ``ortdecode.OnnxDecoder``
-(engine 'onnx') runs each step as one ONNX Runtime graph, with float32 weights
-or, with ``quantize`` 'q8' / 'q4', 8-/4-bit weights made once per checkpoint
-and cached (``model.quantize``); rows as NumpyDecoder's.
+Every engine is a ``model.rows.RowDecoder``: the row table (sequences by id, their lengths,
+joining and leaving at any step, cuts, restarts, checks) is written once there, and an engine
+implements only its prefill and its step.  ``npdecode.NumpyDecoder`` (engine 'numpy') decodes with
+numpy over a CPU model's own weight buffers; ``ortdecode.OnnxDecoder`` ('onnx') runs each step as
+one ONNX Runtime graph, with float32 weights or, with ``quantize`` 'q8' / 'q4', 8-/4-bit weights
+made once per checkpoint and cached (``model.quantize``); ``tfdecode.TFDecoder`` ('tf') runs over
+the model's TensorFlow cache (what a GPU uses).  All give every sequence exactly the numbers it
+would have alone, up to float rounding.
 
     dec = model.decoder(m, quantize="q4")   # OnnxDecoder over 4-bit weights
 """
 from __future__ import annotations
 
-from typing import List, Optional, Protocol, Sequence
-
-import numpy as np
+from typing import Optional
 
 from util.system import available_memory
+
+from .rows import RowDecoder
 
 ENGINES = ("auto", "numpy", "tf", "onnx")
 #: Weight formats of ``quantize`` (None: float32).
 QUANTIZE = ("q8", "q4")
 
-
-class Decoder(Protocol):
-    """What both decoders offer.  Rows are numbered 0..rows-1 in the order they were added."""
-
-    #: "numpy", "tf" or "onnx".
-    engine: str
-    #: Whether ``add`` may be called while there are rows (False: only when there are none).
-    joins_running: bool
-
-    @property
-    def rows(self) -> int:
-        """How many rows there are."""
-
-    def add(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
-        """Append rows holding ``seqs`` (token id lists, any lengths); logits [len(seqs), n_vocab] after each."""
-
-    def step(self, tokens, rows: Optional[Sequence[int]] = None) -> np.ndarray:
-        """Append one token to each of ``rows`` (default: every row, in order); their logits [len(rows), n_vocab]."""
-
-    def feed(self, tokens, stepping: Sequence[int], restarting: Sequence[int],
-             windows: Sequence[Sequence[int]]) -> np.ndarray:
-        """Rows ``stepping`` take one token each (``tokens``, in that order), each row of ``restarting``
-        is replaced by a row holding its window (``windows``, in that order); every row is in
-        exactly one of the two lists.  Returns the logits that follow, for every row [rows, n_vocab]."""
-
-    def truncate(self, rows: Sequence[int], length: int) -> None:
-        """Forget every position from ``length`` on in each of ``rows`` (ValueError past a row's end)."""
-
-    def keep(self, rows: Sequence[int]) -> None:
-        """Keep only ``rows``, renumbered in that order."""
-
-    def lengths(self) -> List[int]:
-        """Each row's length (tokens so far)."""
-
-    def clear(self) -> None:
-        """Forget every row."""
+#: The interface of every engine (``model.rows``).
+Decoder = RowDecoder
 
 
 #: 'auto' on a CPU decodes float32 batches of this many rows or more with ONNX Runtime.
@@ -120,7 +85,7 @@ def choose_engine(m, engine: str = "auto", quantize: Optional[str] = None, rows:
 
 
 def decoder(m, engine: str = "auto", quantize: Optional[str] = None, cache_root=None,
-            rows: Optional[int] = None) -> Decoder:
+            rows: Optional[int] = None) -> RowDecoder:
     """A new decoder over model ``m``: ``NumpyDecoder`` ('numpy'; the default on a CPU),
     ``TFDecoder`` ('tf'; the default on a GPU) or ``OnnxDecoder`` ('onnx'; float32, or the
     ``quantize`` format 'q8' / 'q4', whose weights are cached beside the checkpoint or under

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 
 from .hparams import LAYER_NORM_EPSILON, HParams, layer_weights
+from .rows import RowDecoder
 from .threads import StepTuner, cpu_count, fixed_threads, set_blas_threads
 
 _GELU_C = np.float32(math.sqrt(2.0 / math.pi))
@@ -190,33 +191,15 @@ def _capacity(needed: int, n_ctx: int) -> int:
     return min(size, n_ctx)
 
 
-class NumpyDecoder:
-    """A batch of sequences decoded together.
+class NumpyDecoder(RowDecoder):
+    """Sequences decoded together with numpy (the row table and interface of ``model.rows``).
 
-    Rows are numbered 0..rows-1 in the order they were added.
-
-    - ``add(seqs)`` prefills new rows (any lengths; identical sequences are
-      computed once) and returns the logits after each [len(seqs), n_vocab];
-    - ``step(tokens, rows=None)`` appends one token to each of ``rows``
-      (default: every row) and returns their logits [len(rows), n_vocab];
-    - ``reset(rows, seqs)`` replaces those rows' contents by new sequences
-      (a sliding window) and returns the logits after them;
-    - ``feed(tokens, stepping, restarting, windows)``: ``step`` for the rows
-      ``stepping`` and ``reset`` for the rows ``restarting``; the logits of
-      every row;
-    - ``truncate(rows, n)`` forgets every position from n on in those rows;
-    - ``keep(rows)`` keeps those rows only (in that order);
-    - ``lengths()``: each row's length; ``rows``: how many; ``clear()``.
-
-    That is the decoder interface of ``model.decoding`` (``tfdecode.TFDecoder``
-    has it too).  ``start(ids)`` (clear, then add the rows of ids [B, T]),
-    ``rewind(n)`` (truncate every row) and ``length`` (the longest row) serve
-    the common case of equal rows.  ``NumpyDecoder.from_model(m)`` decodes
-    over a CPU model's own weight buffers.
+    Every sequence has its own key/value cache [n_layer, n_head, capacity, head_dim] (grown by
+    doubling up to n_ctx), so a row that leaves, is cut or restarts touches no other row.
+    ``NumpyDecoder.from_model(m)`` decodes over a CPU model's own weight buffers (no copy).
     """
 
     engine = "numpy"
-    joins_running = True  # rows may join while others are decoding
 
     @classmethod
     def from_model(cls, model) -> "NumpyDecoder":
@@ -224,50 +207,33 @@ class NumpyDecoder:
         return cls(model.hparams, cpu_weights(model))
 
     def __init__(self, hparams: HParams, weights: dict):
-        self.hparams = hparams
+        super().__init__(hparams)
         self.wte = weights["model/wte"]
         self.wpe = weights["model/wpe"]
         self.layers = [layer_weights(weights, i) for i in range(hparams.n_layer)]  # by name: "ln_1/g", ...
         self.ln_f_g, self.ln_f_b = weights["model/ln_f/g"], weights["model/ln_f/b"]
         self.scale = np.float32(1.0 / math.sqrt(hparams.head_dim))
-        self._rows: List[_RowCache] = []
-        #: Tokens run through prefills so far (identical new rows count once).
-        self.prefilled_tokens = 0
+        self._caches: List[Optional[_RowCache]] = []  # by slot
         # BLAS threads (model.threads): the block products of a step run with a count
         # tuned by timing (their results do not depend on it); prefills run with the
         # full count, the output projection (whose last bits would depend on it) with one.
         self.threads = fixed_threads() or cpu_count()
         self._tuner = StepTuner(self.threads) if fixed_threads() is None and self.threads > 1 else None
 
-    # -- rows -------------------------------------------------------------------------
+    # -- the engine's side of the row table ---------------------------------------------------
 
-    @property
-    def rows(self) -> int:
-        return len(self._rows)
+    def _reserve(self, slots: int, positions: int) -> None:
+        if len(self._caches) < slots:
+            self._caches += [None] * (slots - len(self._caches))
 
-    def lengths(self) -> List[int]:
-        return [row.n for row in self._rows]
+    def _copy(self, src: int, dst: int) -> None:
+        self._caches[dst] = self._caches[src].copy()
 
-    @property
-    def length(self) -> int:
-        return max((row.n for row in self._rows), default=0)
+    def _move(self, src: int, dst: int) -> None:
+        self._caches[dst], self._caches[src] = self._caches[src], None
 
-    def clear(self) -> None:
-        self._rows = []
-
-    def keep(self, rows) -> None:
-        self._rows = [self._rows[int(r)] for r in rows]
-
-    def truncate(self, rows, length: int) -> None:
-        for r in rows:
-            row = self._rows[int(r)]
-            if not 0 <= length <= row.n:
-                raise ValueError(f"cannot rewind row {r} to {length} from {row.n}")
-        for r in rows:
-            self._rows[int(r)].n = length
-
-    def rewind(self, length: int) -> None:
-        self.truncate(range(self.rows), length)
+    def _cleared(self) -> None:
+        self._caches = []
 
     def _room(self, row: _RowCache, needed: int) -> None:
         capacity = row.k.shape[2]
@@ -280,75 +246,20 @@ class NumpyDecoder:
         v[:, :, : row.n] = row.v[:, :, : row.n]
         row.k, row.v = k, v
 
-    # -- prefill --------------------------------------------------------------------------
-
-    def _prefill(self, ids: Sequence[int]):
-        """A new row holding ``ids``, and the logits [n_vocab] after its last token."""
+    def _prefill(self, slot: int, ids) -> np.ndarray:
+        """Slot ``slot`` holds a new row of ``ids``; the logits [n_vocab] after its last token."""
         hp = self.hparams
         set_blas_threads(self.threads)
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids, dtype=np.int64)
         T = ids.shape[0]
-        if T == 0:
-            raise ValueError("a row needs at least one token")
-        if T > hp.n_ctx:
-            raise ValueError(f"{T} tokens do not fit the context of {hp.n_ctx}")
-        if ids.min() < 0 or ids.max() >= hp.n_vocab:
-            raise ValueError(f"token ids must be in [0, {hp.n_vocab})")
         shape = (hp.n_layer, hp.n_head, _capacity(T + 1, hp.n_ctx), hp.head_dim)
         row = _RowCache(np.empty(shape, np.float32), np.empty(shape, np.float32), T)
-        self.prefilled_tokens += T
         x = self.wte[ids] + self.wpe[:T]
         attend = _prefill_attention(row, hp.n_head, hp.head_dim, self.scale)
         for i, p in enumerate(self.layers):
             _block(x, p, attend, i, qkv_product=np.matmul)
-        return row, self._logits(x[-1:])[0]
-
-    def add(self, seqs) -> np.ndarray:
-        """Append rows holding ``seqs``; logits [len(seqs), n_vocab] after each."""
-        seqs = [tuple(int(t) for t in np.asarray(s).reshape(-1)) for s in seqs]
-        done = {}
-        logits = np.empty((len(seqs), self.hparams.n_vocab), np.float32)
-        for b, seq in enumerate(seqs):
-            if seq in done:
-                row, last = done[seq]
-                self._rows.append(row.copy())
-            else:
-                row, last = self._prefill(seq)
-                done[seq] = row, last
-                self._rows.append(row)
-            logits[b] = last
-        return logits
-
-    def reset(self, rows, seqs) -> np.ndarray:
-        """Replace each of ``rows`` by a row holding the matching sequence."""
-        rows = [int(r) for r in rows]
-        if len(rows) != len(seqs):
-            raise ValueError("one sequence per row")
-        logits = np.empty((len(rows), self.hparams.n_vocab), np.float32)
-        for j, (r, seq) in enumerate(zip(rows, seqs)):
-            self._rows[r], logits[j] = self._prefill(seq)
-        return logits
-
-    def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
-        """Rows ``stepping`` take one token each (``tokens``), rows ``restarting`` restart
-        from their ``windows``; the logits that follow, for every row [rows, n_vocab]."""
-        if not restarting:
-            return self.step(tokens, rows=stepping)
-        logits = np.empty((self.rows, self.hparams.n_vocab), np.float32)
-        if stepping:
-            logits[stepping] = self.step(tokens, rows=stepping)
-        logits[restarting] = self.reset(restarting, windows)
-        return logits
-
-    def start(self, ids) -> np.ndarray:
-        """Forget every row, then prefill the rows of ids [B, T]."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim != 2:
-            raise ValueError(f"ids must be [batch, length], got shape {ids.shape}")
-        self.clear()
-        return self.add(list(ids))
-
-    # -- one step ------------------------------------------------------------------------
+        self._caches[slot] = row
+        return self._logits(x[-1:])[0]
 
     def _logits(self, x):
         # The output projection's last bits depend on OpenBLAS's thread count when it runs
@@ -357,22 +268,14 @@ class NumpyDecoder:
         set_blas_threads(self.threads if x.shape[0] > ROWS_AS_VECTORS else 1)
         return _mm(_layer_norm(x, self.ln_f_g, self.ln_f_b), self.wte.T)
 
-    def step(self, tokens, rows: Optional[Sequence[int]] = None) -> np.ndarray:
-        """One token for each of ``rows`` (default all, in order); logits [len(rows), n_vocab]."""
+    def _step(self, slots, tokens, positions) -> np.ndarray:
         hp = self.hparams
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        chosen = self._rows if rows is None else [self._rows[int(r)] for r in rows]
-        B = len(chosen)
-        if tokens.shape[0] != B:
-            raise ValueError(f"{tokens.shape[0]} tokens for {B} rows")
-        if B == 0:
-            return np.empty((0, hp.n_vocab), np.float32)
-        pos = np.array([row.n for row in chosen], dtype=np.int64)
-        if pos.max() >= hp.n_ctx:
-            raise ValueError(f"the context of {hp.n_ctx} tokens is full")
-        for row in chosen:
+        chosen = [self._caches[s] for s in slots]
+        for row, p in zip(chosen, positions):
+            row.n = int(p)  # the row's length before this token
             self._room(row, row.n + 1)
-        x = self.wte[tokens] + self.wpe[pos]
+        B = len(chosen)
+        x = self.wte[tokens] + self.wpe[positions]
         attend = _step_attention(chosen, hp.n_head, hp.head_dim, self.scale)
         if self._tuner is not None:
             self._tuner.before(B)

@@ -2,8 +2,8 @@
 
     import model
     dec = model.decoder(m, quantize="q4")        # OnnxDecoder; or engine="onnx" for float32
-    logits = dec.add([[1, 2, 3], [4, 5]])
-    logits = dec.step([42, 7])
+    logits = dec.add([0, 1], [[1, 2, 3], [4, 5]])
+    logits = dec.step([0, 1], [42, 7])
 
 One ONNX graph computes a whole decoding step -- every block and the
 logits -- in one ``run`` for all rows, in about 7 nodes a block (fused
@@ -15,9 +15,9 @@ int8 arithmetic on the activations, the bias inside) over weights quantized
 by ``model.quantize`` (made once per checkpoint and cached; the input
 embedding is then a float16 table).
 
-Python keeps the rows' bookkeeping, as ``NumpyDecoder`` does (same interface,
-``model.decoding.Decoder``): rows of any lengths decode together, join and
-leave at any step, rewind and restart on their own.  The key/value caches are
+The row table (``model.rows``, shared with every engine) keeps the sequences'
+bookkeeping: rows of any lengths decode together, join and leave at any step,
+are cut and restart on their own.  The key/value caches are
 two numpy arrays [n_layer, slots, n_head, capacity, head_dim]; layer i's slice
 of the rows in use is bound (IOBinding, no copy) both as the attention's past
 and as its present, so ``GroupQueryAttention`` writes each row's new keys and
@@ -35,7 +35,7 @@ machine spinning threads collapse under load).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from .errors import ModelError
 from .hparams import LAYER_NORM_EPSILON, HParams
 from .npdecode import cpu_weights
 from .quantize import BLOCK
+from .rows import RowDecoder
 from .threads import cpu_count, fixed_threads
 
 MS = "com.microsoft"
@@ -211,10 +212,8 @@ def _capacity(needed: int, n_ctx: int) -> int:
     return min(size, n_ctx)
 
 
-class OnnxDecoder:
-    """A batch of sequences decoded together with ONNX Runtime (the ``model.decoding.Decoder``
-    interface, as ``NumpyDecoder``): ``add``, ``step``, ``reset``, ``feed``, ``truncate``, ``keep``,
-    ``lengths``, ``rows``, ``clear``; ``start``/``rewind``/``length`` for equal rows.
+class OnnxDecoder(RowDecoder):
+    """Sequences decoded together with ONNX Runtime (the row table and interface of ``model.rows``).
 
     ``OnnxDecoder.from_model(m, quantize=None|"q8"|"q4")``.  ``quantize``: the weight format;
     ``quantized_path``: the cache file the quantized weights came from or went to (None for
@@ -223,7 +222,6 @@ class OnnxDecoder:
     """
 
     engine = "onnx"
-    joins_running = True
 
     @classmethod
     def from_model(cls, model, quantize: Optional[str] = None, cache_root=None,
@@ -246,9 +244,10 @@ class OnnxDecoder:
         """``weights``: float32 arrays by checkpoint name (conv1d as [in, out]), for float32 weight
         products; ``quantized``: a ``model.quantize.Quantized`` instead (its arrays hold the float
         ones too: biases, layer norms, embeddings for the input)."""
+        super().__init__(hparams)
         ort = _import_ort()
         self._ort = ort
-        self.hparams = hp = hparams
+        hp = hparams
         self.quantize = None if quantized is None else quantized.fmt
         self.quantized_path = None if quantized is None else quantized.path
         self.quantized_now = bool(quantized is not None and quantized.made)
@@ -267,60 +266,19 @@ class OnnxDecoder:
         self.session = ort.InferenceSession(onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         self._K: Optional[np.ndarray] = None  # [L, slots, H, capacity, D]
         self._V: Optional[np.ndarray] = None
-        self._n = np.zeros(0, np.int32)  # length per slot
-        self._slots: List[int] = []  # row -> slot; the slots in use are 0..rows-1
         self._binding = None
         self._binding_key = None
-        self.prefilled_tokens = 0
 
-    # -- rows -------------------------------------------------------------------------
+    # -- the engine's side of the row table ---------------------------------------------------
 
-    @property
-    def rows(self) -> int:
-        return len(self._slots)
-
-    def lengths(self) -> List[int]:
-        return [int(self._n[s]) for s in self._slots]
-
-    @property
-    def length(self) -> int:
-        return max(self.lengths(), default=0)
-
-    def clear(self) -> None:
-        self._slots = []
+    def _cleared(self) -> None:
         self._K = self._V = None
-        self._n = np.zeros(0, np.int32)
         self._binding = self._binding_key = None
 
-    def truncate(self, rows, length: int) -> None:
-        for r in rows:
-            n = int(self._n[self._slots[int(r)]])
-            if not 0 <= length <= n:
-                raise ValueError(f"cannot rewind row {r} to {length} from {n}")
-        for r in rows:
-            self._n[self._slots[int(r)]] = length
-
-    def rewind(self, length: int) -> None:
-        self.truncate(range(self.rows), length)
-
-    def keep(self, rows) -> None:
-        slots = [self._slots[int(r)] for r in rows]
-        if len(set(slots)) != len(slots):
-            raise ValueError("keep: a row may be kept once only")
-        count = len(slots)
-        holes = sorted(set(range(count)) - set(slots))
-        for j, s in enumerate(slots):
-            if s >= count:  # move this row into a free slot below count
-                hole = holes.pop()
-                self._copy_slot(s, hole)
-                slots[j] = hole
-        self._slots = slots
-
-    def _copy_slot(self, src: int, dst: int) -> None:
+    def _copy(self, src: int, dst: int) -> None:
         n = int(self._n[src])
         self._K[:, dst, :, :n] = self._K[:, src, :, :n]
         self._V[:, dst, :, :n] = self._V[:, src, :, :n]
-        self._n[dst] = n
 
     def _reserve(self, slots: int, positions: int) -> None:
         """Room for ``slots`` rows of ``positions`` positions each (grown by doubling).  A step
@@ -340,9 +298,7 @@ class OnnxDecoder:
         if self._K is not None:
             K[:, :old_slots, :, :old_cap] = self._K
             V[:, :old_slots, :, :old_cap] = self._V
-        n = np.zeros(new_slots, np.int32)
-        n[: len(self._n)] = self._n
-        self._K, self._V, self._n = K, V, n
+        self._K, self._V = K, V
         self._binding = self._binding_key = None
 
     # -- runs -------------------------------------------------------------------------
@@ -369,71 +325,14 @@ class OnnxDecoder:
     def _prefill(self, slot: int, ids) -> np.ndarray:
         """Fill ``slot`` with a new row holding ``ids``; the logits after it [n_vocab]."""
         hp = self.hparams
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = np.asarray(ids, dtype=np.int64)
         T = ids.shape[0]
-        if T == 0:
-            raise ValueError("a row needs at least one token")
-        if T > hp.n_ctx:
-            raise ValueError(f"{T} tokens do not fit the context of {hp.n_ctx}")
-        if ids.min() < 0 or ids.max() >= hp.n_vocab:
-            raise ValueError(f"token ids must be in [0, {hp.n_vocab})")
         self._reserve(slot + 1, T + 1)
-        self.prefilled_tokens += T
         logits = np.empty((1, hp.n_vocab), np.float32)
         x = np.ascontiguousarray((self.wte[ids] + self.wpe[:T])[None])
         io, _keep = self._binding_over(slot, 1, x, np.array([T - 1], np.int32), np.array(T, np.int32), logits)
         self.session.run_with_iobinding(io)
-        self._n[slot] = T
         return logits[0]
-
-    def add(self, seqs) -> np.ndarray:
-        """Append rows holding ``seqs``; logits [len(seqs), n_vocab] after each."""
-        seqs = [tuple(int(t) for t in np.asarray(s).reshape(-1)) for s in seqs]
-        logits = np.empty((len(seqs), self.hparams.n_vocab), np.float32)
-        if seqs:  # room for all the new rows at once
-            self._reserve(self.rows + len(seqs), max(len(s) for s in seqs) + 1)
-        done = {}  # a sequence -> (slot it was prefilled in, its logits)
-        for b, seq in enumerate(seqs):
-            slot = len(self._slots)
-            if seq in done:
-                first, logits[b] = done[seq]
-                self._copy_slot(first, slot)
-            else:
-                logits[b] = self._prefill(slot, seq)
-                done[seq] = (slot, logits[b])
-            self._slots.append(slot)
-        return logits
-
-    def reset(self, rows, seqs) -> np.ndarray:
-        """Replace each of ``rows`` by a row holding the matching sequence."""
-        rows = [int(r) for r in rows]
-        if len(rows) != len(seqs):
-            raise ValueError("one sequence per row")
-        logits = np.empty((len(rows), self.hparams.n_vocab), np.float32)
-        for j, (r, seq) in enumerate(zip(rows, seqs)):
-            logits[j] = self._prefill(self._slots[r], seq)
-        return logits
-
-    def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
-        """Rows ``stepping`` take one token each (``tokens``), rows ``restarting`` restart
-        from their ``windows``; the logits that follow, for every row [rows, n_vocab]."""
-        if not restarting:
-            return self.step(tokens, rows=stepping)
-        logits = np.empty((self.rows, self.hparams.n_vocab), np.float32)
-        if stepping:
-            logits[stepping] = self.step(tokens, rows=stepping)
-        logits[restarting] = self.reset(restarting, windows)
-        return logits
-
-    def start(self, ids) -> np.ndarray:
-        """Forget every row, then prefill the rows of ids [B, T]."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim != 2:
-            raise ValueError(f"ids must be [batch, length], got shape {ids.shape}")
-        self.clear()
-        return self.add(list(ids))
-
-    # -- one step ---------------------------------------------------------------------
 
     def _bind(self, B: int):
         """The IOBinding of a step over slots 0..B-1."""
@@ -448,22 +347,8 @@ class OnnxDecoder:
             self._binding_key = key
         return self._binding
 
-    def step(self, tokens, rows: Optional[Sequence[int]] = None) -> np.ndarray:
-        """One token for each of ``rows`` (default all, in order); logits [len(rows), n_vocab]."""
+    def _step(self, slots, tokens, positions) -> np.ndarray:
         hp = self.hparams
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        chosen = list(range(self.rows)) if rows is None else [int(r) for r in rows]
-        b = len(chosen)
-        if tokens.shape[0] != b:
-            raise ValueError(f"{tokens.shape[0]} tokens for {b} rows")
-        if b == 0:
-            return np.empty((0, hp.n_vocab), np.float32)
-        if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
-            raise ValueError(f"token ids must be in [0, {hp.n_vocab})")
-        slots = np.array([self._slots[r] for r in chosen], np.int64)
-        pos = self._n[slots]
-        if pos.max() >= hp.n_ctx:
-            raise ValueError(f"the context of {hp.n_ctx} tokens is full")
         B = self.rows  # every slot in use runs; rows not stepping are computed and ignored
         self._reserve(B, int(self._n[:B].max()) + 1)
         io = self._bind(B)
@@ -474,5 +359,4 @@ class OnnxDecoder:
         self._seqlens[:] = lengths
         self._total[...] = int(lengths.max()) + 1
         self.session.run_with_iobinding(io)
-        self._n[slots] += 1
         return self._logits[slots]

@@ -1,118 +1,88 @@
-"""Row bookkeeping for incremental decoding over the model's TensorFlow cache (what a GPU uses).
+"""The TensorFlow engine of the row table (what a GPU uses): rows over ``Model.start`` / ``Model.step``.
 
-``TFDecoder`` offers the interface of ``npdecode.NumpyDecoder`` (see
-``model.decoding``) on top of ``Model.start`` / ``Model.step``.  The TF
-cache's rows share one slot counter (a shorter prompt is preceded by masked
-padding slots), so rows join only together: ``add`` takes new rows only
-when there are none, and ``joins_running`` is False.  The decoder keeps
-every row's tokens, so that when rows diverge (one row restarts from a new
-window, rows rewind to different lengths, a subset of rows steps, or the
-cache is full while a row still has room) it prefills every row again from
-its own tokens: each row then holds exactly what it would hold alone.  Rows
-dropped by ``keep`` stay in the cache (dropping them would mean copying
-it); they are fed a dummy token and their logits are ignored.
+The model's TensorFlow cache gives every row of a batch one shared slot counter (a shorter
+prompt is preceded by masked padding), so it cannot let rows diverge.  This engine keeps every
+row's tokens and, whenever the cache no longer matches them (a row joined, was cut or restarted,
+only some rows step, or the cache is full while a row still has room), prefills every row again
+from its own tokens: each row then holds exactly what it would hold alone.  Callers see the same
+interface as every engine (``model.rows``); on a CPU the numpy and ONNX Runtime engines are faster.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 
+from .rows import RowDecoder
 
-class TFDecoder:
-    """A batch of sequences decoded together over one ``Model``'s TF cache.
 
-    Methods as ``NumpyDecoder``'s: ``add``, ``step``, ``feed``, ``truncate``,
-    ``keep``, ``lengths``, ``clear``, ``rows``; ``joins_running`` is False.
-    """
+class TFDecoder(RowDecoder):
+    """Sequences decoded together over one ``Model``'s TensorFlow cache (see the module)."""
 
     engine = "tf"
-    joins_running = False  # rows join only when there are none
 
     def __init__(self, model):
+        super().__init__(model.hparams)
         self.model = model
-        self.hparams = model.hparams
-        self.clear()
+        self._cleared()
 
-    # -- rows -------------------------------------------------------------------------
-
-    @property
-    def rows(self) -> int:
-        return len(self.seqs)
-
-    def lengths(self) -> List[int]:
-        return [len(s) for s in self.seqs]
-
-    def clear(self) -> None:
+    def _cleared(self) -> None:
         self.cache = None
-        self.live = np.zeros(0, dtype=np.int64)  # each row's row in the cache
-        self.seqs: List[List[int]] = []
+        self.seqs: List[Optional[List[int]]] = []   # by slot: the tokens the row holds
+        self.live = np.zeros(0, np.int64)          # by slot: the row in the cache (-1: not in it)
 
-    def keep(self, rows) -> None:
-        rows = np.asarray(rows, dtype=np.int64)
-        self.live = self.live[rows]
-        self.seqs = [self.seqs[r] for r in rows]
+    def _reserve(self, slots: int, positions: int) -> None:
+        if len(self.seqs) < slots:
+            self.seqs += [None] * (slots - len(self.seqs))
+            self.live = np.concatenate([self.live, np.full(slots - self.live.shape[0], -1, np.int64)])
 
-    def truncate(self, rows, length: int) -> None:
-        for r in rows:
-            if not 0 <= length <= len(self.seqs[int(r)]):
-                raise ValueError(f"cannot rewind row {r} to {length} from {len(self.seqs[int(r)])}")
-            del self.seqs[int(r)][length:]
-
-    # -- prefill and steps ------------------------------------------------------------------
-
-    def _prefill(self) -> np.ndarray:
-        """A new cache holding every row's tokens; logits after each."""
-        self.cache, logits = self.model.start(self.seqs, max_len=self.model.hparams.n_ctx)
-        self.live = np.arange(len(self.seqs))
+    def _refill(self) -> np.ndarray:
+        """A new cache holding every row's tokens; the logits after each row [rows, n_vocab]
+        (rows the table has not filled yet -- copies made right after -- stay out of the cache)."""
+        filled = [slot for slot in range(self.rows) if self.seqs[slot] is not None]
+        self.cache, out = self.model.start([self.seqs[s] for s in filled], max_len=self.hparams.n_ctx)
+        self.live[:] = -1
+        self.live[filled] = np.arange(len(filled))
+        logits = np.zeros((self.rows, self.hparams.n_vocab), np.float32)
+        logits[filled] = out
         return logits
 
-    def add(self, seqs) -> np.ndarray:
-        """Rows holding ``seqs`` (only while there are no rows); logits [len(seqs), n_vocab] after each."""
-        if self.seqs:
-            raise ValueError("the TensorFlow engine takes new rows only when it has none")
-        self.seqs = [[int(t) for t in np.asarray(s).reshape(-1)] for s in seqs]
-        return self._prefill()
+    def _prefill_many(self, slots, seqs) -> np.ndarray:
+        for slot, seq in zip(slots, seqs):
+            self.seqs[slot] = list(seq)
+        return self._refill()[list(slots)]
 
-    def step(self, tokens, rows: Optional[Sequence[int]] = None) -> np.ndarray:
-        """One token for each of ``rows`` (default all, in order); logits [len(rows), n_vocab].
+    def _copy(self, src: int, dst: int) -> None:
+        self.seqs[dst] = list(self.seqs[src])
+        self.live[dst] = -1  # not in the cache: the next step prefills again
 
-        Stepping only some rows makes the rows diverge: every row is then prefilled again.
-        """
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        if rows is not None and [int(r) for r in rows] != list(range(self.rows)):
-            rows = [int(r) for r in rows]
-            if len(rows) != tokens.shape[0]:
-                raise ValueError(f"{tokens.shape[0]} tokens for {len(rows)} rows")
-            for r, t in zip(rows, tokens):
-                self.seqs[r].append(int(t))
-            return self._prefill()[rows]
-        if tokens.shape[0] != self.rows:
-            raise ValueError(f"{tokens.shape[0]} tokens for {self.rows} rows")
-        self._sync()
-        full = np.zeros(self.cache.batch_size, dtype=np.int64)
-        full[self.live] = tokens
-        for seq, t in zip(self.seqs, tokens):
-            seq.append(int(t))
-        return self.model.step(self.cache, full)[self.live]
+    def _move(self, src: int, dst: int) -> None:
+        self.seqs[dst], self.seqs[src] = self.seqs[src], None
+        self.live[dst], self.live[src] = self.live[src], -1
 
-    def feed(self, tokens, stepping, restarting, windows) -> np.ndarray:
-        """Rows ``stepping`` take one token each (``tokens``), rows ``restarting`` restart from
-        their ``windows``; the logits that follow, for every row.  A restart prefills every row again."""
-        if not restarting:
-            return self.step(tokens)
-        for r, t in zip(stepping, tokens):
-            self.seqs[r].append(int(t))
-        for r, window in zip(restarting, windows):
-            self.seqs[r] = [int(t) for t in window]
-        return self._prefill()
+    def _truncated(self, slot: int, length: int) -> None:
+        del self.seqs[slot][length:]
 
-    def _sync(self) -> None:
-        """Make the cache match the rows' tokens before a step."""
-        slots = {int(self.cache.offsets[self.live[b]]) + len(s) for b, s in enumerate(self.seqs)}
-        if len(slots) == 1:
-            self.cache.slot = slots.pop()  # every row ends at the same slot (after a rewind, say)
-            if self.cache.room > 0:
-                return
-        # Rows at different slots, or a full cache with room left in the rows.
-        self._prefill()
+    def _in_sync(self) -> bool:
+        """Whether every row sits in the cache and all of them end at one slot with room for a step."""
+        rows = self.rows
+        if self.cache is None or (self.live[:rows] < 0).any():
+            return False
+        ends = {int(self.cache.offsets[self.live[b]]) + len(self.seqs[b]) for b in range(rows)}
+        if len(ends) != 1:
+            return False
+        self.cache.slot = ends.pop()  # after a cut every row may end earlier than the cache's counter
+        return self.cache.room > 0
+
+    def _step(self, slots, tokens, positions) -> np.ndarray:
+        rows = self.rows
+        every_row = slots.shape[0] == rows
+        if every_row and self._in_sync():
+            full = np.zeros(self.cache.batch_size, dtype=np.int64)
+            full[self.live[slots]] = tokens
+            for slot, t in zip(slots, tokens):
+                self.seqs[slot].append(int(t))
+            return self.model.step(self.cache, full)[self.live[slots]]
+        for slot, t in zip(slots, tokens):
+            self.seqs[slot].append(int(t))
+        return self._refill()[slots]

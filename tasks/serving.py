@@ -1,4 +1,4 @@
-"""A generation engine for a server: one model, one decoding thread, requests joining a running batch.
+"""A generation engine for a server: one model, one decoding thread over the one decoding loop.
 
     from tasks.serving import Engine, SampleRequest
     engine = Engine(m, enc, batch_size=16, max_queue=64)
@@ -8,47 +8,42 @@
     job.cancel()              # the row is freed at the next step
     engine.stop()
 
-Every sample is one row of the decoder (``model.decoder``).  The loop thread
-takes waiting samples into the batch at every step (up to ``batch_size``
-rows; with the TensorFlow decoder, whose rows join only together, when the
-batch is empty), draws one token per row with that sample's own options
-(``sampling.choose``), and feeds the tokens.  A finished or cancelled sample
-leaves at once and its place goes to the next waiting one.
+The thread drives ``tasks.scheduler.Scheduler`` -- the loop ``gpt2-generate.py`` runs too: at
+every step it admits waiting samples into free rows (up to ``batch_size``), draws one token per
+row through the sampler chain with that sample's own options, and feeds the tokens; a finished or
+cancelled sample leaves at once and its place goes to the next waiting one.  So a sample is
+decoded exactly as ``tasks.generate.Generator`` decodes it (the context cut, ``min_length``, the
+sliding window, empty samples drawn again): a sample with the random stream
+``SeedSequence([S, j, i])`` gives the text of sample i of context j of ``gpt2-generate.py --seed S``
+with the same options.
 
-A sample is decoded exactly as ``tasks.generate.Generator`` decodes it
-(min_length 0): the prompt's last n_ctx/2 tokens, <|endoftext|> for an
-empty prompt, the sliding window of the most recent n_ctx/2 tokens when the
-window of n_ctx is full, a sample that ends empty drawn again (up to 8
-times) with the same random stream.  So a sample with the random stream
-``SeedSequence([S, j, i])`` gives the text of sample i of context j of
-``gpt2-generate.py --seed S`` with the same options.  Besides ``max_length``
-(characters) a sample ends after ``max_tokens`` tokens, or before the first
-occurrence of any of its ``stop`` strings (the stop string is not part of
-the text); streamed text holds back what could still become a stop string.
+Events are handed over once per step: the loop gathers every (job, kind, data) of a step and calls
+``engine.deliver(events)`` once, before it runs the next decoding step (by default ``deliver``
+calls each job's ``on_event`` on the loop thread).  A server sets ``deliver`` to one
+``loop.call_soon_threadsafe`` per step: its event loop then wakes once per step, not once per
+token per client, and takes the GIL from the decoding thread that much less often.
 
-Events are handed over once per step: the loop gathers every (job, kind,
-data) of a step and calls ``engine.deliver(events)`` once, before it runs
-the next decoding step (by default ``deliver`` calls each job's ``on_event``
-on the loop thread).  A server sets ``deliver`` to one
-``loop.call_soon_threadsafe`` per step: its event loop then wakes once per
-step, not once per token per client, and takes the GIL from the decoding
-thread that much less often.
+A step that fails (out of memory, a bug) fails the samples of that step -- each gets an
+``("error", exception)`` event -- is logged as one line on stderr, and the engine goes on serving
+the next requests.
 """
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable, Deque, List, Optional, Sequence, Tuple
-
-import numpy as np
 
 from model import decoder as new_decoder
 
-from .generate import RETRIES_FOR_EMPTY, TextAssembler, cut_at_stop, held_back
-from .sampling import SamplingParams, choose
+from .errors import OptionError
+from .scheduler import Job, SampleRequest, Scheduler
+from .text import context_ids, cut_at_stop
+
+__all__ = ["Engine", "Job", "SampleRequest", "QueueFull", "EngineStopped", "vector_batches", "deliver_each",
+           "cut_at_stop"]
 
 
 class QueueFull(Exception):
@@ -59,59 +54,7 @@ class EngineStopped(Exception):
     """The engine no longer takes work."""
 
 
-@dataclass
-class SampleRequest:
-    """One sample to generate.  ``ids``: the context's tokens as the model sees them
-    (already cut to n_ctx/2, see ``Engine.context_ids``)."""
-
-    ids: List[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    rng: Optional[np.random.Generator] = None
-    max_tokens: Optional[int] = None  # None: no token budget
-    max_length: Optional[int] = None  # characters; None: no limit
-    stop: Tuple[str, ...] = ()
-    logprobs: Optional[int] = None    # None: none; k: the chosen token's and the k most likely
-
-
-def finish_text(text: str, max_length: Optional[int], stop: Sequence[str]) -> Tuple[str, bool]:
-    """A sample's final text: cut to max_length characters, then before the first stop string."""
-    if max_length is not None:
-        text = text[:max_length]
-    return cut_at_stop(text, stop)
-
-
-class Job:
-    """A sample being served.  Read ``text``, ``tokens``, ``finish_reason`` once done."""
-
-    def __init__(self, request: SampleRequest, on_event: Callable[["Job", str, object], None]):
-        self.request = request
-        self.on_event = on_event
-        self.rng = request.rng if request.rng is not None else np.random.default_rng()
-        self.cancelled = False
-        self.done = False
-        self.attempt = 0
-        self.text = ""
-        self.tokens: List[int] = []       # tokens of the final attempt (without the ending <|endoftext|>)
-        self.drawn = 0                    # every token drawn, retries included
-        self.logprobs: List[Tuple[int, float, List[Tuple[int, float]]]] = []
-        self.finish_reason: Optional[str] = None
-        self.submitted = time.monotonic()
-        self.first_token_at: Optional[float] = None
-
-    def cancel(self) -> None:
-        """Stop this sample: its row is freed at the next step (no more events)."""
-        self.cancelled = True
-
-
-class _Row:
-    def __init__(self, job: Job, enc):
-        self.job = job
-        self.assembler = TextAssembler(enc)
-        self.window = list(job.request.ids)
-        self.steps = 0
-        self.sent = 0  # characters of text passed to on_event
-        job.tokens = []
-        job.logprobs = []
+Event = Tuple[Job, str, object]
 
 
 class Engine:
@@ -128,28 +71,31 @@ class Engine:
         # rows: with --engine auto on a CPU, float32 batches of 4 or more rows decode with ONNX Runtime
         self.decoder = decoder if decoder is not None else new_decoder(model, engine, quantize=quantize,
                                                                        rows=batch_size)
+        self.scheduler = Scheduler(self.decoder, enc, batch_size)
         self._waiting: Deque[Job] = deque()
-        self._active: List[_Row] = []
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
-        self.tokens_generated = 0
-        self.steps = 0
         self.failure: Optional[BaseException] = None
+        self.faults = 0  # steps that failed (and were survived)
         self._recent: Deque[Tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self.on_step: Optional[Callable[[int], None]] = None
         #: Called from the loop thread once per step with that step's events [(job, kind, data)].
-        self.deliver: Callable[[List[Tuple[Job, str, object]]], None] = deliver_each
-        self._events: List[Tuple[Job, str, object]] = []
+        self.deliver: Callable[[List[Event]], None] = deliver_each
 
     # -- outside the loop ------------------------------------------------------------------
 
     def context_ids(self, context: str) -> List[int]:
         """The tokens a sample continues: the last n_ctx/2 of the context (<|endoftext|> when empty)."""
-        ids = self.enc.encode(context if context != "" else "<|endoftext|>")
-        if not ids:
-            ids = [self.enc.eos_id]
-        return ids[-(self.model.hparams.n_ctx // 2):]
+        return context_ids(self.enc, context, self.model.hparams.n_ctx)
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.scheduler.stats.tokens
+
+    @property
+    def steps(self) -> int:
+        return self.scheduler.stats.steps
 
     def start(self) -> "Engine":
         self._thread = threading.Thread(target=self._run, name="gpt2ja-decoding", daemon=True)
@@ -161,12 +107,18 @@ class Engine:
         return self.submit_many([request], on_event)[0]
 
     def submit_many(self, requests: Sequence[SampleRequest], on_event) -> List[Job]:
-        """Queue samples together (all or none): QueueFull when they would not fit in ``max_queue``."""
+        """Queue samples together (all or none): QueueFull when they would not fit in ``max_queue``;
+        OptionError for a ``min_length`` the model's context cannot hold."""
+        half = self.model.hparams.n_ctx // 2
+        for r in requests:
+            if r.params.min_length >= half:
+                raise OptionError("min_length", f"must be below n_ctx/2 = {half}, got {r.params.min_length}")
         jobs = [Job(r, on_event) for r in requests]
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
-            room = self.batch_size - len(self._active) + self.max_queue - len(self._waiting)
+            busy = len(self.scheduler.active) + len(self.scheduler.retrying)
+            room = self.batch_size - busy + self.max_queue - len(self._waiting)
             if len(jobs) > room:
                 raise QueueFull(f"{len(self._waiting)} samples are waiting (at most {self.max_queue})")
             self._waiting.extend(jobs)
@@ -179,7 +131,7 @@ class Engine:
 
     @property
     def active_rows(self) -> int:
-        return len(self._active)
+        return len(self.scheduler.active)
 
     def tokens_per_second(self, span: float = 5.0) -> float:
         """Tokens drawn per second over the last ``span`` seconds."""
@@ -194,8 +146,10 @@ class Engine:
             if cancel:
                 for job in self._waiting:
                     job.cancel()
-                for row in self._active:
+                for row in list(self.scheduler.active):
                     row.job.cancel()
+                for job in list(self.scheduler.retrying):
+                    job.cancel()
             self._cv.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -203,184 +157,66 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        sch = self.scheduler
         try:
-            self._loop()
-        except BaseException as e:  # a bug or out of memory: fail every job instead of hanging
+            while True:
+                joining = self._take()
+                if joining is None:
+                    return
+                try:
+                    sch.admit(joining)
+                    drawn = len(sch.active)
+                    events = sch.step()
+                except Exception as e:  # out of memory, a bug: fail this step's samples, keep serving
+                    self.faults += 1
+                    failed = [j for j in dict.fromkeys(sch.abort() + joining) if not j.done]
+                    print(f"gpt2-server: error: a decoding step failed ({type(e).__name__}: {e}); "
+                          f"{len(failed)} samples ended with an error", file=sys.stderr, flush=True)
+                    self._deliver(self._fail(failed, e))
+                    continue
+                now = time.monotonic()
+                self._recent.append((now, drawn))
+                while self._recent and now - self._recent[0][0] > 60:
+                    self._recent.popleft()
+                if self.on_step is not None and drawn:
+                    self.on_step(drawn)
+                self._deliver(events)
+        except BaseException as e:  # the thread itself is going down: fail every job instead of hanging
             self.failure = e
             with self._cv:
                 self._stopping = True
-                jobs = [j for j in [r.job for r in self._active] + list(self._waiting) if not j.done]
+                jobs = [j for j in sch.abort() + list(self._waiting) if not j.done]
                 self._waiting.clear()
-                self._active = []
-            for job in jobs:
-                job.finish_reason = "error"
-                job.done = True
-            events, self._events = self._events, []  # what the failed step had finished still goes out
-            self.deliver(events + [(job, "error", e) for job in jobs])
+            self._deliver(self._fail(jobs, e))
 
-    def _take(self) -> List[Job]:
-        """Jobs joining now (blocks while there is nothing to do); [] and no rows: stop."""
+    @staticmethod
+    def _fail(jobs: List[Job], error: BaseException) -> List[Event]:
+        for job in jobs:
+            job.finish_reason = "error"
+            job.done = True
+        return [(job, "error", error) for job in jobs if not job.cancelled]
+
+    def _deliver(self, events: List[Event]) -> None:
+        if events:
+            self.deliver(events)
+
+    def _take(self) -> Optional[List[Job]]:
+        """Jobs joining now (blocks while there is nothing to do); None: stop."""
+        sch = self.scheduler
         with self._cv:
             while True:
                 while self._waiting and self._waiting[0].cancelled:
                     self._waiting.popleft()
-                if self._active and not self.decoder.joins_running:
-                    return []
                 joining = []
-                while self._waiting and len(self._active) + len(joining) < self.batch_size:
+                while self._waiting and len(joining) < sch.free:
                     job = self._waiting.popleft()
                     if not job.cancelled:
                         joining.append(job)
-                if joining or self._active:
+                if joining or sch.busy:
                     return joining
                 if self._stopping:
-                    return []
+                    return None
                 self._cv.wait()
-
-    def _loop(self) -> None:
-        dec = self.decoder
-        hp = self.model.hparams
-        dec.clear()
-        logits = np.empty((0, hp.n_vocab), np.float32)
-        while True:
-            joining = self._take()
-            rows_now = self._active
-            if not rows_now and not joining:
-                return
-            if joining:
-                fresh = dec.add([job.request.ids for job in joining])
-                new_rows = [_Row(job, self.enc) for job in joining]
-                logits = np.concatenate([logits, fresh]) if rows_now else fresh
-                with self._cv:
-                    self._active = rows_now + new_rows
-            active = self._active
-            # Cancelled rows leave before drawing.
-            keep = [b for b, row in enumerate(active) if not row.job.cancelled]
-            if len(keep) < len(active):
-                dec.keep(keep)
-                logits = logits[keep]
-                with self._cv:
-                    self._active = active = [active[b] for b in keep]
-                if not active:
-                    logits = np.empty((0, hp.n_vocab), np.float32)
-                    continue
-            tokens, finished = self._draw(active, logits)
-            now = time.monotonic()
-            self.tokens_generated += len(active)
-            self.steps += 1
-            self._recent.append((now, len(active)))
-            while self._recent and now - self._recent[0][0] > 60:
-                self._recent.popleft()
-            if self.on_step is not None:
-                self.on_step(len(active))
-            if finished:
-                retry = []
-                for b, reason in finished:
-                    row = active[b]
-                    job = row.job
-                    text, _ = finish_text(row.assembler.text, job.request.max_length, job.request.stop)
-                    if text == "" and reason != "cancelled" and job.attempt < RETRIES_FOR_EMPTY:
-                        job.attempt += 1  # as the CLI: a sample that ends empty is drawn again
-                        retry.append(job)
-                        continue
-                    self._finish(row, text, reason)
-                gone = {b for b, _ in finished}
-                keep = [b for b in range(len(active)) if b not in gone]
-                dec.keep(keep)
-                tokens = tokens[keep]
-                with self._cv:
-                    self._active = active = [active[b] for b in keep]
-                    self._waiting.extendleft(reversed(retry))
-                if not active:
-                    logits = np.empty((0, hp.n_vocab), np.float32)
-                    self._flush()
-                    continue
-            self._flush()  # the clients get this step's text while the next step runs
-            logits = self._feed(dec, active, tokens)
-
-    def _flush(self) -> None:
-        if self._events:
-            events, self._events = self._events, []
-            self.deliver(events)
-
-    def _finish(self, row: _Row, text: str, reason: str) -> None:
-        job = row.job
-        job.text = text
-        job.finish_reason = reason
-        job.done = True
-        if text[row.sent:] and not job.cancelled:
-            self._events.append((job, "text", text[row.sent:]))
-        row.sent = len(text)
-        if not job.cancelled:
-            self._events.append((job, "done", None))
-
-    def _draw(self, active: List[_Row], logits: np.ndarray):
-        """One token for every row: (tokens, [(row index, finish reason)])."""
-        eos = self.enc.eos_id
-        tokens = np.zeros(len(active), dtype=np.int64)
-        finished = []
-        for b, row in enumerate(active):
-            job = row.job
-            req = job.request
-            if job.cancelled:
-                finished.append((b, "cancelled"))
-                continue
-            token = choose(logits[b], req.params, job.rng)
-            row.steps += 1
-            job.drawn += 1
-            if job.first_token_at is None:
-                job.first_token_at = time.monotonic()
-            if req.logprobs is not None:
-                job.logprobs.append(_logprobs(logits[b], token, req.logprobs))
-            if token == eos:
-                row.assembler.finish()
-                if job.logprobs and req.logprobs is not None:
-                    job.logprobs.pop()  # <|endoftext|> is not part of the text
-                finished.append((b, "stop"))
-                continue
-            row.assembler.push(token)
-            job.tokens.append(token)
-            tokens[b] = token
-            text = row.assembler.text
-            reason = None
-            if req.stop and cut_at_stop(text[max(0, row.sent - max(map(len, req.stop))):], req.stop)[1]:
-                reason = "stop"
-            elif req.max_length is not None and len(text) >= req.max_length:
-                reason = "length"
-            elif req.max_tokens is not None and len(job.tokens) >= req.max_tokens:
-                reason = "length"
-            if reason is not None:
-                row.assembler.finish()
-                finished.append((b, reason))
-                continue
-            self._stream(row)
-        return tokens, finished
-
-    def _stream(self, row: _Row) -> None:
-        """Send the text that is final: not past max_length, not possibly the start of a stop string."""
-        job = row.job
-        req = job.request
-        text = row.assembler.text
-        if req.max_length is not None:
-            text = text[:req.max_length]
-        safe = len(text) - held_back(text, req.stop) if req.stop else len(text)
-        if safe > row.sent:
-            piece = text[row.sent:safe]
-            row.sent = safe
-            self._events.append((job, "text", piece))
-
-    def _feed(self, dec, active: List[_Row], tokens: np.ndarray) -> np.ndarray:
-        hp = self.model.hparams
-        lengths = dec.lengths()
-        stepping, restarting = [], []
-        for b, row in enumerate(active):
-            row.window.append(int(tokens[b]))
-            if lengths[b] >= hp.n_ctx:
-                row.window = row.window[-(hp.n_ctx // 2):]  # sliding window, as the CLI
-                restarting.append(b)
-            else:
-                stepping.append(b)
-        return dec.feed(tokens[stepping], stepping, restarting, [active[b].window for b in restarting])
 
 
 def vector_batches(lengths: Sequence[int], max_tokens: int = 4096, max_batch: int = 64,
@@ -423,14 +259,3 @@ def deliver_each(events: Sequence[Tuple[Job, str, object]]) -> None:
         job.on_event(job, kind, data)
 
 
-def _logprobs(row: np.ndarray, token: int, k: int) -> Tuple[int, float, List[Tuple[int, float]]]:
-    """(token, its log-probability under the model, the k most likely (id, log-probability))."""
-    row = np.asarray(row, np.float64)
-    top = row.max()
-    lse = top + math.log(np.exp(row - top).sum())
-    best: List[Tuple[int, float]] = []
-    if k > 0:
-        idx = np.argpartition(row, -k)[-k:]
-        idx = idx[np.argsort(-row[idx])]
-        best = [(int(i), float(row[i] - lse)) for i in idx]
-    return int(token), float(row[token] - lse), best

@@ -65,68 +65,9 @@ def test_golden_with_tensorflow_engine(records, tiny, enc):
 # -- the decoding engines -------------------------------------------------------------
 
 
-def test_numpy_cache_equals_full_recompute(tiny, enc):
-    ids = enc.encode("俺の名前は坂本俊之。何処にでもいるサラリーマンだ。")
-    full = tiny.logits([ids])[0]
-    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
-    first = dec.start(np.array([ids[:5]]))
-    np.testing.assert_allclose(first[0], full[4], atol=1e-4)
-    for t in range(5, len(ids)):
-        step = dec.step([ids[t]])
-        np.testing.assert_allclose(step[0], full[t], atol=1e-4)
-
-
-def test_numpy_batch_equals_rows(tiny, enc):
-    rows = [enc.encode(t)[:4] for t in ("今日は良い天気です", "明日も晴れるかな", "江戸時代のインターネット回線")]
-    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
-    batch = dec.start(np.array(rows))
-    nxt = dec.step([1, 2, 3])
-    for b, row in enumerate(rows):
-        single = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
-        np.testing.assert_allclose(single.start(np.array([row]))[0], batch[b], atol=1e-5)
-        np.testing.assert_allclose(single.step([b + 1])[0], nxt[b], atol=1e-5)
-
-
 def test_numpy_weights_are_views_not_copies(tiny):
     weights = cpu_weights(tiny)
     assert not weights["model/wte"].flags["OWNDATA"]
-
-
-def test_rewind_and_keep(tiny, enc):
-    ids = enc.encode("明日も晴れるかな")
-    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
-    dec.start(np.array([ids, ids]))
-    dec.step([5, 6])
-    dec.rewind(len(ids))
-    dec.keep([1])
-    again = dec.step([6])[0]
-    np.testing.assert_allclose(again, tiny.logits([ids + [6]])[0, -1], atol=1e-4)
-
-
-def test_ragged_rows_equal_full_recompute(tiny, enc):
-    """Rows of different lengths decode together; each matches its own full forward pass."""
-    seqs = [enc.encode(t) for t in ("今日は良い天気です", "明日もね", "江戸時代のインターネット回線は遅かった")]
-    dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
-    first = dec.add([s[:-1] for s in seqs])
-    assert dec.lengths() == [len(s) - 1 for s in seqs]
-    for b, s in enumerate(seqs):
-        np.testing.assert_allclose(first[b], tiny.logits([s[:-1]])[0, -1], atol=1e-4)
-    both = dec.step([s[-1] for s in seqs])
-    for b, s in enumerate(seqs):
-        np.testing.assert_allclose(both[b], tiny.logits([s])[0, -1], atol=1e-4)
-    # a subset of rows steps; a row joins; a row is restarted; a row is rewound
-    only = dec.step([7], rows=[1])
-    np.testing.assert_allclose(only[0], tiny.logits([seqs[1] + [7]])[0, -1], atol=1e-4)
-    joined = dec.add([seqs[0]])
-    np.testing.assert_allclose(joined[0], both[0], atol=1e-5)
-    again = dec.reset([2], [[5, 6, 7]])
-    np.testing.assert_allclose(again[0], tiny.logits([[5, 6, 7]])[0, -1], atol=1e-4)
-    dec.truncate([0], 3)
-    assert dec.lengths() == [3, len(seqs[1]) + 1, 3, len(seqs[0])]
-    dec.keep([3, 0])
-    out = dec.step([9, 9])
-    np.testing.assert_allclose(out[0], tiny.logits([seqs[0] + [9]])[0, -1], atol=1e-4)
-    np.testing.assert_allclose(out[1], tiny.logits([seqs[0][:3] + [9]])[0, -1], atol=1e-4)
 
 
 @pytest.mark.parametrize("rows", [2, 6])
@@ -138,13 +79,14 @@ def test_row_strategies_equal_plain_matrix_product(tiny, enc, rows):
     ids = [enc.encode("明日も晴れるかな")[:5]] * rows
     tokens = list(range(3, 3 + rows))
     dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
-    dec.start(np.array(ids))
-    tuned = dec.step(tokens)
+    dec.add(range(rows), ids)
+    tuned = dec.step(range(rows), tokens)
     limit, pad = npdecode.ROWS_AS_VECTORS, npdecode.PAD_ROWS
     try:
         npdecode.ROWS_AS_VECTORS, npdecode.PAD_ROWS = 0, {}
-        dec.rewind(5)
-        plain = dec.step(tokens)
+        for r in range(rows):
+            dec.truncate(r, 5)
+        plain = dec.step(range(rows), tokens)
     finally:
         npdecode.ROWS_AS_VECTORS, npdecode.PAD_ROWS = limit, pad
     np.testing.assert_allclose(tuned, plain, atol=1e-5)
@@ -153,10 +95,10 @@ def test_row_strategies_equal_plain_matrix_product(tiny, enc, rows):
 def test_identical_rows_are_prefilled_once(tiny, enc):
     dec = NumpyDecoder(tiny.hparams, cpu_weights(tiny))
     ids = enc.encode("今日は")
-    logits = dec.add([ids, ids, ids])
+    logits = dec.add(range(3), [ids, ids, ids])
     assert dec.prefilled_tokens == len(ids) and dec.rows == 3
     np.testing.assert_array_equal(logits[0], logits[2])
-    out = dec.step([1, 2, 3])  # the rows do not share their caches
+    out = dec.step(range(3), [1, 2, 3])  # the rows do not share their caches
     np.testing.assert_allclose(out[2], tiny.logits([ids + [3]])[0, -1], atol=1e-4)
 
 
@@ -167,18 +109,21 @@ def _small_ctx_model(n_ctx=24):
 
 def _record_feeding(engine, fed):
     """Record what the engine is fed: ("start", window) for prefills, ("step", token) for steps."""
-    real_add, real_feed = engine.add, engine.feed
+    real_add, real_step, real_replace = engine.add, engine.step, engine.replace
 
-    def add(seqs):
+    def add(ids, seqs):
         fed.extend(("start", list(s)) for s in seqs)
-        return real_add(seqs)
+        return real_add(ids, seqs)
 
-    def feed(tokens, stepping, restarting, windows):
+    def step(ids, tokens):
         fed.extend(("step", int(t)) for t in np.asarray(tokens).reshape(-1))
-        fed.extend(("start", list(w)) for w in windows)
-        return real_feed(tokens, stepping, restarting, windows)
+        return real_step(ids, tokens)
 
-    engine.add, engine.feed = add, feed
+    def replace(seq_id, window):
+        fed.append(("start", list(window)))
+        return real_replace(seq_id, window)
+
+    engine.add, engine.step, engine.replace = add, step, replace
 
 
 def test_sliding_window_past_the_context(enc):
@@ -272,13 +217,13 @@ def test_min_length_blocks_end_of_text(tiny, enc):
     engine = gen.engine()
     real_step, real_add = engine.step, engine.add
     # make <|endoftext|> the most likely token at every step
-    def step(tokens, rows=None):
-        out = real_step(tokens, rows)
+    def step(ids, tokens):
+        out = real_step(ids, tokens)
         out[:, enc.eos_id] = out.max() + 5.0
         eos_steps.append(1)
         return out
-    def add(seqs):
-        out = real_add(seqs)
+    def add(ids, seqs):
+        out = real_add(ids, seqs)
         out[:, enc.eos_id] = out.max() + 5.0
         return out
     engine.step, engine.add = step, add
@@ -430,8 +375,8 @@ def test_empty_samples_are_drawn_again(tiny, enc):
     real_add = engine.add
     prefills = []
 
-    def add(seqs):
-        out = real_add(seqs)
+    def add(ids, seqs):
+        out = real_add(ids, seqs)
         prefills.append(len(seqs))
         out[:, enc.eos_id] = out.max() + 50.0  # <|endoftext|> first: an empty sample
         return out

@@ -32,11 +32,11 @@ def _steps(tiny, enc, threads):
     try:
         dec = model.NumpyDecoder.from_model(tiny)
         ids = enc.encode("今日は良い天気です。明日も晴れるかな")
-        out = [dec.add([ids, ids[:3], ids[:5], ids[1:], ids[2:6], ids[:4]])]
+        out = [dec.add(range(6), [ids, ids[:3], ids[:5], ids[1:], ids[2:6], ids[:4]])]
         for t in range(40):  # long enough for the tuner to probe both counts, with 6, 2 and 1 rows
-            out.append(dec.step([t + 5, t + 9, t + 1, t + 2, t + 3, t + 4]))
-            out.append(dec.step([t + 5, t + 9], rows=[0, 1]))
-            out.append(dec.step([t + 7], rows=[0]))
+            out.append(dec.step(range(6), [t + 5, t + 9, t + 1, t + 2, t + 3, t + 4]))
+            out.append(dec.step([0, 1], [t + 5, t + 9]))
+            out.append(dec.step([0], [t + 7]))
         return np.concatenate(out)
     finally:
         model.configure_threads(None)

@@ -1,0 +1,337 @@
+"""The one decoding loop: continuous batching over a decoder's row table.
+
+    sch = Scheduler(decoder, enc, batch_size=16)
+    sch.admit([Job(SampleRequest(ids, params, rng=rng, max_length=500))])
+    while sch.busy:
+        for job, kind, data in sch.step():   # ("text", piece) as text becomes final, ("done", None)
+            ...
+
+``gpt2-generate.py`` and ``gpt2-bulk.py generate`` drive it synchronously (``tasks.generate``), the
+server from its decoding thread (``tasks.serving``): every policy of generation lives here once.
+One ``step()``:
+
+1. samples whose client went away (``Job.cancel``) leave;
+2. one token is drawn for every row through the sampler chain (``tasks.sampling``; rows with the
+   same settings are drawn together);
+3. the text is assembled (byte tokens held until their character is complete) and each sample's
+   end is decided: <|endoftext|> (never during its first ``min_length`` tokens), a stop string,
+   ``max_length`` characters, ``max_tokens`` tokens;
+4. a sample that ends empty is drawn again (as the original, up to ``RETRIES_FOR_EMPTY`` times);
+   the others are done (event ``done``) and leave;
+5. every remaining row takes its token.  After the ``min_length``-th token a row is cut back to its
+   context without its last token and continues with the token drawn (the original's quirk, see
+   ``tasks.generate``); a row whose window of n_ctx tokens is full continues from its most recent
+   n_ctx/2 tokens (the sliding window).
+
+Every sample that ends (but a cancelled one) gives a ``done`` event; ``text`` events come only for
+jobs with an ``on_event``, and carry only text that is final: never past ``max_length``, never text that may still
+become the start of a stop string; their pieces concatenate to the finished text.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .sampling import Rows, SamplingParams, sample
+from .text import StopMatcher, TextAssembler, cut_at_stop
+
+RETRIES_FOR_EMPTY = 8
+
+
+@dataclass
+class SampleRequest:
+    """One sample to generate.  ``ids``: the context's tokens as the model sees them (already cut
+    to n_ctx/2, see ``tasks.text.context_ids``)."""
+
+    ids: List[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    rng: Optional[np.random.Generator] = None
+    max_tokens: Optional[int] = None  # None: no token budget
+    max_length: Optional[int] = None  # characters; None: no limit
+    stop: Tuple[str, ...] = ()
+    logprobs: Optional[int] = None    # None: none; k: the chosen token's and the k most likely
+
+
+class Job:
+    """A sample being generated.  Read ``text``, ``tokens``, ``finish_reason`` once ``done``.
+
+    ``on_event(job, kind, data)`` is how a front end hears of it (``deliver`` of the driver decides
+    when); ``tag`` is the front end's own (the CLI's context and sample numbers)."""
+
+    def __init__(self, request: SampleRequest, on_event: Optional[Callable[["Job", str, object], None]] = None,
+                 tag=None):
+        self.request = request
+        self.on_event = on_event
+        self.tag = tag
+        self.rng = request.rng if request.rng is not None else np.random.default_rng()
+        self.cancelled = False
+        self.done = False
+        self.attempt = 0
+        self.text = ""
+        self.tokens: List[int] = []       # tokens of the final attempt (without the ending <|endoftext|>)
+        self.drawn = 0                    # every token drawn, retries included
+        self.logprobs: List[Tuple[int, float, List[Tuple[int, float]]]] = []
+        self.finish_reason: Optional[str] = None
+        self.submitted = time.monotonic()
+        self.first_token_at: Optional[float] = None
+
+    def cancel(self) -> None:
+        """Stop this sample: its row is freed at the next step (no more events)."""
+        self.cancelled = True
+
+
+@dataclass
+class GenerationStats:
+    """What a scheduler has done so far (for --verbose, the server's metrics and benchmarks)."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    tokens: int = 0           # tokens drawn
+    decode_seconds: float = 0.0
+    steps: int = 0
+
+    def line(self) -> str:
+        def rate(n, s):
+            return f"{n / s:.1f} tokens/s" if s > 0 else "-"
+        return (f"prefill: {self.prefill_tokens} tokens in {self.prefill_seconds:.2f} s "
+                f"({rate(self.prefill_tokens, self.prefill_seconds)}); decoding: {self.tokens} tokens in "
+                f"{self.decode_seconds:.2f} s ({rate(self.tokens, self.decode_seconds)})")
+
+
+class _Row:
+    __slots__ = ("job", "assembler", "window", "history", "steps", "sent", "stops")
+
+    def __init__(self, job: Job, enc):
+        job.tokens = []
+        job.logprobs = []
+        self.job = job
+        self.assembler = TextAssembler(enc)
+        self.window = list(job.request.ids)   # what the model sees
+        self.history = list(job.request.ids)  # the context and every token drawn (the chain's view)
+        self.steps = 0
+        self.sent = 0                          # characters of text passed on
+        self.stops = StopMatcher(job.request.stop) if job.request.stop else None
+
+
+Event = Tuple[Job, str, object]
+
+
+class Scheduler:
+    """Continuous batching of ``Job``s over one decoder (see the module).  Not thread-safe: one
+    driver calls ``admit`` and ``step``."""
+
+    def __init__(self, decoder, enc, batch_size: int = 16, stats: Optional[GenerationStats] = None):
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.decoder = decoder
+        self.enc = enc
+        self.n_ctx = decoder.hparams.n_ctx
+        self.batch_size = batch_size
+        self.stats = stats if stats is not None else GenerationStats()
+        self.active: List[_Row] = []
+        self.retrying: Deque[Job] = deque()   # samples that ended empty, drawn again first
+        self._logits = np.empty((0, decoder.hparams.n_vocab), np.float32)
+        self._tokens = np.zeros(0, np.int64)
+        self._fed = True  # whether the rows have taken their last drawn token
+        decoder.clear()
+
+    # -- the driver's side ---------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        """How many new samples ``admit`` takes now."""
+        return max(0, self.batch_size - len(self.active) - len(self.retrying))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self.retrying)
+
+    def admit(self, jobs: Sequence[Job] = ()) -> None:
+        """Start these samples now (after any that are drawn again); at most ``free`` of them."""
+        if len(jobs) > self.free:
+            raise ValueError(f"{len(jobs)} samples for {self.free} free rows")
+        joining = [job for job in list(self.retrying) + list(jobs) if not job.cancelled]
+        for job in self.retrying:
+            if job.cancelled:
+                self._finish(None, job, "", "cancelled", [])
+        self.retrying.clear()
+        if not joining:
+            return
+        t0 = time.perf_counter()
+        fresh = self.decoder.add([id(job) for job in joining], [job.request.ids for job in joining])
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        self.stats.prefill_tokens += sum(len(job.request.ids) for job in joining)
+        self._logits = np.concatenate([self._logits, fresh]) if self.active else fresh
+        self.active += [_Row(job, self.enc) for job in joining]
+
+    def abort(self) -> List[Job]:
+        """Forget every sample (after a failed step): the jobs that were in progress."""
+        jobs = [row.job for row in self.active] + list(self.retrying)
+        self.active = []
+        self.retrying.clear()
+        self._logits = np.empty((0, self.decoder.hparams.n_vocab), np.float32)
+        self.decoder.clear()
+        return jobs
+
+    def step(self) -> List[Event]:
+        """One token for every row; the events it produced (see the module)."""
+        events: List[Event] = []
+        if self.retrying:
+            self.admit([])
+        self._drop_cancelled(events)
+        if not self.active:
+            return events
+        t0 = time.perf_counter()
+        logits = self._logits
+        tokens = self._draw(logits)
+        self.stats.tokens += len(self.active)
+        self.stats.steps += 1
+        finished: Dict[int, Tuple[str, str]] = {}
+        for b, row in enumerate(self.active):
+            end = self._take(row, int(tokens[b]), logits[b], events)
+            if end is not None:
+                finished[b] = end
+        if finished:
+            for b, (text, reason) in finished.items():
+                row = self.active[b]
+                if text == "" and row.job.attempt < RETRIES_FOR_EMPTY:
+                    row.job.attempt += 1  # the original draws an empty sample again
+                    self.retrying.append(row.job)
+                else:
+                    self._finish(row, row.job, text, reason, events)
+            self.decoder.remove([id(self.active[b].job) for b in finished])
+            keep = [b for b in range(len(self.active)) if b not in finished]
+            self.active = [self.active[b] for b in keep]
+            tokens = tokens[keep]
+        self._logits = self._feed(tokens) if self.active else np.empty((0, logits.shape[1]), np.float32)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return events
+
+    # -- inside a step -------------------------------------------------------------------------
+
+    def _drop_cancelled(self, events: List[Event]) -> None:
+        gone = [b for b, row in enumerate(self.active) if row.job.cancelled]
+        if not gone:
+            return
+        for b in gone:
+            row = self.active[b]
+            self._finish(row, row.job, row.assembler.text, "cancelled", events)
+        self.decoder.remove([id(self.active[b].job) for b in gone])
+        keep = [b for b in range(len(self.active)) if b not in set(gone)]
+        self.active = [self.active[b] for b in keep]
+        self._logits = self._logits[keep]
+
+    def _draw(self, logits: np.ndarray) -> np.ndarray:
+        """One token per row through the sampler chain, rows with the same settings together."""
+        groups: Dict[SamplingParams, List[int]] = {}
+        for b, row in enumerate(self.active):
+            groups.setdefault(row.job.request.params, []).append(b)
+        tokens = np.empty(len(self.active), np.int64)
+        for params, idx in groups.items():
+            rows = [self.active[b] for b in idx]
+            view = Rows(logits[idx], [r.history for r in rows], [r.steps for r in rows],
+                        [r.job.rng for r in rows], self.enc.eos_id)
+            tokens[idx] = sample(view, params)
+        return tokens
+
+    def _take(self, row: _Row, token: int, logits_row: np.ndarray, events: List[Event]):
+        """Row ``row`` drew ``token``: its text and whether it ends ((final text, reason) or None)."""
+        job, req = row.job, row.job.request
+        row.steps += 1
+        job.drawn += 1
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
+        if token == self.enc.eos_id:
+            row.assembler.finish()
+            return self._final(row), "stop"
+        if req.logprobs is not None:
+            job.logprobs.append(_logprobs(logits_row, token, req.logprobs))
+        piece = row.assembler.push(token)
+        job.tokens.append(token)
+        row.history.append(token)
+        if row.stops is not None and piece:
+            row.stops.feed(piece)
+        text = row.assembler.text
+        if (row.stops is not None and row.stops.found) \
+                or (req.max_length is not None and len(text) >= req.max_length) \
+                or (req.max_tokens is not None and len(job.tokens) >= req.max_tokens):
+            if row.stops is not None:
+                row.stops.feed(row.assembler.finish())
+            else:
+                row.assembler.finish()
+            return self._final(row), "stop" if row.stops is not None and row.stops.found else "length"
+        if piece and job.on_event is not None:
+            if req.max_length is not None:
+                text = text[:req.max_length]
+            safe = len(text) - (row.stops.held if row.stops is not None else 0)
+            if safe > row.sent:
+                events.append((job, "text", text[row.sent:safe]))
+                row.sent = safe
+        return None
+
+    def _final(self, row: _Row) -> str:
+        req = row.job.request
+        text = row.assembler.text
+        if req.max_length is not None:
+            text = text[:req.max_length]
+        return cut_at_stop(text, req.stop)[0] if req.stop else text
+
+    def _finish(self, row: Optional[_Row], job: Job, text: str, reason: str, events: List[Event]) -> None:
+        job.text = text
+        job.finish_reason = reason
+        job.done = True
+        if job.cancelled:
+            return
+        sent = row.sent if row is not None else 0
+        if text[sent:] and job.on_event is not None:
+            events.append((job, "text", text[sent:]))
+        events.append((job, "done", None))
+
+    def _feed(self, tokens: np.ndarray) -> np.ndarray:
+        """Every row takes its token; the logits that follow [rows, n_vocab]."""
+        dec = self.decoder
+        half = self.n_ctx // 2
+        stepping, stepped, restarting = [], [], []
+        for b, row in enumerate(self.active):
+            token = int(tokens[b])
+            key = id(row.job)
+            min_length = row.job.request.params.min_length
+            if min_length and row.steps == min_length:
+                # The original's second sampling loop starts from the cache of the context
+                # without its last token, then feeds the last token drawn.
+                base = len(row.job.request.ids) - 1
+                dec.truncate(key, base)
+                row.window = row.window[:base] + [token]
+            else:
+                row.window.append(token)
+            if dec.length(key) >= self.n_ctx:
+                row.window = row.window[-half:]  # sliding window: the most recent n_ctx/2 tokens
+                restarting.append(b)
+            else:
+                stepping.append(b)
+                stepped.append(token)
+        logits = np.empty((len(self.active), self._logits.shape[1]), np.float32)
+        if stepping:
+            logits[stepping] = dec.step([id(self.active[b].job) for b in stepping], stepped)
+        for b in restarting:
+            row = self.active[b]
+            logits[b] = dec.replace(id(row.job), row.window)
+        return logits
+
+
+def _logprobs(row: np.ndarray, token: int, k: int) -> Tuple[int, float, List[Tuple[int, float]]]:
+    """(token, its log-probability under the model, the k most likely (id, log-probability))."""
+    row = np.asarray(row, np.float64)
+    top = row.max()
+    lse = top + math.log(np.exp(row - top).sum())
+    best: List[Tuple[int, float]] = []
+    if k > 0:
+        idx = np.argpartition(row, -k)[-k:]
+        idx = idx[np.argsort(-row[idx])]
+        best = [(int(i), float(row[i] - lse)) for i in idx]
+    return int(token), float(row[token] - lse), best
