@@ -26,9 +26,9 @@ DOCS = ROOT / "docs"
 def _parsers():
     from cli import bulk, download, encode, encoder, finetune, generate, score, server, transform
 
-    def sub(parser, name):
+    def subcommands(parser):
         (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        return action.choices[name]
+        return action.choices.items()
 
     out = {
         "gpt2-generate.py": generate.parser(),
@@ -38,12 +38,11 @@ def _parsers():
         "gpt2-finetune.py": finetune.parser(),
         "gpt2-server.py": server.parser(),
     }
-    for name in ("transform", "score", "generate"):
-        out[f"gpt2-bulk.py {name}"] = sub(bulk.parser(), name)
-    for name in ("download", "list", "remove", "quantize"):
-        out[f"python -m model {name}"] = sub(download._parser(), name)
-    for name in ("encode", "decode"):
-        out[f"python -m encoder {name}"] = sub(encoder._parser(), name)
+    # every sub-command, so that a new one (python -m model merge, ...) needs its table too
+    for tool, parser in (("gpt2-bulk.py", bulk.parser()), ("python -m model", download._parser()),
+                         ("python -m encoder", encoder._parser())):
+        for name, sub in subcommands(parser):
+            out[f"{tool} {name}"] = sub
     return out
 
 
