@@ -6,9 +6,10 @@
     vec = Vectorizer(m, enc, precision="bf16")   # bfloat16 block matrices (vec.model)
 
 ``last`` pooling of the final layer-normed state is the original
-gpt2-transform.py's vector (its ``h_flat[-1]``).  Texts are batched by length
-(right padding never changes a vector: attention is causal), and results
-come back in input order.
+gpt2-transform.py's vector (its ``h_flat[-1]``).  Texts are batched with the
+least padding (``tasks.batching.plan``; right padding changes a vector only by
+float rounding, about 1e-6: attention is causal), and results come back in
+input order.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from model import PRECISIONS
 
+from . import batching
 from .errors import OptionError
 
 POOLINGS = ("last", "mean")
@@ -84,25 +86,16 @@ class Vectorizer:
         return self._pool(hidden, lengths)
 
     def vectors_of_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
-        """Vectors of many id lists, batched by similar length, in input order."""
+        """Vectors of many id lists, batched with the least padding (``tasks.batching``), in input order."""
         out = np.empty((len(id_lists), self.model.hparams.n_embd), np.float32)
         for rows in self._plan([len(ids) for ids in id_lists]):
             out[rows] = self.batch_vectors([id_lists[i] for i in rows])
         return out
 
-    def _plan(self, lengths: Sequence[int]) -> Iterator[List[int]]:
-        """Batches of row indices: sorted by length, each at most max_tokens
-        (padded) and max_batch rows."""
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-        batch: List[int] = []
-        for i in order:
-            width = lengths[i]  # sorted: the newest row is the widest
-            if batch and ((len(batch) + 1) * width > self.max_tokens or len(batch) >= self.max_batch):
-                yield batch
-                batch = []
-            batch.append(i)
-        if batch:
-            yield batch
+    def _plan(self, lengths: Sequence[int]) -> List[List[int]]:
+        """Batches of row indices with the least padding, each at most max_tokens padded
+        tokens (or one row) and max_batch rows (``tasks.batching.plan``)."""
+        return batching.plan(lengths, self.max_tokens, self.max_batch)
 
     def vectors(self, texts: Iterable[str]) -> Iterator[Tuple[int, np.ndarray]]:
         """(index, vector) for each text, in order."""
