@@ -168,7 +168,10 @@ def test_a_steps_events_are_delivered_at_once(tiny, enc):
     assert any(len({id(j) for j, _, _ in c}) == 3 for c in calls)  # the samples' steps went out together
 
 
-def test_vector_batches_cover_each_text_once_with_less_padding(tiny, enc, corpus_lines):
+def test_embeddings_use_the_one_batch_planner(tiny, enc, corpus_lines):
+    """The server's embeddings plan as gpt2-transform.py and gpt2-score.py do (tasks.batching,
+    tested on its own in test_batching.py)."""
+    from tasks import batching
     from tasks.serving import vector_batches
     from tasks.vectors import Vectorizer
 
@@ -177,14 +180,7 @@ def test_vector_batches_cover_each_text_once_with_less_padding(tiny, enc, corpus
     for part in (lengths[:1], lengths[:7], lengths[:100], lengths):
         batches = vector_batches(part, max_tokens=1024, max_batch=16)
         assert sorted(i for b in batches for i in b) == list(range(len(part)))
-        for b in batches:
-            width = max(part[i] for i in b)
-            assert len(b) <= 16 and (len(b) == 1 or len(b) * width <= 1024)
+        assert batches == batching.plan(part, 1024, 16)
         vec.max_tokens, vec.max_batch = 1024, 16
-        greedy = list(vec._plan(part))  # gpt2-transform.py's plan: never cheaper (padding + 64 per batch)
-
-        def cost(plan):
-            return sum(len(b) * max(part[i] for i in b) + 64 for b in plan)
-
-        assert cost(batches) <= cost(greedy)
+        assert list(vec._plan(part)) == batches
     assert vector_batches([]) == []
