@@ -37,10 +37,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true",
                    help="print the text as it is produced (one sample of one context, text format)")
     p.add_argument("--engine", choices=("auto", "numpy", "tf", "onnx"), default="auto",
-                   help="decoding engine: numpy (float32 on a CPU), onnx (ONNX Runtime: float32, and what "
-                        "--quantize uses), tf (TensorFlow; used on a GPU); default auto: on a CPU numpy for up to 3 "
-                        "samples decoded at once, onnx from 4 (about 2x faster batches, a second copy of the weights "
-                        "in memory: only while the available memory holds it twice over)")
+                   help="decoding engine: onnx (ONNX Runtime: float32, and what --quantize uses), numpy (the "
+                        "float32 reference), tf (TensorFlow; used on a GPU); default auto: onnx on a CPU (its own "
+                        "copy of the weights in memory: only while the available memory holds it twice over, else "
+                        "numpy), tf on a GPU")
     return p
 
 

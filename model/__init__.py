@@ -9,9 +9,9 @@
     cache, last = m.start([[1, 2, 3], [4, 5]], max_len=128)  # KV-cache prefill of a
                                           # ragged batch: last = logits [2, n_vocab]
     nxt = m.step(cache, [42, 7])          # one decoding step per row -> [2, n_vocab]
-    dec = model.decoder(m)                # rows decoded token by token: NumpyDecoder on a
-    first = dec.add([[1, 2, 3], [4, 5]])  # CPU, TFDecoder (over Cache) on a GPU; see decoding
-    nxt = dec.step([42, 7])
+    dec = model.decoder(m)                # sequences decoded token by token (model.rows: by id;
+    first = dec.add([0, 1], [[1, 2, 3], [4, 5]])  # the engine: model.decoding.choose_engine)
+    nxt = dec.step([0, 1], [42, 7])
     dec = model.decoder(m, quantize="q4") # OnnxDecoder (ONNX Runtime) over 4-bit weights,
                                           # made once and cached (model.quantize)
     qm = model.load_quantized(dir, "q4")  # the same weights from the cache alone: no

@@ -33,10 +33,6 @@ QUANTIZE = ("q8", "q4")
 Decoder = RowDecoder
 
 
-#: 'auto' on a CPU decodes float32 batches of this many rows or more with ONNX Runtime.
-ONNX_ROWS = 4
-
-
 def _onnx_available() -> bool:
     import importlib.util
 
@@ -52,10 +48,12 @@ def _room_for_a_copy(m) -> bool:
 
 def choose_engine(m, engine: str = "auto", quantize: Optional[str] = None, rows: Optional[int] = None) -> str:
     """``engine`` ('auto', 'numpy', 'tf' or 'onnx') for model ``m``: 'auto' is tf on a GPU, onnx
-    whenever ``quantize`` ('q8' or 'q4') is given, and on a CPU with float32 weights numpy -- or
-    onnx (float32 ONNX Runtime, when installed) for ``rows`` >= ``ONNX_ROWS`` rows decoded at once:
-    its small-batch matrix products are 2-3x OpenBLAS's, at the cost of a second (packed) copy of
-    the weights in memory, so only while the available memory holds that copy twice over.
+    whenever ``quantize`` ('q8' or 'q4') is given, and on a CPU with float32 weights onnx (float32
+    ONNX Runtime) -- measured faster than numpy at 1 row and at 8 on both CPU families this runs on
+    (docs/performance.md), at the cost of ONNX Runtime's own copy of the weights -- while the
+    available memory holds that copy twice over; numpy (the reference engine) when it does not, or
+    when onnxruntime is not installed.  ``rows`` (how many rows will be decoded at once) no longer
+    changes the choice; it is accepted for the callers that pass it.
 
     A ``model.quantize.QuantizedModel`` decodes its own format (onnx).
     Raises ValueError for an unknown name, or for ``quantize`` with an engine other than onnx.
@@ -75,7 +73,7 @@ def choose_engine(m, engine: str = "auto", quantize: Optional[str] = None, rows:
     if engine == "auto":
         if "GPU" in str(getattr(m, "device", "")).upper():
             engine = "tf"
-        elif rows is not None and rows >= ONNX_ROWS and _onnx_available() and _room_for_a_copy(m):
+        elif _onnx_available() and _room_for_a_copy(m):
             engine = "onnx"
         else:
             engine = "numpy"

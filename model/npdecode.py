@@ -25,7 +25,7 @@ from typing import List, Optional
 import numpy as np
 
 from .hparams import LAYER_NORM_EPSILON, HParams, layer_weights
-from .rows import RowDecoder
+from .rows import RowDecoder, lazy_zeros
 from .threads import StepTuner, cpu_count, fixed_threads, set_blas_threads
 
 _GELU_C = np.float32(math.sqrt(2.0 / math.pi))
@@ -38,7 +38,6 @@ _EPS = np.float32(LAYER_NORM_EPSILON)
 #: step): 2 rows 33 ms as vectors vs 47 ms with sgemm, 3 rows 36 vs 46,
 #: 4 rows 46 vs 42, 8 rows 74 vs 44.
 ROWS_AS_VECTORS = 3
-_MIN_CAPACITY = 64
 
 
 def _layer_norm(x, g, b):
@@ -172,23 +171,26 @@ def cpu_weights(model) -> dict:
 
 
 class _RowCache:
-    """One row's (sequence's) key/value cache: k and v [n_layer, n_head, capacity, head_dim],
-    of which positions 0..n-1 are filled."""
+    """One row's (sequence's) key/value cache: k and v [n_layer, n_head, n_ctx, head_dim], of which
+    positions 0..n-1 are filled.  Allocated whole but zeroed by the system on first touch
+    (``rows.lazy_zeros``), so it costs memory only for the positions a row
+    really holds, and it never has to grow (no copies of the cache as a row gets longer)."""
 
     __slots__ = ("k", "v", "n")
 
     def __init__(self, k, v, n):
         self.k, self.v, self.n = k, v, n
 
+    @classmethod
+    def empty(cls, hp: HParams, n: int = 0) -> "_RowCache":
+        shape = (hp.n_layer, hp.n_head, hp.n_ctx, hp.head_dim)
+        return cls(lazy_zeros(shape), lazy_zeros(shape), n)
+
     def copy(self) -> "_RowCache":
-        return _RowCache(self.k.copy(), self.v.copy(), self.n)
-
-
-def _capacity(needed: int, n_ctx: int) -> int:
-    size = _MIN_CAPACITY
-    while size < needed:
-        size *= 2
-    return min(size, n_ctx)
+        other = _RowCache(lazy_zeros(self.k.shape), lazy_zeros(self.v.shape), self.n)
+        other.k[:, :, : self.n] = self.k[:, :, : self.n]  # only what is filled: untouched pages stay free
+        other.v[:, :, : self.n] = self.v[:, :, : self.n]
+        return other
 
 
 class NumpyDecoder(RowDecoder):
@@ -235,25 +237,13 @@ class NumpyDecoder(RowDecoder):
     def _cleared(self) -> None:
         self._caches = []
 
-    def _room(self, row: _RowCache, needed: int) -> None:
-        capacity = row.k.shape[2]
-        if capacity >= needed:
-            return
-        size = _capacity(needed, self.hparams.n_ctx)
-        shape = row.k.shape[:2] + (size,) + row.k.shape[3:]
-        k, v = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        k[:, :, : row.n] = row.k[:, :, : row.n]
-        v[:, :, : row.n] = row.v[:, :, : row.n]
-        row.k, row.v = k, v
-
     def _prefill(self, slot: int, ids) -> np.ndarray:
         """Slot ``slot`` holds a new row of ``ids``; the logits [n_vocab] after its last token."""
         hp = self.hparams
         set_blas_threads(self.threads)
         ids = np.asarray(ids, dtype=np.int64)
         T = ids.shape[0]
-        shape = (hp.n_layer, hp.n_head, _capacity(T + 1, hp.n_ctx), hp.head_dim)
-        row = _RowCache(np.empty(shape, np.float32), np.empty(shape, np.float32), T)
+        row = _RowCache.empty(hp, T)
         x = self.wte[ids] + self.wpe[:T]
         attend = _prefill_attention(row, hp.n_head, hp.head_dim, self.scale)
         for i, p in enumerate(self.layers):
@@ -273,7 +263,6 @@ class NumpyDecoder(RowDecoder):
         chosen = [self._caches[s] for s in slots]
         for row, p in zip(chosen, positions):
             row.n = int(p)  # the row's length before this token
-            self._room(row, row.n + 1)
         B = len(chosen)
         x = self.wte[tokens] + self.wpe[positions]
         attend = _step_attention(chosen, hp.n_head, hp.head_dim, self.scale)

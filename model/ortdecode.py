@@ -43,13 +43,12 @@ from .errors import ModelError
 from .hparams import LAYER_NORM_EPSILON, HParams
 from .npdecode import cpu_weights
 from .quantize import BLOCK
-from .rows import RowDecoder
+from .rows import RowDecoder, lazy_zeros
 from .threads import cpu_count, fixed_threads
 
 MS = "com.microsoft"
 #: MatMulNBits' accuracy_level: 4 = int8 arithmetic on the (per-block quantized) activations.
 ACCURACY_LEVEL = 4
-_MIN_CAPACITY = 64
 
 
 def _import_ort():
@@ -62,12 +61,15 @@ def _import_ort():
     return onnxruntime
 
 
-def session_options(threads: Optional[int] = None):
+def session_options(threads: Optional[int] = None, prepack: bool = True):
     """ONNX Runtime session options: ``threads`` intra-op threads (default: the count --threads fixed
     (``model.configure_threads``), else ``cpu_count()``), one
-    inter-op thread, no spinning, every graph optimization."""
+    inter-op thread, no spinning, every graph optimization; ``prepack`` False keeps MLAS from
+    packing a second copy of the float32 weights (less memory, slower products)."""
     ort = _import_ort()
     so = ort.SessionOptions()
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.intra_op_num_threads = threads or fixed_threads() or cpu_count()
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -205,13 +207,6 @@ def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = Non
     return onnx_model, g.external
 
 
-def _capacity(needed: int, n_ctx: int) -> int:
-    size = _MIN_CAPACITY
-    while size < needed:
-        size *= 2
-    return min(size, n_ctx)
-
-
 class OnnxDecoder(RowDecoder):
     """Sequences decoded together with ONNX Runtime (the row table and interface of ``model.rows``).
 
@@ -240,10 +235,12 @@ class OnnxDecoder(RowDecoder):
         quantized = q.load_or_make(weights, getattr(model, "path", None), quantize, model.hparams, cache_root)
         return cls(model.hparams, None, quantized, threads=threads)
 
-    def __init__(self, hparams: HParams, weights: Optional[dict], quantized=None, threads: Optional[int] = None):
+    def __init__(self, hparams: HParams, weights: Optional[dict], quantized=None, threads: Optional[int] = None,
+                 prepack: bool = True):
         """``weights``: float32 arrays by checkpoint name (conv1d as [in, out]), for float32 weight
         products; ``quantized``: a ``model.quantize.Quantized`` instead (its arrays hold the float
-        ones too: biases, layer norms, embeddings for the input)."""
+        ones too: biases, layer norms, embeddings for the input).  ``prepack``: see
+        ``session_options``."""
         super().__init__(hparams)
         ort = _import_ort()
         self._ort = ort
@@ -258,7 +255,7 @@ class OnnxDecoder(RowDecoder):
         self.wte = weights["model/wte"]  # float16 with quantized weights: the input embedding only
         self.wpe = weights["model/wpe"]
         onnx_model, external = build_step_graph(hp, weights, None if quantized is None else quantized.arrays)
-        so = session_options(threads)
+        so = session_options(threads, prepack)
         self._external = external  # the buffers must outlive the session
         if external:
             so.add_external_initializers(list(external),
@@ -281,23 +278,27 @@ class OnnxDecoder(RowDecoder):
         self._V[:, dst, :, :n] = self._V[:, src, :, :n]
 
     def _reserve(self, slots: int, positions: int) -> None:
-        """Room for ``slots`` rows of ``positions`` positions each (grown by doubling).  A step
-        writes the new token's keys and values of every slot in use at that slot's length, also
-        for rows that do not step (their lengths do not advance, so it is overwritten later): the
-        capacity is always above the longest row, up to n_ctx + 1."""
+        """Room for ``slots`` rows (grown by doubling).  Every slot has room for n_ctx + 1 positions
+        from the start: a step writes the new token's keys and values of every slot in use at that
+        slot's length, also for rows that do not step (their lengths do not advance, so it is
+        overwritten later), so the capacity is always above the longest row.  The buffers are
+        zeroed lazily by the system (``rows.lazy_zeros``: pages taken on first write): they
+        cost memory only for the positions rows really hold, and never grow along the positions
+        (growing them meant copying the whole cache: a step that did so took several times its
+        neighbours' time)."""
         hp = self.hparams
-        if self._K is not None and self._K.shape[1] >= slots and self._K.shape[3] >= positions:
+        if self._K is not None and self._K.shape[1] >= slots:
             return
-        old_slots, old_cap = (0, 0) if self._K is None else (self._K.shape[1], self._K.shape[3])
+        old_slots = 0 if self._K is None else self._K.shape[1]
         new_slots = max(slots, old_slots, 1)
         if new_slots > old_slots and old_slots:
             new_slots = max(new_slots, min(2 * old_slots, new_slots + 8))
-        cap = max(old_cap, _capacity(positions, hp.n_ctx + 1))
-        shape = (hp.n_layer, new_slots, hp.n_head, cap, hp.head_dim)
-        K, V = np.zeros(shape, np.float32), np.zeros(shape, np.float32)  # never read past a row's length
-        if self._K is not None:
-            K[:, :old_slots, :, :old_cap] = self._K
-            V[:, :old_slots, :, :old_cap] = self._V
+        shape = (hp.n_layer, new_slots, hp.n_head, hp.n_ctx + 1, hp.head_dim)
+        K, V = lazy_zeros(shape), lazy_zeros(shape)  # never read past a row's length
+        for slot in range(min(old_slots, self.rows)):  # only what is filled: untouched pages stay free
+            n = int(self._n[slot])
+            K[:, slot, :, :n] = self._K[:, slot, :, :n]
+            V[:, slot, :, :n] = self._V[:, slot, :, :n]
         self._K, self._V = K, V
         self._binding = self._binding_key = None
 

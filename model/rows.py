@@ -28,11 +28,26 @@ Lengths live here (``self._n``), not in the engines.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Dict, Hashable, Iterable, List, Sequence
 
 import numpy as np
 
 from .hparams import HParams
+
+
+def lazy_zeros(shape, dtype=np.float32) -> np.ndarray:
+    """A zero-filled array whose memory is taken page by page as it is written (an anonymous
+    mapping, with transparent huge pages off for it: numpy asks for huge pages on large arrays, and
+    one written position in a 2 MB huge page would take all 2 MB).  Key/value caches are allocated
+    at their full n_ctx this way: they never grow (no copies) and cost only what rows hold."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size == 0:
+        return np.zeros(shape, dtype)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype).reshape(shape)
 
 
 class RowDecoder:

@@ -109,18 +109,12 @@ class _Tag:
 class Generator:
     """Generates samples with a loaded Model and Encoder.
 
-    ``engine``: 'numpy' (decode steps with numpy, fastest on a CPU), 'tf'
-    (the model's TensorFlow cache: what a GPU uses) or 'auto' (numpy on the
-    CPU, tf on a GPU); see ``model.decoder``.  ``decoder``: a decoder
-    (``model.decoding.Decoder``) to use instead of a new one; ``engine`` is
-    then its ``engine``.  ``quantize``: 'q8' or 'q4' decodes with 8-/4-bit weights (engine 'onnx',
-    ``model.ortdecode``; the weights are made on first use and cached, see ``model.quantize``);
-    None (the default) keeps float32 weights.
-
-    With 'auto' on a CPU and float32 weights, the engine also depends on how many samples the
-    first generation decodes at once (``model.choose_engine``'s ``rows``: float32 ONNX Runtime
-    from ``model.decoding.ONNX_ROWS`` on, else numpy); it is chosen when first needed
-    (``engine(rows)``) and kept.
+    ``engine``: 'auto' (``model.choose_engine``: float32 ONNX Runtime on a CPU, the TensorFlow
+    cache on a GPU), 'onnx', 'numpy' (the reference engine) or 'tf'.  ``decoder``: a decoder
+    (``model.rows.RowDecoder``) to use instead of a new one; ``engine`` is then its ``engine``.
+    ``quantize``: 'q8' or 'q4' decodes with 8-/4-bit weights (engine 'onnx', ``model.ortdecode``;
+    the weights are made on first use and cached, see ``model.quantize``); None (the default)
+    keeps float32 weights.  The decoder is made when first needed (``engine()``) and kept.
     """
 
     def __init__(self, model, enc, engine: str = "auto", decoder=None, quantize: Optional[str] = None):

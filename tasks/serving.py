@@ -68,7 +68,6 @@ class Engine:
         self.enc = enc
         self.batch_size = batch_size
         self.max_queue = max_queue
-        # rows: with --engine auto on a CPU, float32 batches of 4 or more rows decode with ONNX Runtime
         self.decoder = decoder if decoder is not None else new_decoder(model, engine, quantize=quantize,
                                                                        rows=batch_size)
         self.scheduler = Scheduler(self.decoder, enc, batch_size)

@@ -184,3 +184,51 @@ def test_embeddings_use_the_one_batch_planner(tiny, enc, corpus_lines):
         vec.max_tokens, vec.max_batch = 1024, 16
         assert list(vec._plan(part)) == batches
     assert vector_batches([]) == []
+
+
+def test_one_loop_for_both_front_ends_min_length_included(tiny, enc, engine):
+    """The server's engine and gpt2-generate.py's Generator run the one scheduler: the same seed and
+    options give the same text, min_length (the original's rewind) and stop strings included."""
+    contexts = ["今日は良い天気です。", ""]
+    opts = GenerateOptions(top_k=20, temperature=0.8, seed=11, max_length=50, min_length=6, stop=("。",))
+    ref = list(Generator(tiny, enc).generate_many(contexts, num=2, batch_size=3, options=opts))
+    jobs = []
+    for j, c in enumerate(contexts):
+        for i in range(2):
+            rng = np.random.default_rng(np.random.SeedSequence([11, j, i]))
+            jobs.append(engine.submit(SampleRequest(engine.context_ids(c), opts.sampling(), rng=rng, max_length=50,
+                                                    stop=("。",)), lambda *a: None))
+    _wait(jobs)
+    assert [j.text for j in jobs] == [s.text for s in ref]
+    assert all(len(j.tokens) >= 6 or j.finish_reason == "stop" for j in jobs)
+
+
+def test_a_failed_step_fails_its_samples_and_the_engine_goes_on(tiny, enc, capfd):
+    """A fault in one decoding step (here the decoder raises MemoryError once) ends the samples of that
+    step with an error event, is logged as one line, and the next request is served."""
+    e = Engine(tiny, enc, batch_size=2, max_queue=4).start()
+    try:
+        real_step = e.decoder.step
+        calls = {"n": 0}
+
+        def flaky(ids, tokens):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise MemoryError("injected")
+            return real_step(ids, tokens)
+
+        e.decoder.step = flaky
+        events = []
+        greedy = SamplingParams(0, 0.0, 0.0)
+        first = e.submit(SampleRequest(e.context_ids("今日は"), greedy, max_tokens=10),
+                         lambda job, kind, data: events.append(kind))
+        _wait([first])
+        assert first.finish_reason == "error" and events[-1] == "error"
+        second = e.submit(SampleRequest(e.context_ids("今日は"), greedy, max_tokens=10), lambda *a: None)
+        _wait([second])
+        assert second.finish_reason == "length" and len(second.tokens) == 10
+        assert e.failure is None and e.faults == 1
+        err = capfd.readouterr().err
+        assert err.count("\n") == 1 and "a decoding step failed (MemoryError: injected)" in err
+    finally:
+        e.stop()

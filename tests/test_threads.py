@@ -52,3 +52,21 @@ def test_logits_do_not_depend_on_threads(tiny, enc):
 def test_threads_flag_is_checked():
     with pytest.raises(ValueError):
         model.configure_threads(0)
+
+
+def test_onnx_logits_do_not_depend_on_threads(tiny, enc):
+    """--engine auto decodes float32 with ONNX Runtime on a CPU: its logits, one row or several, are
+    bit-identical whatever its thread count (so the tokens drawn never depend on --threads)."""
+    from model.ortdecode import OnnxDecoder
+
+    ids = enc.encode("今日は良い天気です。明日も晴れるかな")
+    outs = []
+    for threads in (1, 2, 3):
+        dec = OnnxDecoder.from_model(tiny, threads=threads)
+        out = [dec.add(range(4), [ids, ids[:3], ids[:5], ids[2:]])]
+        for t in range(12):
+            out.append(dec.step([0], [t + 5]))
+            out.append(dec.step(range(4), [t + 5, t + 9, t + 1, t + 2]))
+        outs.append(np.concatenate(out))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
