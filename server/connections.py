@@ -5,8 +5,15 @@ uvicorn closes a keep-alive connection idle for ``timeout_keep_alive`` seconds, 
 is kept for ever (slowloris).  ``with_header_timeout`` wraps uvicorn's HTTP protocol class: from the
 moment a connection opens, or the first byte of a request after a response, the request's headers must
 be complete within ``seconds`` or the connection is closed.  (Bodies have their own limit in
-``server.body.read_json``.)"""
+``server.body.read_json``.)
+
+It also hands the app a way to drop a connection at once: ``scope["extensions"]["gpt2ja.abort"]["abort"]``
+(``transport.abort``).  Returning without finishing a response makes uvicorn ``close()`` the transport,
+which first writes out what is buffered: a client that stopped reading would keep that buffer, and the
+connection, for as long as it likes."""
 from __future__ import annotations
+
+ABORT = "gpt2ja.abort"
 
 
 def with_header_timeout(protocol_class, seconds: float):
@@ -20,6 +27,11 @@ def with_header_timeout(protocol_class, seconds: float):
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             self._watch_headers()
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                extensions = cycle.scope.setdefault("extensions", {})
+                if ABORT not in extensions:
+                    extensions[ABORT] = {"abort": self.transport.abort}
 
         def connection_lost(self, exc) -> None:
             self._stop_header_timer()

@@ -66,6 +66,7 @@ class Guard:
                 started[0] = True
             await send(message)
 
+        self.metrics.in_progress.labels(route).inc()
         try:
             headers = dict(scope["headers"])
             host = headers.get(b"host", b"").decode("latin-1")
@@ -88,4 +89,5 @@ class Guard:
                                code="internal_error")
                 await error_response(err)(scope, receive, sending)
         finally:
+            self.metrics.in_progress.labels(route).dec()
             self.metrics.request(route, status[0], time.perf_counter() - t0)

@@ -66,6 +66,9 @@ class EventStream(Response):
             await timed({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             log.warning("a client stopped reading its stream past the request's deadline: connection closed")
+            abort = (scope.get("extensions") or {}).get("gpt2ja.abort")
+            if abort is not None:  # what is buffered for it is dropped too (see server.connections)
+                abort["abort"]()
         except ClientGone:
             pass
         finally:
