@@ -1,7 +1,6 @@
 """gpt2-server.py against hostile clients and faults (issue 22, A-D): each cause reproduced on 127.0.0.1,
 bounded in time, and shown fixed.  Servers are subprocesses over the tiny checkpoint (tests/test_server.py's
 ``Server``); the engine's fault is injected in-process through a stand-in engine."""
-import http.client
 import json
 import logging
 import signal
@@ -186,21 +185,23 @@ def test_slow_headers_and_bodies_are_timed_out(server):
     assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
 
 
-def test_the_connection_cap():
-    s = Server("--max_connections", "4", "--read_timeout", "20")
-    try:
-        held = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(4)]
-        status, _, _ = s.request("GET", "/health")
-        assert status == 503
-        for sock in held:
-            sock.close()
-        wait_for(lambda: s.request("GET", "/health")[0] == 200, 10, "the cap outlived the connections")
-        assert s.stop() == 0
-        no_tracebacks(s)
-    finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait()
+@pytest.fixture(scope="module")
+def small():
+    """A server with an API key, a name of its own, and room for 4 connections."""
+    s = Server("--max_connections", "4", "--read_timeout", "20", "--allowed_hosts", "gpt2.example",
+               "--api_key", "k" * 16)
+    yield s
+    assert s.stop() == 0
+    no_tracebacks(s)
+
+
+def test_the_connection_cap(small):
+    held = [socket.create_connection(("127.0.0.1", small.port)) for _ in range(4)]
+    status, _, _ = small.request("GET", "/health")
+    assert status == 503
+    for sock in held:
+        sock.close()
+    wait_for(lambda: small.request("GET", "/health")[0] == 200, 10, "the cap outlived the connections")
 
 
 # -- B. faults ------------------------------------------------------------------------------------
@@ -247,30 +248,22 @@ def test_malformed_bodies_never_give_a_traceback(server):
 
 # -- C. cross-site requests and the API key -------------------------------------------------------
 
-def test_bodies_must_be_json_and_the_host_this_server():
-    s = Server("--allowed_hosts", "gpt2.example", "--api_key", "k" * 16)
-    try:
-        auth = {"Authorization": "Bearer " + "k" * 16}
-        body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
-        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
-            status, _, answer = s.request("POST", "/v1/completions", raw=body, headers={**auth, "Content-Type": kind})
-            assert status == 415 and answer["error"]["code"] == "unsupported_media_type", kind
-        for host, expected in (("rebound.attacker.example", 403), (f"rebound.attacker.example:{s.port}", 403),
-                               (f"localhost:{s.port}", 200), (f"[::1]:{s.port}", 200), ("gpt2.example", 200),
-                               (f"127.0.0.1:{s.port}", 200)):
-            status, _, answer = s.request("GET", "/health", headers={"Host": host})
-            assert status == expected, (host, answer)
-            if expected == 403:
-                assert answer["error"]["code"] == "host_not_allowed"
-        assert s.request("POST", "/v1/completions", raw=body, headers=auth)[0] == 200
-        for wrong in ("k" * 15 + "j", "k" * 15, "", "k" * 17):
-            assert s.request("GET", "/v1/models", headers={"Authorization": "Bearer " + wrong})[0] == 401
-        assert s.stop() == 0
-        no_tracebacks(s)
-    finally:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait()
+def test_bodies_must_be_json_and_the_host_this_server(small):
+    auth = {"Authorization": "Bearer " + "k" * 16}
+    body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
+        status, _, answer = small.request("POST", "/v1/completions", raw=body, headers={**auth, "Content-Type": kind})
+        assert status == 415 and answer["error"]["code"] == "unsupported_media_type", kind
+    for host, expected in (("rebound.attacker.example", 403), (f"rebound.attacker.example:{small.port}", 403),
+                           (f"localhost:{small.port}", 200), (f"[::1]:{small.port}", 200), ("gpt2.example", 200),
+                           (f"127.0.0.1:{small.port}", 200)):
+        status, _, answer = small.request("GET", "/health", headers={"Host": host})
+        assert status == expected, (host, answer)
+        if expected == 403:
+            assert answer["error"]["code"] == "host_not_allowed"
+    assert small.request("POST", "/v1/completions", raw=body, headers=auth)[0] == 200
+    for wrong in ("k" * 15 + "j", "k" * 15, "", "k" * 17):
+        assert small.request("GET", "/v1/models", headers={"Authorization": "Bearer " + wrong})[0] == 401
 
 
 @pytest.mark.parametrize("args,env,says", [
