@@ -125,11 +125,14 @@ def busy(state: State, why: str) -> ApiError:
                     code="rate_limit_exceeded", headers={"Retry-After": str(state.config.retry_after)})
 
 
-def build(state: State, c: Completion) -> Tuple[List[List[int]], List[SampleRequest]]:
-    """Each prompt's token ids, and the samples: requests[prompt * n + i] (on a worker thread)."""
+def build(state: State, c: Completion, cancelled) -> Tuple[List[List[int]], List[SampleRequest]]:
+    """Each prompt's token ids, and the samples: requests[prompt * n + i] (on a worker thread, which stops
+    when ``cancelled`` is set)."""
     hp, enc = state.hparams, state.enc
     full, requests = [], []
     for j, item in enumerate(c.prompts):
+        if cancelled.is_set():
+            return [], []
         try:
             ids = list(item) if isinstance(item, list) else enc.encode(item)
         except ValueError as e:
@@ -205,7 +208,7 @@ async def completions(request: Request):
     channel = Channel(state, t0 + state.config.timeout, request.receive)
     streaming = False
     try:
-        full, requests = await channel.in_worker(lambda cancelled: build(state, c))
+        full, requests = await channel.in_worker(lambda cancelled: build(state, c, cancelled))
         jobs = submit(state, c, requests, channel)
         answer = _Answer(state, c, jobs, full)
         if c.stream:

@@ -41,11 +41,15 @@ async def embeddings(request: Request):
     channel = Channel(state, t0 + state.config.timeout, request.receive)
 
     def compute(cancelled):
-        try:
-            id_lists = [vec.ids(item)[0] if isinstance(item, str) else
-                        (list(item[-hp.n_ctx:]) or [state.enc.eos_id]) for item in items]
-        except ValueError as e:
-            raise rq.bad("input", str(e)) from None
+        id_lists = []
+        for item in items:  # encoding long texts takes a while too: stop as soon as the request ends
+            if cancelled.is_set():
+                return None
+            try:
+                id_lists.append(vec.ids(item)[0] if isinstance(item, str) else
+                                (list(item[-hp.n_ctx:]) or [state.enc.eos_id]))
+            except ValueError as e:
+                raise rq.bad("input", str(e)) from None
         out = np.empty((len(id_lists), hp.n_embd), np.float32)
         acquire(state.tf_lock, channel.until, cancelled)
         try:
