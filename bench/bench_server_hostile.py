@@ -14,6 +14,8 @@ its latency is the request's whole time.  The misbehaving clients, one thread ea
   embed-drop  400 texts of ~1,000 tokens to embed, the connection closed after 0.5 s
   garbage     JSON nested 100,000 deep, a text/plain body, a foreign Host header
 
+each pausing 0.25 s between its misdeeds (--pause), in a process of their own.
+
 Prints p50 and p99 of each phase, the ratio with / without (target <= 2), and the load average.
 Default model: the tiny test checkpoint (the HTTP layer is what is measured).
 """
@@ -82,7 +84,7 @@ class Server(Client):
         return self.proc.wait(60)
 
 
-def misbehaving(server, stop: threading.Event, only=None):
+def misbehaving(server, stop: threading.Event, only=None, pause=0.25):
     long_texts = [f"{k} " + "the quick brown fox jumps over the lazy dog. " * 22 for k in range(400)]
     unread = json.dumps({**ENDLESS, "prompt": "あ" * 300_000, "echo": True, "stream": True},
                         ensure_ascii=False).encode()
@@ -98,6 +100,7 @@ def misbehaving(server, stop: threading.Event, only=None):
                 except OSError:
                     pass
                 counts[name] = counts.get(name, 0) + 1
+                stop.wait(pause)
         return threading.Thread(target=run, name=name, daemon=True)
 
     def hang_up():
@@ -148,23 +151,23 @@ def misbehaving(server, stop: threading.Event, only=None):
     return threads, counts
 
 
-def misbehaving_process(port, stop, only, out):
+def misbehaving_process(port, stop, only, pause, out):
     """The misbehaving clients in a process of their own: their work (and GIL) is not the measuring
     process's."""
-    threads, counts = misbehaving(Client(port), stop, only)
+    threads, counts = misbehaving(Client(port), stop, only, pause)
     stop.wait()
     for t in threads:
         t.join(30)
     out.put(counts)
 
 
-def phase(server, seconds, clients, hostile, only=None):
+def phase(server, seconds, clients, hostile, only=None, pause=0.25):
     stop = multiprocessing.Event()
     out = multiprocessing.Queue()
     latencies, failures = [], []
     bad = None
     if hostile:
-        bad = multiprocessing.Process(target=misbehaving_process, args=(server.port, stop, only, out))
+        bad = multiprocessing.Process(target=misbehaving_process, args=(server.port, stop, only, pause, out))
         bad.start()
     t_end = time.monotonic() + seconds
 
@@ -197,6 +200,7 @@ def main():
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--pause", type=float, default=0.25, help="seconds each misbehaving client waits between misdeeds")
     p.add_argument("--only", action="append", default=None, metavar="NAME",
                    help="only this kind of misbehaving client (repeatable; default: every kind)")
     args = p.parse_args()
@@ -206,7 +210,7 @@ def main():
         server.post("/v1/completions", {"prompt": "warm", "max_tokens": 4})
         for rnd in range(args.rounds):
             alone = phase(server, args.seconds, args.clients, False)
-            among = phase(server, args.seconds, args.clients, True, args.only)
+            among = phase(server, args.seconds, args.clients, True, args.only, args.pause)
             ratio = among[1] / alone[1]
             ratios.append(ratio)
             print(f"round {rnd}: alone p50 {alone[0] * 1000:.0f} ms p99 {alone[1] * 1000:.0f} ms ({alone[2]} requests, "
