@@ -21,11 +21,15 @@ def parser() -> argparse.ArgumentParser:
         "help": "samples decoded together; requests join the running batch at the next step (default %(default)s)"})
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default %(default)s: this machine only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=flags.non_negative_int, default=8000,
+    p.add_argument("--port", type=_port, default=8000,
                    help="TCP port (default %(default)s; 0 picks a free one, printed on stderr)")
+    p.add_argument("--allowed_hosts", action="append", default=[], metavar="NAME",
+                   help="a host name clients may reach this server by (the Host header), besides IP addresses, "
+                        "localhost and --host; repeatable; * allows any. Other names get 403: a web page on a "
+                        "name that resolves to this machine (DNS rebinding) cannot read the answers")
     p.add_argument("--api_key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on every route but /health and the page "
-                        "(default: $GPT2JA_API_KEY; none when unset)")
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the page; printable "
+                        "ASCII (default: $GPT2JA_API_KEY; none when unset)")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages of ORIGIN (e.g. https://example.com, or *) to call the API; repeatable; "
                         "default: no CORS headers")
@@ -34,6 +38,12 @@ def parser() -> argparse.ArgumentParser:
                         "Retry-After (default %(default)s)")
     p.add_argument("--timeout", type=flags.positive_float, default=600.0, metavar="SECONDS",
                    help="longest time one request may take; then it is cancelled (504) (default %(default)s)")
+    p.add_argument("--read_timeout", type=flags.positive_float, default=30.0, metavar="SECONDS",
+                   help="longest time a client may take to send a request's headers, and again its body; then "
+                        "the connection is closed (headers) or answered 408 (body) (default %(default)s)")
+    p.add_argument("--max_connections", type=flags.positive_int, default=512, metavar="N",
+                   help="open connections (and requests in progress) at most; past it new requests get 503 "
+                        "(default %(default)s)")
     p.add_argument("--max_body", type=flags.positive_int, default=1 << 20, metavar="BYTES",
                    help="largest request body; larger ones get 413 (default %(default)s)")
     p.add_argument("--grace", type=flags.positive_float, default=10.0, metavar="SECONDS",
@@ -47,9 +57,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _port(text: str) -> int:
+    value = flags.non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0 to 65535, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     api_key = args.api_key if args.api_key is not None else os.environ.get("GPT2JA_API_KEY") or None
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable() and " " not in api_key):
+        raise UsageError("--api_key (or $GPT2JA_API_KEY): must be printable ASCII without spaces "
+                         "(an HTTP header carries it)")
+    if args.quantize != "none" and args.engine not in ("auto", "onnx"):
+        raise UsageError(f"--quantize {args.quantize} decodes with the onnx engine: leave out --engine {args.engine}")
     import signal
     import socket
 
@@ -58,6 +80,7 @@ def main(argv=None) -> int:
     except ImportError:
         raise UsageError("the server needs fastapi and uvicorn: pip install -r requirements.txt") from None
     from server.app import ServerConfig, create_app
+    from server.connections import with_header_timeout
     from tasks.serving import Engine
 
     try:
@@ -73,7 +96,8 @@ def main(argv=None) -> int:
                     quantize=None if args.quantize == "none" else args.quantize).start()
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     config = ServerConfig(model_name=name, api_key=api_key, cors=list(args.cors), max_body=args.max_body,
-                          timeout=args.timeout)
+                          timeout=args.timeout, read_timeout=args.read_timeout,
+                          allowed_hosts=[args.host, *args.allowed_hosts])
     app = create_app(m, enc, engine, config)
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
@@ -81,9 +105,17 @@ def main(argv=None) -> int:
     sys.stderr.write(f"gpt2-server.py: serving {name} on http://{shown}:{port}/ "
                      f"(engine {engine.decoder.engine}, batch {args.batch_size})\n")
     sys.stderr.flush()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning",
-                                           timeout_graceful_shutdown=args.grace, access_log=args.verbose,
-                                           lifespan="off"))
+    _log_lines(args.verbose)
+    # The event loop shares the GIL with the decoding thread and the workers that encode texts: with Python's
+    # default 5 ms switch interval each of its wake-ups can wait 5 ms behind them (tokenising one long request
+    # made every other client's requests 5-10x slower); 0.5 ms keeps it responsive.
+    sys.setswitchinterval(0.0005)
+    uconfig = uvicorn.Config(app, log_level="info" if args.verbose else "warning",
+                             timeout_graceful_shutdown=args.grace, access_log=args.verbose, lifespan="off",
+                             timeout_keep_alive=5, limit_concurrency=args.max_connections)
+    uconfig.load()
+    uconfig.http_protocol_class = with_header_timeout(uconfig.http_protocol_class, args.read_timeout)
+    server = _server_class()(uconfig, app.state.server, args.grace)
     # uvicorn handles SIGTERM/SIGINT (graceful shutdown) and re-raises the signal when done: a handler that
     # does nothing makes that a clean exit, status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
@@ -94,3 +126,50 @@ def main(argv=None) -> int:
         engine.stop(cancel=True)
     sys.stderr.write("gpt2-server.py: stopped\n")
     return 0
+
+
+def _log_lines(verbose: bool) -> None:
+    """The server's own log lines on stderr, one line each ("gpt2-server.py: ..."); uvicorn's line for a
+    stream closed on a client that stopped reading is left out (the server says it in its own words)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("gpt2-server.py: %(message)s"))
+    log = logging.getLogger("gpt2ja")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+    class _Quiet(logging.Filter):
+        def filter(self, record) -> bool:
+            return "returned without completing response" not in record.getMessage()
+
+    logging.getLogger("uvicorn.error").addFilter(_Quiet())
+
+
+def _server_class():
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which also tells the app when a shutdown begins: requests still running near
+        the end of --grace then end with an error object (or an error event and [DONE]) of their own,
+        before uvicorn would cancel them with a bare 500 and a traceback."""
+
+        def __init__(self, config, state, grace: float):
+            super().__init__(config)
+            self.state = state
+            self.grace = grace
+            self.loop = None
+
+        async def serve(self, sockets=None):
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.loop is not None and self.state.stop_by is None:
+                self.loop.call_soon_threadsafe(self.state.begin_shutdown, self.grace)
+            super().handle_exit(sig, frame)
+
+    return Server

@@ -17,6 +17,7 @@ class Metrics:
                                          buckets=BUCKETS, registry=r)
         self.ttft = Histogram("gpt2ja_time_to_first_token_seconds", "time from a sample's submission to its first "
                               "text", buckets=BUCKETS, registry=r)
+        self.in_progress = Gauge("gpt2ja_requests_in_progress", "HTTP requests being answered", ["route"], registry=r)
         self.tokens = Counter("gpt2ja_tokens_generated", "tokens drawn by the decoding loop", registry=r)
         Gauge("gpt2ja_queue_length", "samples waiting for a place in the batch",
               registry=r).set_function(lambda: engine.queue_length)

@@ -107,7 +107,8 @@ def texts_or_tokens(body: dict, name: str, n_vocab: int, required: bool = True) 
               + (" (an empty list has nothing to work on)" if value == [] else ""))
 
 
-def stops(body: dict) -> tuple:
+def stops(body: dict, max_chars: Optional[int] = None) -> tuple:
+    """At most 4 non-empty stop strings (OpenAI's limit), each at most ``max_chars`` characters."""
     value = body.get("stop")
     if value is None:
         return ()
@@ -115,6 +116,10 @@ def stops(body: dict) -> tuple:
         value = [value]
     if not isinstance(value, list) or len(value) > 4 or not all(isinstance(s, str) and s for s in value):
         raise bad("stop", "must be a non-empty string or a list of at most 4 non-empty strings")
+    if max_chars is not None:
+        for s in value:
+            if len(s) > max_chars:
+                raise bad("stop", f"a stop string may have at most {max_chars} characters, got {len(s)}")
     return tuple(value)
 
 
