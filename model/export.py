@@ -236,9 +236,10 @@ vLLM and TGI load the model as a GPT-2; their tokenizer is this file's, so they 
 ## Licence
 
 The vocabulary files are under the MIT licence of the Japanese-BPEEncoder project
-(`LICENSE-vocabulary`). For the terms of the released gpt2ja model weights see the original
-gpt2-japanese project (https://github.com/tanreinama/gpt2-japanese), which releases them with
-its code under its licence (MIT).
+(`LICENSE-vocabulary`, copyright 2020 tanreinama). The released gpt2ja weights come from the
+gpt2-japanese project (https://github.com/tanreinama/gpt2-japanese), whose repository is under
+the MIT licence (copyright 2019 tanreinama); its model page (`report/models.md`) states no
+separate terms for the weights. Check there before redistributing them.
 """
 
 

@@ -265,3 +265,12 @@ def test_no_module_of_the_tools_imports_torch_or_transformers():
                 if any(n.split(".")[0] in ("torch", "transformers", "safetensors") for n in names):
                     found.append(str(path.relative_to(ROOT)))
     assert found == ["model/hf_tokenizer.py"]
+
+
+def test_export_help_imports_neither_tensorflow_nor_torch():
+    code = ("import runpy, sys; sys.argv = ['python -m model', 'export', '--help']\n"
+            "try:\n    runpy.run_module('model', run_name='__main__')\nexcept SystemExit as e:\n    assert e.code in (0, None)\n"
+            "print(sorted(m for m in ('tensorflow', 'torch', 'transformers') if m in sys.modules), file=sys.stderr)")
+    r = _run([sys.executable, "-c", code], None)
+    assert "--format" in r.stdout and "trust_remote_code" in r.stdout
+    assert r.stderr.strip().endswith("[]"), r.stderr
