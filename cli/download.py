@@ -109,8 +109,10 @@ def _quantize(args) -> int:
     import model
     from model import quantize
 
-    m = model.load(str(model_dir))
-    q = quantize.ensure(m, args.format)
+    # A valid cache file is found without TensorFlow (load_quantized reads it directly); only
+    # quantizing the checkpoint the first time loads the float32 model.
+    m = model.load_quantized(str(model_dir), args.format)
+    q = m.quantized
     if q.path is None:
         key = quantize.checkpoint_key(m.path, args.format)
         places = " or ".join(str(p.parent) for p in quantize.cache_candidates(m.path, args.format, key))
@@ -138,7 +140,13 @@ def main(argv=None) -> int:
         if not hub.is_released(name):
             raise UsageError(f"unknown model {name!r}; released models: {_NAMES}")
     if args.command == "list":
-        for entry in hub.cached_models():
+        entries = hub.cached_models()
+        if not entries:
+            import sys
+
+            sys.stderr.write(f"python -m model: no models in the cache ({hub.cache_dir()}); "
+                             f"python -m model download NAME fetches one\n")
+        for entry in entries:
             size = _size(entry["size"]) if entry["size"] else "-"
             if entry["partial"]:
                 size += f" (+{_size(entry['partial'])} unfinished download)"
