@@ -377,7 +377,7 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, progress: Optio
     size = os.path.getsize(archive)
     with open(archive, "rb") as raw, _bar(size, desc, progress) as bar:
         counted = _CountingReader(raw, bar.update)
-        with tarfile.open(fileobj=counted, mode="r|*") as tar:
+        with _decompressed(counted, archive) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 problem = _member_problem(member)
                 if problem is None:
@@ -396,6 +396,67 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, progress: Optio
                     shutil.copyfileobj(source, out, CHUNK)
                     out.flush()
                     os.fsync(out.fileno())
+
+
+def bzip2_command() -> Optional[List[str]]:
+    """lbzip2 when it is installed (and ``GPT2JA_LBZIP2`` is not 0): it decompresses any bzip2 file,
+    on every core, and about twice as fast as libbz2 (Python's bz2, bzip2) on one core.  None: bz2."""
+    if os.environ.get("GPT2JA_LBZIP2", "").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    path = shutil.which("lbzip2")
+    return [path, "-d", "-c"] if path else None
+
+
+@contextlib.contextmanager
+def _decompressed(source, archive):
+    """``source`` itself (tarfile then decompresses), or, for a .bz2 archive when lbzip2 is there,
+    lbzip2's output: a thread feeds it ``source``.  A damaged archive raises tarfile.ReadError."""
+    import subprocess
+    import threading
+
+    command = bzip2_command() if str(archive).endswith(".bz2") else None
+    if command is None:
+        yield source
+        return
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    failed: list = []
+
+    def feed():
+        try:
+            while True:
+                data = source.read(CHUNK)
+                if not data:
+                    break
+                proc.stdin.write(data)
+        except BrokenPipeError:
+            pass  # lbzip2 stopped (a damaged archive): its status says why
+        except BaseException as e:  # a read error of the archive: reported after the join
+            failed.append(e)
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    ok = False
+    try:
+        yield proc.stdout
+        ok = True
+    finally:
+        if ok:  # the tar end padding tarfile leaves unread
+            while proc.stdout.read(CHUNK):
+                pass
+        else:
+            proc.kill()
+        proc.stdout.close()
+        feeder.join()
+        err = proc.stderr.read().decode("utf-8", "replace").strip()
+        proc.stderr.close()
+        code = proc.wait()
+    if failed:
+        raise failed[0]
+    if code != 0:
+        raise tarfile.ReadError(f"lbzip2: {err.splitlines()[-1] if err else f'exit status {code}'}")
 
 
 class _CountingReader:

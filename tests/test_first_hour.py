@@ -139,3 +139,34 @@ def test_the_project_has_a_licence_beside_the_vocabularys():
     text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert text.startswith("MIT License") and "gpt2-japanese" in text
     assert (ROOT / "encoder" / "LICENSE").is_file()
+
+
+# ---------------------------------------------------------------------------- extraction with lbzip2
+
+def test_lbzip2_extracts_the_same_files_and_refuses_a_damaged_archive(tmp_path, tiny_model_dir, monkeypatch):
+    """hub extracts .bz2 archives with lbzip2 when it is installed (.ci/run installs it): the same
+    files as Python's bz2, and a damaged archive is an error with either."""
+    import tarfile
+
+    import hub.download as D
+
+    assert D.bzip2_command() is not None, "lbzip2 is not installed (apt-get install lbzip2)"
+    archive = tmp_path / "m.tar.bz2"
+    with tarfile.open(archive, "w:bz2") as tar:
+        tar.add(tiny_model_dir, arcname="m")
+    trees = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("GPT2JA_LBZIP2", setting)
+        assert (D.bzip2_command() is None) == (setting == "0")
+        dest = tmp_path / f"out{setting}"
+        D.extract(archive, dest, progress=False)
+        trees.append({p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()})
+    assert trees[0] == trees[1] and len(trees[0]) == 4
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    damaged = tmp_path / "bad.tar.bz2"
+    damaged.write_bytes(bytes(data))
+    for setting in ("1", "0"):
+        monkeypatch.setenv("GPT2JA_LBZIP2", setting)
+        with pytest.raises((tarfile.TarError, OSError, EOFError)):
+            D.extract(damaged, tmp_path / f"bad{setting}", progress=False)
