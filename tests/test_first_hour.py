@@ -170,3 +170,20 @@ def test_lbzip2_extracts_the_same_files_and_refuses_a_damaged_archive(tmp_path, 
         monkeypatch.setenv("GPT2JA_LBZIP2", setting)
         with pytest.raises((tarfile.TarError, OSError, EOFError)):
             D.extract(damaged, tmp_path / f"bad{setting}", progress=False)
+
+
+# ---------------------------------------------------------------------------- the README's Python example
+
+def test_the_python_generation_example_runs(tiny_model_dir):
+    """README's example, with the tiny checkpoint's directory in place of "gpt2ja-small"."""
+    import encoder
+    import hub
+    from tasks.generate import GenerateOptions, Generator
+
+    enc = encoder.load()
+    m = hub.load(str(tiny_model_dir))
+    gen = Generator(m, enc)
+    texts = gen.generate("今日は良い天気です。", num=2, options=GenerateOptions(top_k=40, max_length=30, seed=1))
+    assert len(texts) == 2 and all(0 < len(t) <= 30 for t in texts)
+    again = gen.generate("今日は良い天気です。", num=2, options=GenerateOptions(top_k=40, max_length=30, seed=1))
+    assert again == texts
