@@ -202,14 +202,14 @@ tags:
 
 A GPT-2 language model for Japanese: {shape}.
 
-- **Source**: the TensorFlow checkpoint `{source}`, a model of the gpt2-japanese project
+- **Source**: the TensorFlow checkpoint `{source}` of the gpt2-japanese tools
   (the released gpt2ja-small / gpt2ja-medium / gpt2ja-large by tanreinama, or a model fine-tuned
   from one of them).
 - **Exported** with `python -m model export {source} OUT --format hf` of this project's
   gpt2-japanese tools: every float32 weight as it is in the checkpoint, under transformers'
   `GPT2LMHeadModel` names (`model.safetensors`; the output projection is tied to the token
   embedding), GELU with the tanh approximation (`gelu_new`), layer norm epsilon 1e-5.
-  The logits agree with the original TensorFlow graph to within 1e-4.
+  transformers' logits agree with the TensorFlow graph's to within 1e-4 (checked on a test model).
 - **Tokenizer**: the Japanese BPE encoder of the original tools (vocabulary `ja-bpe.txt`,
   emoji table `emoji.json` from the Japanese-BPEEncoder project, MIT licence: `LICENSE-vocabulary`),
   as `GPT2JapaneseTokenizer` in `{TOKENIZER_MODULE}.py`. No tokenizer that transformers ships gives
@@ -298,8 +298,9 @@ def export_hf(model_dir, out, vocab_dir, vocab_license: Optional[os.PathLike] = 
     _write_json(out / "tokenizer_config.json", tokenizer_config())
     _write_json(out / "special_tokens_map.json", {"bos_token": EOS, "eos_token": EOS, "unk_token": EOS})
     _write_json(out / "generation_config.json", generation_config(hp, eos_id))
-    source = str(model_dir)
-    _write_text(out / "README.md", model_card(hp, source, name or Path(source).name))
+    # the card names the model, not a local path (it may be published)
+    name = name or Path(os.path.abspath(model_dir)).name
+    _write_text(out / "README.md", model_card(hp, name, name))
     written += [out / "tokenizer_config.json", out / "special_tokens_map.json", out / "generation_config.json",
                 out / "README.md"]
     _write_json(out / "config.json", hf_config(hp, eos_id))
