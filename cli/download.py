@@ -70,9 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model", metavar="MODEL", help="model directory (a released or fine-tuned checkpoint), "
                                                   "or a released name: " + _NAMES)
     e.add_argument("out", metavar="OUT", help="output folder (created; files in it are replaced)")
-    e.add_argument("--format", choices=("hf",), default="hf", help="hf: Hugging Face transformers (default)")
+    e.add_argument("--format", type=_export_format, default="hf", metavar="hf",
+                   help="hf: a Hugging Face transformers folder (the one format; default)")
     flags.add(e, "vocab", "no_download", "verbose", "progress")
     return p
+
+
+def _export_format(text: str) -> str:
+    if text != "hf":
+        raise argparse.ArgumentTypeError(f"unknown format {text!r}: the one format is hf (transformers; "
+                                          "docs/export.md says why there is no GGUF)")
+    return text
 
 
 def _export(args) -> int:
