@@ -191,8 +191,8 @@ class GPT2JapaneseTokenizer(PreTrainedTokenizer):
         return self.bpe.tokens[index]
 
     def convert_tokens_to_string(self, tokens: List[str]) -> str:
-        vocab = self.bpe.vocab
-        return self.bpe.decode(vocab[t] for t in tokens)
+        vocab, eos = self.bpe.vocab, self.bpe.vocab[EOS]
+        return self.bpe.decode(vocab.get(t, eos) for t in tokens)
 
     def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None,
                 **kwargs) -> str:
