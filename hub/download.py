@@ -399,8 +399,9 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, progress: Optio
 
 
 def bzip2_command() -> Optional[List[str]]:
-    """lbzip2 when it is installed (and ``GPT2JA_LBZIP2`` is not 0): it decompresses any bzip2 file,
-    on every core, and about twice as fast as libbz2 (Python's bz2, bzip2) on one core.  None: bz2."""
+    """lbzip2 when it is installed (and ``GPT2JA_LBZIP2`` is not 0): it decompresses any bzip2 file
+    on all the cores (libbz2, which Python's bz2 and bzip2 use, on one); on one core it costs about
+    the same CPU time as libbz2.  None: Python's bz2."""
     if os.environ.get("GPT2JA_LBZIP2", "").strip().lower() in ("0", "false", "no", "off"):
         return None
     path = shutil.which("lbzip2")
