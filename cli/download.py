@@ -4,6 +4,7 @@
     python -m model list
     python -m model remove gpt2ja-medium
     python -m model quantize gpt2ja-small q4     # or a model directory; q8 or q4
+    python -m model export gpt2ja-small OUT --format hf   # a Hugging Face transformers folder
 
 download: each model is downloaded (resuming a partial download), extracted,
 checked to be a loadable checkpoint and moved into the cache ($GPT2JA_HOME,
@@ -18,6 +19,8 @@ the 8-bit (q8) or 4-bit (q4) weights that ``--quantize`` decodes with, ahead of
 time (otherwise they are made on first use), and prints the cache file
 (beside the checkpoint, ``DIR/quantized/``, when that directory is writable,
 else under ``$GPT2JA_HOME/quantized``); a valid cache file is reused.
+export: writes a model (a directory or a released name) as a Hugging Face
+transformers folder (``model.export.export_hf``; docs/export.md) and prints it.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ _NAMES = ", ".join(hub.RELEASED_MODELS)
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m model", description="The cache of released gpt2ja models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{download,list,remove,quantize}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{download,list,remove,quantize,export}")
     d = sub.add_parser(
         "download", help="fetch released models into the cache",
         description="Download released models into the cache, with resume, checks and safe extraction; "
@@ -56,7 +59,54 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", metavar="MODEL", help="model directory, or a released name: " + _NAMES)
     q.add_argument("format", choices=("q8", "q4"), help="q8: 8-bit weights; q4: 4-bit weights")
     flags.add(q, "no_download", "verbose")
+    e = sub.add_parser(
+        "export", help="write a model as a Hugging Face transformers folder",
+        description="Export a model for other libraries. --format hf: a transformers folder (GPT2LMHeadModel "
+                    "config.json, model.safetensors, generation_config.json, the tokenizer as code with the "
+                    "vocabulary, a model card) that AutoModelForCausalLM.from_pretrained(OUT) and "
+                    "AutoTokenizer.from_pretrained(OUT, trust_remote_code=True) load. Needs neither torch nor "
+                    "transformers. Prints OUT.",
+        epilog="example: python -m model export gpt2ja-small gpt2ja-small-hf --format hf")
+    e.add_argument("model", metavar="MODEL", help="model directory (a released or fine-tuned checkpoint), "
+                                                  "or a released name: " + _NAMES)
+    e.add_argument("out", metavar="OUT", help="output folder (created; files in it are replaced)")
+    e.add_argument("--format", type=_export_format, default="hf", metavar="hf",
+                   help="hf: a Hugging Face transformers folder (the one format; default)")
+    flags.add(e, "vocab", "no_download", "verbose", "progress")
     return p
+
+
+def _export_format(text: str) -> str:
+    if text != "hf":
+        raise argparse.ArgumentTypeError(f"unknown format {text!r}: the one format is hf (transformers; "
+                                          "docs/export.md says why there is no GGUF)")
+    return text
+
+
+def _export(args) -> int:
+    import sys
+
+    from . import common
+
+    common.quiet_tensorflow(args.verbose)
+    import encoder
+
+    vocab_dir = encoder.find_vocab(args.vocab)
+    model_dir = hub.resolve_model(args.model, download=not args.no_download)
+    from model import export
+
+    show = args.progress or args.verbose or sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if show and (done == total or done % 8 == 0):
+            sys.stderr.write(f"exporting weights: {done}/{total} tensors\n")
+            sys.stderr.flush()
+
+    name = args.model if hub.is_released(args.model) and not os.path.isdir(args.model) else None
+    files = export.export_hf(model_dir, args.out, vocab_dir, name=name, progress=progress)
+    common.log(args, f"wrote {len(files)} files to {args.out}")
+    print(args.out, flush=True)
+    return 0
 
 
 def _quantize(args) -> int:
@@ -67,8 +117,10 @@ def _quantize(args) -> int:
     import model
     from model import quantize
 
-    m = model.load(str(model_dir))
-    q = quantize.ensure(m, args.format)
+    # A valid cache file is found without TensorFlow (load_quantized reads it directly); only
+    # quantizing the checkpoint the first time loads the float32 model.
+    m = model.load_quantized(str(model_dir), args.format)
+    q = m.quantized
     if q.path is None:
         key = quantize.checkpoint_key(m.path, args.format)
         places = " or ".join(str(p.parent) for p in quantize.cache_candidates(m.path, args.format, key))
@@ -90,11 +142,19 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "quantize":
         return _quantize(args)
+    if args.command == "export":
+        return _export(args)
     for name in getattr(args, "names", ()):
         if not hub.is_released(name):
             raise UsageError(f"unknown model {name!r}; released models: {_NAMES}")
     if args.command == "list":
-        for entry in hub.cached_models():
+        entries = hub.cached_models()
+        if not entries:
+            import sys
+
+            sys.stderr.write(f"python -m model: no models in the cache ({hub.cache_dir()}); "
+                             f"python -m model download NAME fetches one\n")
+        for entry in entries:
             size = _size(entry["size"]) if entry["size"] else "-"
             if entry["partial"]:
                 size += f" (+{_size(entry['partial'])} unfinished download)"

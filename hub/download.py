@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -53,6 +54,14 @@ from util.files import atomic_write, fsync_directory
 RELEASED_MODELS = ("gpt2ja-small", "gpt2ja-medium", "gpt2ja-large")
 #: Official addresses of the model archives, tried in order.
 MODEL_URLS = ("https://www.nama.ne.jp/models/", "http://ailab.nama.ne.jp/models/")
+#: Approximate sizes of the archives, said before a download starts.
+ARCHIVE_SIZES = {"gpt2ja-small": "0.4 GB", "gpt2ja-medium": "1.2 GB", "gpt2ja-large": "2.9 GB"}
+#: The original's model page (report/models.md) on gpt2ja-large: publication suspended, sent on request.
+LARGE_SUSPENDED = ("the original's model page says the publication of gpt2ja-large is suspended "
+                   "(公開一時停止中: the author sends its address by e-mail on request, as a base for fine-tuning); "
+                   "use gpt2ja-medium or gpt2ja-small, or put a copy you obtained in the cache or give its directory")
+#: Minutes bzip2 takes to unpack each archive on one core (124 s measured for small; medium and large 3x, 7x).
+EXTRACT_MINUTES = {"gpt2ja-small": 2, "gpt2ja-medium": 6, "gpt2ja-large": 15}
 DEFAULT_HOME = "~/.cache/gpt2-japanese"
 WORK_SUBDIR = ".downloads"
 
@@ -190,7 +199,16 @@ def download_model(name: str, progress: Optional[bool] = None) -> Path:
         _remove_stale(work, f"{name}.extract-")
         archive = work / f"{name}.tar.bz2"
         if not archive.is_file():
-            _download(model_urls(name), archive, f"model {name}", progress)
+            size = ARCHIVE_SIZES.get(name)
+            if size and not _size(archive.with_name(archive.name + ".part")):
+                _note(f"model {name} is not in the cache: downloading about {size} into {_home_text(cache_dir())} "
+                      f"(once; later runs start from there)")
+            try:
+                _download(model_urls(name), archive, f"model {name}", progress)
+            except ModelError as e:
+                if name == "gpt2ja-large":
+                    raise ModelError(f"{e}; {LARGE_SUSPENDED}") from None
+                raise
         _install_archive(archive, target, name, progress)
     _note(f"model {name} is ready in {_home_text(target)}")
     return target
@@ -253,6 +271,9 @@ def _install_archive(archive: Path, target: Path, name: str, progress: Optional[
     tmp = archive.parent / f"{name}.extract-{os.getpid()}"
     bad = False
     try:
+        minutes = EXTRACT_MINUTES.get(name)
+        _note(f"extracting {name} ({_human(_size(archive))} of bzip2" +
+              (f"; about {minutes} min on one core)" if minutes else ")"))
         try:
             extract(archive, tmp, progress=progress, desc=f"extracting {name}")
         except ModelError:
@@ -273,6 +294,7 @@ def _install_archive(archive: Path, target: Path, name: str, progress: Optional[
             bad = True
             raise ModelError(f"the archive of {name} holds no checkpoint (no 'checkpoint' state file or "
                              f"model-N.index at its top or in its one top-level directory)")
+        _note(f"checking {name}: reading every weight once (its checksums)")
         try:
             verify_checkpoint(model_dir)
         except ModelError as e:
@@ -309,16 +331,20 @@ def _model_root(directory: Path) -> Optional[Path]:
     return None
 
 
-def verify_checkpoint(model_dir: str | os.PathLike) -> None:
+def verify_checkpoint(model_dir: str | os.PathLike, progress: Optional[bool] = None) -> None:
     """Open the checkpoint with the model loader (shapes checked) and read every
     variable once, which verifies the checkpoint's own checksums.  Imports
-    TensorFlow.  Raises ModelError."""
+    TensorFlow.  Raises ModelError.  A bar of the bytes read (as ``_bar``)."""
     from model.checkpoint import open_checkpoint
     from model.hparams import variable_shapes
 
     reader, hp = open_checkpoint(model_dir)
-    for var in variable_shapes(hp):
-        reader.get(var)
+    shapes = variable_shapes(hp)
+    total = 4 * sum(int(math.prod(shape)) for shape in shapes.values())
+    with _bar(total, "checking", progress) as bar:
+        for var, shape in shapes.items():
+            reader.get(var)
+            bar.update(4 * int(math.prod(shape)))
 
 
 # --------------------------------------------------------------------------- safe extraction
@@ -351,7 +377,7 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, progress: Optio
     size = os.path.getsize(archive)
     with open(archive, "rb") as raw, _bar(size, desc, progress) as bar:
         counted = _CountingReader(raw, bar.update)
-        with tarfile.open(fileobj=counted, mode="r|*") as tar:
+        with _decompressed(counted, archive) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 problem = _member_problem(member)
                 if problem is None:
@@ -370,6 +396,68 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, progress: Optio
                     shutil.copyfileobj(source, out, CHUNK)
                     out.flush()
                     os.fsync(out.fileno())
+
+
+def bzip2_command() -> Optional[List[str]]:
+    """lbzip2 when it is installed (and ``GPT2JA_LBZIP2`` is not 0): it decompresses any bzip2 file
+    on all the cores (libbz2, which Python's bz2 and bzip2 use, on one); on one core it costs about
+    the same CPU time as libbz2.  None: Python's bz2."""
+    if os.environ.get("GPT2JA_LBZIP2", "").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    path = shutil.which("lbzip2")
+    return [path, "-d", "-c"] if path else None
+
+
+@contextlib.contextmanager
+def _decompressed(source, archive):
+    """``source`` itself (tarfile then decompresses), or, for a .bz2 archive when lbzip2 is there,
+    lbzip2's output: a thread feeds it ``source``.  A damaged archive raises tarfile.ReadError."""
+    import subprocess
+    import threading
+
+    command = bzip2_command() if str(archive).endswith(".bz2") else None
+    if command is None:
+        yield source
+        return
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    failed: list = []
+
+    def feed():
+        try:
+            while True:
+                data = source.read(CHUNK)
+                if not data:
+                    break
+                proc.stdin.write(data)
+        except BrokenPipeError:
+            pass  # lbzip2 stopped (a damaged archive): its status says why
+        except BaseException as e:  # a read error of the archive: reported after the join
+            failed.append(e)
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    ok = False
+    try:
+        yield proc.stdout
+        ok = True
+    finally:
+        if ok:  # the tar end padding tarfile leaves unread
+            while proc.stdout.read(CHUNK):
+                pass
+        else:
+            proc.kill()
+        proc.stdout.close()
+        feeder.join()
+        err = proc.stderr.read().decode("utf-8", "replace").strip()
+        proc.stderr.close()
+        code = proc.wait()
+    if failed:
+        raise failed[0]
+    if code != 0:
+        raise tarfile.ReadError(f"lbzip2: {err.splitlines()[-1] if err else f'exit status {code}'}")
 
 
 class _CountingReader:

@@ -1,6 +1,7 @@
 """Choosing the device the model runs on (the CLIs' ``--gpu`` flag)."""
 from __future__ import annotations
 
+import os
 import sys
 
 CPU = "/CPU:0"
@@ -17,13 +18,31 @@ def parse_gpu(gpu: str | int | None) -> int:
         raise ModelError(f"--gpu must be a GPU number or -1 for the CPU, got {gpu!r}") from None
 
 
+def nvidia_present() -> bool:
+    """Whether the machine has an NVIDIA GPU driver loaded (whatever TensorFlow sees)."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+def unusable_gpu_message(index: int, found: int) -> str:
+    """The one stderr line for a --gpu that TensorFlow cannot use."""
+    prog = os.path.basename(sys.argv[0]) or "gpt2-japanese"
+    if found == 0:
+        why = ("TensorFlow finds no GPU (on Linux plain `tensorflow` has no CUDA: "
+               "pip install 'tensorflow[and-cuda]'; --gpu -1 silences this)")
+    else:
+        why = f"TensorFlow finds {found} GPU(s), numbered 0 to {found - 1}"
+    return f"{prog}: warning: GPU {index} (--gpu) cannot be used: {why}; running on the CPU"
+
+
 def select_device(gpu: str | int | None = "0", verbose: bool = False) -> str:
     """Map a ``--gpu`` value to a TensorFlow device string and prepare TF for it.
 
     ``'-1'`` (or any negative number, or ``''``/``None``) means CPU: every GPU
     is hidden from TensorFlow, which must happen before TF runs its first op
     (call this before ``model.load``).  ``'N'`` gives ``'/GPU:N'`` when that GPU
-    exists, otherwise ``'/CPU:0'`` -- with a note on stderr when ``verbose``.
+    exists, otherwise ``'/CPU:0'`` -- with one warning line on stderr when the
+    machine has an NVIDIA GPU (or TensorFlow sees GPUs, or N > 0) that TensorFlow
+    cannot use as asked, and a note when ``verbose`` otherwise.
     Pass the result to ``model.load(dir, device=...)``.
     """
     index = parse_gpu(gpu)
@@ -34,7 +53,10 @@ def select_device(gpu: str | int | None = "0", verbose: bool = False) -> str:
     except Exception:  # a broken CUDA set-up must not stop CPU use
         gpus = []
     if index < 0 or index >= len(gpus):
-        if index >= 0 and verbose:
+        if index >= 0 and (gpus or index > 0 or nvidia_present()):
+            # a GPU that exists (or was named on purpose) but TensorFlow cannot use: one line, always
+            print(unusable_gpu_message(index, len(gpus)), file=sys.stderr)
+        elif index >= 0 and verbose:
             print(f"note: GPU {index} not available ({len(gpus)} found); running on the CPU", file=sys.stderr)
         if gpus:
             try:

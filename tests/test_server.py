@@ -530,6 +530,73 @@ def test_the_page_streams_text_in_a_browser(server, tmp_path):
         driver.quit()
 
 
+def test_the_page_asks_for_the_api_key_and_shows_japanese_in_a_japanese_font():
+    """On a 401 the page opens its API-key field and asks; the key stays for the next requests (never
+    stored); the Japanese text is drawn with a Japanese font (.ci/run installs fonts-ipafont-gothic)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _chromium(), shutil.which("chromedriver")
+    if not browser or not driver_path:
+        pytest.skip("chromium and chromedriver are needed (apt-get install chromium chromium-driver)")
+    s = Server("--batch_size", "2", env_extra={"GPT2JA_API_KEY": "sekrit"})
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=900,1000", "--lang=ja"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(s.base + "/")
+        # fonts: the heading's Japanese characters are drawn by a Japanese font, not boxes
+        families = driver.execute_script("return getComputedStyle(document.body).fontFamily")
+        assert families.split(",")[0].strip().strip('"') == "Hiragino Sans" and "IPAGothic" in families
+        driver.execute_cdp_cmd("DOM.enable", {})
+        driver.execute_cdp_cmd("CSS.enable", {})
+        root = driver.execute_cdp_cmd("DOM.getDocument", {})["root"]["nodeId"]
+        h1 = driver.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": "h1"})["nodeId"]
+        used = driver.execute_cdp_cmd("CSS.getPlatformFontsForNode", {"nodeId": h1})["fonts"]
+        japanese = ("IPA", "Noto Sans CJK", "Noto Sans JP", "Source Han", "Takao", "VL Gothic", "Hiragino",
+                    "Yu Gothic", "Meiryo")
+        assert used and any(f["familyName"].startswith(japanese) for f in used), used
+        # no key: a 401 opens the field and asks
+        box = driver.find_element(By.ID, "api_key_box")
+        assert box.get_attribute("open") is None
+        driver.find_element(By.ID, "max_tokens").clear()
+        driver.find_element(By.ID, "max_tokens").send_keys("8")
+        driver.find_element(By.ID, "generate").click()
+        wait = WebDriverWait(driver, 120, poll_frequency=0.05)
+        wait.until(lambda d: "API キー" in d.find_element(By.ID, "status").text)
+        assert box.get_attribute("open") is not None
+        assert driver.switch_to.active_element.get_attribute("id") == "api_key"
+        assert driver.find_element(By.ID, "generate").is_enabled()
+        # a wrong key says so
+        driver.switch_to.active_element.send_keys("wrong")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "違います" in d.find_element(By.ID, "status").text)
+        # the right key (Enter in the field generates), then again without typing it
+        field = driver.find_element(By.ID, "api_key")
+        field.clear()
+        field.send_keys("sekrit\n")
+        wait.until(lambda d: "完了" in d.find_element(By.ID, "status").text)
+        assert driver.find_element(By.ID, "generated").text != ""
+        from selenium.webdriver.support.expected_conditions import staleness_of
+
+        before = driver.find_element(By.ID, "generated")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(staleness_of(before))  # a new request's output replaced the last one
+        wait.until(lambda d: "完了" in d.find_element(By.ID, "status").text)
+        assert driver.find_element(By.ID, "generated").text != ""
+        assert field.get_attribute("value") == "sekrit"
+        assert driver.execute_script("return localStorage.length + document.cookie.length") == 0
+    finally:
+        driver.quit()
+        assert s.stop() == 0
+
+
 def test_embeddings_json_reads_back_the_same_float32_with_or_without_orjson(monkeypatch):
     import server.app as app
 
