@@ -364,18 +364,17 @@ def apply_dry(rows: Rows, params: SamplingParams) -> None:
         starts = np.flatnonzero(h[:n - 1] == h[n - 1])  # earlier places ending with the last token
         if not starts.size:
             continue
-        length = np.ones(starts.size, np.int64)
-        alive = np.ones(starts.size, bool)
+        length = np.ones(starts.size, np.int64)  # tokens matched so far (the last one)
+        alive = np.arange(starts.size)
         k = 1
-        while k < limit:
-            back = starts - k
-            ok = alive & (back >= 0)
-            ok[ok] = h[back[ok]] == h[n - 1 - k]
-            if not ok.any():
-                break
-            length[ok] += 1
-            alive = ok
-            k += 1
+        while alive.size and k < limit:  # compare up to 32 tokens further back at once
+            offsets = k + np.arange(min(32, limit - k))
+            back = starts[alive][:, None] - offsets
+            same = (back >= 0) & (h[np.maximum(back, 0)] == h[n - 1 - offsets])
+            run = np.where(same.all(axis=1), offsets.size, same.argmin(axis=1))
+            length[alive] += run
+            alive = alive[run == offsets.size]
+            k += offsets.size
         hit = length >= allowed
         if not hit.any():
             continue
@@ -416,33 +415,49 @@ def apply_top_k(rows: Rows, params: SamplingParams) -> None:
     rows.logits[idx] = sub
 
 
-def _log_probs(sub: np.ndarray) -> np.ndarray:
-    """log softmax of rows [r, n] in float64 (-inf where a token has no probability)."""
-    sub = sub.astype(np.float64)
-    top = sub.max(axis=1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        return sub - top - np.log(np.exp(sub - top).sum(axis=1, keepdims=True))
+def _log_probs(values: np.ndarray) -> np.ndarray:
+    """log softmax of logits [n] in float64."""
+    values = values.astype(np.float64)
+    top = values.max()
+    return values - top - np.log(np.exp(values - top).sum())
+
+
+def _filter_live(rows: Rows, drop: Callable[[np.ndarray], np.ndarray]) -> None:
+    """For every sampling row: ``drop(values)`` over the logits still in play (> MASKED; after
+    top_k only a few) says which of them are filtered out."""
+    for b in rows.sampling_rows():
+        row = rows.logits[b]
+        live = np.flatnonzero(row > MASKED)
+        if live.size > 1:
+            row[live[drop(row[live])]] = MASKED
+
+
+def _typical_drop(values: np.ndarray, mass: float) -> np.ndarray:
+    logp = _log_probs(values)
+    p = np.exp(logp)
+    entropy = -(p * logp).sum()
+    score = np.abs(-logp - entropy)
+    order = np.argsort(score, kind="stable")
+    cum = np.cumsum(p[order])
+    last = min(int((cum < mass).sum()), values.size - 1)  # the token whose probability reaches it
+    return score > score[order[last]]
 
 
 def apply_typical(rows: Rows, params: SamplingParams) -> None:
     """Locally typical sampling (Meister et al. 2022): rank tokens by |-log p - H| (H the entropy)
     and keep the smallest set of the best ranked whose probability reaches typical_p (every token
     tied with the last one kept included)."""
-    idx = rows.sampling_rows()
-    if idx.size == 0:
-        return
-    sub = rows.logits[idx]
-    logp = _log_probs(sub)
-    p = np.exp(logp)
-    live = p > 0
-    entropy = -np.where(live, p * np.where(live, logp, 0.0), 0.0).sum(axis=1, keepdims=True)
-    score = np.where(live, np.abs(-logp - entropy), np.inf)
-    order = np.argsort(score, axis=1, kind="stable")
-    cum = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
-    last = np.minimum((cum < params.typical_p).sum(axis=1), sub.shape[1] - 1)  # the token reaching it
-    cut = np.take_along_axis(np.take_along_axis(score, order, axis=1), last[:, None], axis=1)
-    _mask(sub, score > cut)
-    rows.logits[idx] = sub
+    _filter_live(rows, lambda v: _typical_drop(v, params.typical_p))
+
+
+def _top_p_drop(values: np.ndarray, p: float) -> np.ndarray:
+    ordered = np.sort(values)[::-1]
+    z = np.exp(ordered - ordered[0], dtype=np.float64)
+    probs = z / z.sum()
+    exclusive = np.cumsum(probs) - probs
+    kept = exclusive < p
+    kept[0] = True
+    return values < ordered[kept].min()
 
 
 def apply_top_p(rows: Rows, params: SamplingParams) -> None:
@@ -452,6 +467,10 @@ def apply_top_p(rows: Rows, params: SamplingParams) -> None:
     if params.top_p <= 0.0 or idx.size == 0:
         return
     sub = rows.logits[idx]
+    if not (sub > MASKED).all():  # after top_k (or a ban): over the tokens still in play
+        _filter_live(rows, lambda v: _top_p_drop(v, params.top_p))
+        return
+    # the original's case (every token in play), vectorised over the rows
     ordered = np.sort(sub, axis=1)[:, ::-1]
     z = np.exp(ordered - ordered[:, :1], dtype=np.float64)
     probs = z / z.sum(axis=1, keepdims=True)
@@ -465,13 +484,8 @@ def apply_top_p(rows: Rows, params: SamplingParams) -> None:
 
 def apply_min_p(rows: Rows, params: SamplingParams) -> None:
     """Keep the tokens whose probability is at least min_p times the most likely token's."""
-    idx = rows.sampling_rows()
-    if idx.size == 0:
-        return
-    sub = rows.logits[idx]
-    gap = sub.astype(np.float64) - sub.max(axis=1, keepdims=True)  # log(p / p_max)
-    _mask(sub, gap < math.log(params.min_p))
-    rows.logits[idx] = sub
+    floor = math.log(params.min_p)
+    _filter_live(rows, lambda v: v.astype(np.float64) - float(v.max()) < floor)  # log(p / p_max)
 
 
 def apply_xtc(rows: Rows, params: SamplingParams) -> None:
@@ -482,11 +496,12 @@ def apply_xtc(rows: Rows, params: SamplingParams) -> None:
         if rows.rngs[b].random() >= params.xtc_probability:
             continue
         row = rows.logits[b]
-        p = np.exp(_log_probs(row[None])[0])
-        top = np.flatnonzero(p >= params.xtc_threshold)
+        live = np.flatnonzero(row > MASKED)
+        values = row[live]
+        top = np.flatnonzero(np.exp(_log_probs(values)) >= params.xtc_threshold) if live.size else live
         if top.size >= 2:
-            least = row[top].min()
-            row[top[row[top] > least]] = MASKED
+            least = values[top].min()
+            row[live[top[values[top] > least]]] = MASKED
 
 
 def apply_min_length(rows: Rows, params: SamplingParams) -> None:
