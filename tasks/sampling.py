@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -168,9 +168,8 @@ class SamplingParams:
                                         f"(ids are 0 .. {n_vocab - 1})")
 
     def neutral(self) -> bool:
-        """Whether every control beyond the original's four is at its neutral value."""
-        base = SamplingParams(self.top_k, self.top_p, self.temperature, self.min_length)
-        return all(getattr(self, f.name) == getattr(base, f.name) for f in fields(self))
+        """Whether every control beyond the original's four is off (the chain is the original's)."""
+        return chain(self) == chain(SamplingParams(self.top_k, self.top_p, self.temperature, self.min_length))
 
 
 def _token_id(value) -> bool:
