@@ -78,6 +78,8 @@ def options_from(args, enc=None):
         except ValueError:
             raise UsageError(f"--logit_bias {item}: the bias must be a number, got {value!r}") from None
     ban = [token_id(enc, text, "--ban") for text in args.ban]
+    if args.dry_sequence_breaker is not None and "" in args.dry_sequence_breaker:
+        raise UsageError("--dry_sequence_breaker needs a non-empty string ('none' for no breakers)")
     breakers = DRY_BREAKERS if args.dry_sequence_breaker is None else \
         tuple(b for b in args.dry_sequence_breaker if b != "none")
     return GenerateOptions(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,

@@ -410,6 +410,8 @@ def test_cli_and_bulk_give_the_same_samples(tiny_model_dir, env, tmp_path, capsy
     (["--repetition_penalty", "-1"], "--repetition_penalty must be a positive number"),
     (["--min_p", "2"], "--min_p must be between 0 and 1"),
     (["--dry_base", "0.5"], "--dry_base must be at least 1"),
+    (["--dry_sequence_breaker", ""], "--dry_sequence_breaker needs a non-empty string"),
+    (["--penalty_last_n", "-2"], "--penalty_last_n must be at least -1"),
 ])
 def test_bad_flags_are_one_error_before_the_model_is_loaded(args, words, env):
     with pytest.raises((UsageError, OptionError)) as e:
