@@ -11,7 +11,8 @@
   (b) with every control on (penalties over the whole history, no_repeat_ngram_size 3, DRY, top_k
   with top_p, typical_p, min_p, XTC at probability 1, logit_bias, ban, temperature 0.8), on a
   history of random tokens and on a repetitive one (a 20-token phrase looping through the
-  generated part: DRY's worst usual case);
+  generated part: DRY's worst usual case); (c) as (b) without top_k (typical_p, top_p, min_p and
+  XTC then work over the whole vocabulary);
 - ratio: chain (b) / step, target <= 0.10.  Best of --repeats.
 
 The one-off cost of finding DRY's sequence-breaker tokens (once per encoder) is reported apart.
@@ -21,6 +22,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -101,11 +103,12 @@ def main(argv=None) -> int:
     print(f"{args.shape}: batch-1 decoder step from position {args.position}: {step * 1e3:.2f} ms; "
           f"DRY breaker ids (once per encoder): {breakers_once * 1e3:.0f} ms")
     for name, history in histories.items():
-        for label, params in (("default", SamplingParams()), ("every control", everything())):
+        for label, params in (("default", SamplingParams()), ("every control", everything()),
+                              ("all, no top_k", replace(everything(), top_k=0))):
             t = best_of(chain_measure(logits, history, args.generated, params, enc, args.steps),
                         args.repeats) / args.steps
             results["chain"][f"{name}/{label}"] = {"ms": t * 1e3, "of_step": t / step}
-            print(f"  chain, {label:13s} {name:10s} history of {len(history)}: {t * 1e3:6.3f} ms = "
+            print(f"  chain, {label:14s} {name:10s} history of {len(history)}: {t * 1e3:6.3f} ms = "
                   f"{100 * t / step:5.1f}% of a step")
     worst = max(v["of_step"] for k, v in results["chain"].items() if k.endswith("every control"))
     results["worst_every_control_of_step"] = worst

@@ -436,7 +436,14 @@ def _typical_drop(values: np.ndarray, mass: float) -> np.ndarray:
     p = np.exp(logp)
     entropy = -(p * logp).sum()
     score = np.abs(-logp - entropy)
-    order = np.argsort(score, kind="stable")
+    first = 512  # the best ranked tokens usually hold the mass: rank those alone when they do
+    if values.size > first:
+        best = np.argpartition(score, first - 1)[:first]
+        order = best[np.argsort(score[best])]
+        cum = np.cumsum(p[order])
+        if cum[-1] >= mass:
+            return score > score[order[int((cum < mass).sum())]]
+    order = np.argsort(score)
     cum = np.cumsum(p[order])
     last = min(int((cum < mass).sum()), values.size - 1)  # the token whose probability reaches it
     return score > score[order[last]]
