@@ -154,6 +154,23 @@ def test_typical_p_keeps_the_tokens_closest_to_the_entropy():
         assert _kept(rows) == kept, mass
 
 
+def test_typical_p_over_a_large_vocabulary_equals_the_full_ranking():
+    """Peaked rows are ranked over their 512 best tokens only, flat ones over all: same sets."""
+    from tasks.sampling import _typical_drop
+
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        v = rng.normal(0, (0.2, 1.0, 4.0, 8.0)[trial % 4], 3000)
+        if trial % 3 == 0:
+            v = np.round(v, 1)  # ties
+        mass = rng.uniform(0.05, 0.99)
+        logp = v - v.max() - np.log(np.exp(v - v.max()).sum())
+        score = np.abs(-logp + (np.exp(logp) * logp).sum())
+        order = np.argsort(score, kind="stable")
+        last = min(int((np.cumsum(np.exp(logp)[order]) < mass).sum()), v.size - 1)
+        assert (_typical_drop(v, mass) == (score > score[order[last]])).all(), trial
+
+
 def test_xtc_removes_the_top_choices_but_the_least_likely_of_them():
     logits = np.log([0.4, 0.3, 0.2, 0.1])
     rows = _rows(logits)
