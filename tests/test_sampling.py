@@ -18,7 +18,7 @@ from tasks.generate import GenerateOptions, Generator
 from tasks.sampling import (MASKED, Rows, SamplingParams, apply_dry, apply_logit_bias, apply_ban, apply_min_p,
                             apply_no_repeat_ngram, apply_presence_frequency, apply_repetition_penalty,
                             apply_temperature, apply_top_k, apply_top_p, apply_typical, apply_xtc, breaker_ids,
-                            chain, choose, sample)
+                            chain, choose)
 from tasks.scheduler import Job, SampleRequest, Scheduler
 
 from conftest import ROOT
