@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     common_flags(g, "contexts")
     flags.add(g, "num_generate", "top_k", "top_p", "temperature", "max_length", "max_tokens", "stop", "min_length",
               "seed", "batch_size", min_length={"type": int})
-    flags.add(g, "quantize")
+    flags.add(g, "quantize", *flags.SAMPLING_FLAGS)
     g.add_argument("--engine", choices=("auto", "numpy", "tf", "onnx"), default="auto",
                    help="decoding engine (as gpt2-generate.py)")
     return p

@@ -119,10 +119,66 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
                                         "n_ctx tokens start every N tokens, so each token is predicted from at "
                                         "least n_ctx - N tokens before it (default n_ctx/2 = 512; below n_ctx)")),
     "top_k": (("--top_k",), dict(type=int, default=None,
-                                 help="draw from the k most likely tokens (default 40; 0 = no limit)")),
+                                 help="draw from the k most likely tokens (default 40, none with --top_p; "
+                                      "0 = no limit)")),
     "top_p": (("--top_p",), dict(type=number, default=0.0,
                                  help="draw from the most likely tokens up to probability p (0 < p <= 1); "
-                                      "overrides the default top_k; exclusive with an explicit --top_k")),
+                                      "replaces the default top_k; with an explicit --top_k both apply, "
+                                      "top_k first")),
+    # -- the sampler chain's controls (tasks.sampling, docs/sampling.md) --
+    "repetition_penalty": (("--repetition_penalty",), dict(
+        type=number, default=1.0, metavar="R",
+        help="logits of tokens already in the context or the sample divided by R when positive, multiplied "
+             "when negative (Hugging Face / CTRL; default 1 = off; 1.1-1.3 is usual)")),
+    "presence_penalty": (("--presence_penalty",), dict(
+        type=number, default=0.0, metavar="P",
+        help="subtract P from the logit of every token the sample already drew (OpenAI's; default 0)")),
+    "frequency_penalty": (("--frequency_penalty",), dict(
+        type=number, default=0.0, metavar="F",
+        help="subtract F times the number of times the sample drew a token from its logit (OpenAI's; "
+             "default 0)")),
+    "penalty_last_n": (("--penalty_last_n",), dict(
+        type=int, default=-1, metavar="N",
+        help="the three penalties look at the last N tokens of the context and the sample only "
+             "(default -1: all of them; 0: penalties off; llama.cpp's default is 64)")),
+    "no_repeat_ngram_size": (("--no_repeat_ngram_size",), dict(
+        type=non_negative_int, default=0, metavar="N",
+        help="never repeat an N-gram of the context or the sample (Hugging Face's; default 0 = off)")),
+    "min_p": (("--min_p",), dict(
+        type=number, default=0.0, metavar="P",
+        help="keep the tokens at least P times as likely as the most likely one (0-1; default 0 = off)")),
+    "typical_p": (("--typical_p",), dict(
+        type=number, default=1.0, metavar="P",
+        help="locally typical sampling: keep the tokens closest to the expected surprise, up to "
+             "probability P (0 < P <= 1; default 1 = off)")),
+    "dry_multiplier": (("--dry_multiplier",), dict(
+        type=number, default=0.0, metavar="M",
+        help="DRY: a token that would extend a repetition loses M * base^(length - allowed length) "
+             "(llama.cpp's; default 0 = off; 0.8 is usual)")),
+    "dry_base": (("--dry_base",), dict(type=number, default=1.75, metavar="B",
+                                       help="DRY: the base (at least 1; default %(default)s)")),
+    "dry_allowed_length": (("--dry_allowed_length",), dict(
+        type=int, default=2, metavar="N",
+        help="DRY: repetitions this long are not penalised (at least 1; default %(default)s)")),
+    "dry_penalty_last_n": (("--dry_penalty_last_n",), dict(
+        type=int, default=-1, metavar="N",
+        help="DRY: look at the last N tokens (default -1: the context and the sample; 0: DRY off)")),
+    "dry_sequence_breaker": (("--dry_sequence_breaker",), dict(
+        action="append", default=None, metavar="STR",
+        help="DRY: a repetition does not extend across a token whose text holds STR; repeatable, replaces "
+             "the defaults (llama.cpp's: newline, ':', '\"', '*'); 'none': no breakers")),
+    "xtc_probability": (("--xtc_probability",), dict(
+        type=number, default=0.0, metavar="P",
+        help="XTC: with probability P per token, remove every token above --xtc_threshold but the least "
+             "likely of them (llama.cpp's; default 0 = off)")),
+    "xtc_threshold": (("--xtc_threshold",), dict(type=number, default=0.1, metavar="T",
+                                                 help="XTC: the probability threshold (default %(default)s)")),
+    "logit_bias": (("--logit_bias",), dict(
+        action="append", default=[], metavar="ID_OR_TEXT=BIAS",
+        help="add BIAS to a token's logit: a token id, or a text that is exactly one token; repeatable")),
+    "ban": (("--ban",), dict(
+        action="append", default=[], metavar="ID_OR_TEXT",
+        help="never draw this token: a token id, or a text that is exactly one token; repeatable")),
     "temperature": (("--temperature",), dict(type=number, default=1.0,
                                              help="divide logits by this (default 1); 0 means greedy")),
     "max_length": (("--max_length",), dict(type=non_negative_int, default=500,
@@ -157,6 +213,13 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
     "progress": (("--progress",), dict(action="store_true",
                                        help="show progress bars even when stderr is not a terminal")),
 }
+
+
+#: The sampler chain's flags beyond the original's (gpt2-generate.py and gpt2-bulk.py generate).
+SAMPLING_FLAGS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "penalty_last_n",
+                  "no_repeat_ngram_size", "min_p", "typical_p", "dry_multiplier", "dry_base", "dry_allowed_length",
+                  "dry_penalty_last_n", "dry_sequence_breaker", "xtc_probability", "xtc_threshold", "logit_bias",
+                  "ban")
 
 
 def use_precision(m) -> None:

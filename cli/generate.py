@@ -7,7 +7,6 @@ import json
 from . import common, flags, io
 from .errors import ArgumentParser, UsageError
 
-DEFAULT_TOP_K = 40
 DEFAULT_NUM_GENERATE = 5
 
 
@@ -28,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
               batch_size={"help": "samples decoded together, from as many contexts as it takes (default "
                                   "%(default)s); larger batches give more tokens per second on a CPU and use "
                                   "more memory"})
-    flags.add(p, "max_tokens", "stop")
+    flags.add(p, "max_tokens", "stop", *flags.SAMPLING_FLAGS)
     p.add_argument("--contexts", metavar="FILE", default=None,
                    help="one context per line (FILE or '-' for stdin); --num_generate samples for each")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
@@ -46,8 +45,6 @@ def parser() -> argparse.ArgumentParser:
 
 def _check(args) -> None:
     """Rules between flags (each flag's own values are checked where they are used)."""
-    if args.top_k is not None and args.top_p > 0:
-        raise UsageError("--top_k and --top_p are exclusive: give one of them")
     if any(s == "" for s in args.stop):
         raise UsageError("--stop needs a non-empty string")
     if args.context is not None and args.contexts is not None:
@@ -63,16 +60,54 @@ def _check(args) -> None:
             raise UsageError("--stream prints text to stdout: it cannot be combined with --format jsonl or --output_file")
 
 
-def options_from(args):
-    """The GenerateOptions the flags ask for (validated there)."""
+def options_from(args, enc=None):
+    """The GenerateOptions the flags ask for (validated there).  ``enc``: the encoder that turns the
+    texts of --logit_bias and --ban into token ids (loaded here from --vocab when needed and not given)."""
     from tasks.generate import GenerateOptions
+    from tasks.sampling import DRY_BREAKERS
 
-    top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
-    if args.top_p > 0:
-        top_k = 0  # top_p overrides the default top_k
-    return GenerateOptions(top_k=top_k, top_p=args.top_p, temperature=args.temperature,
+    if (args.logit_bias or args.ban) and enc is None:
+        enc = common.load_encoder(args)
+    bias = {}
+    for item in args.logit_bias:
+        token, sep, value = item.rpartition("=")
+        if not sep or not token:
+            raise UsageError(f"--logit_bias takes ID_OR_TEXT=BIAS, got {item!r}")
+        try:
+            bias[token_id(enc, token, "--logit_bias")] = float(value)
+        except ValueError:
+            raise UsageError(f"--logit_bias {item}: the bias must be a number, got {value!r}") from None
+    ban = [token_id(enc, text, "--ban") for text in args.ban]
+    if args.dry_sequence_breaker is not None and "" in args.dry_sequence_breaker:
+        raise UsageError("--dry_sequence_breaker needs a non-empty string ('none' for no breakers)")
+    breakers = DRY_BREAKERS if args.dry_sequence_breaker is None else \
+        tuple(b for b in args.dry_sequence_breaker if b != "none")
+    return GenerateOptions(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                            min_length=max(args.min_length, 0), max_length=args.max_length, seed=args.seed,
-                           max_tokens=args.max_tokens, stop=tuple(args.stop))
+                           max_tokens=args.max_tokens, stop=tuple(args.stop),
+                           repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                           frequency_penalty=args.frequency_penalty, penalty_last_n=args.penalty_last_n,
+                           no_repeat_ngram_size=args.no_repeat_ngram_size, min_p=args.min_p,
+                           typical_p=args.typical_p, dry_multiplier=args.dry_multiplier, dry_base=args.dry_base,
+                           dry_allowed_length=args.dry_allowed_length, dry_penalty_last_n=args.dry_penalty_last_n,
+                           dry_sequence_breakers=breakers, xtc_probability=args.xtc_probability,
+                           xtc_threshold=args.xtc_threshold, logit_bias=bias, ban=tuple(ban))
+
+
+def token_id(enc, text: str, flag: str) -> int:
+    """A token named on the command line: its id (digits), or a text the encoder makes exactly one token."""
+    n_vocab = len(enc)
+    if text.isascii() and text.isdigit():
+        i = int(text)
+        if i >= n_vocab:
+            raise UsageError(f"{flag} {text}: no such token id (the vocabulary has ids 0 .. {n_vocab - 1})")
+        return i
+    ids = enc.encode(text)
+    if len(ids) != 1:
+        pieces = " ".join(enc.token_text(i) for i in ids) or "none"
+        raise UsageError(f"{flag} {text!r}: must be exactly one token, but it is {len(ids)} ({pieces}); give "
+                         "one token's text or id (python -m encoder shows them)")
+    return ids[0]
 
 
 def _contexts(args):
@@ -94,10 +129,11 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     _check(args)
     num = args.num_generate or (1 if args.stream else DEFAULT_NUM_GENERATE)
-    options = options_from(args)
+    enc = common.load_encoder(args) if args.logit_bias or args.ban else None
+    options = options_from(args, enc)  # flag values are checked before the model is looked for
     from tasks.generate import Generator
 
-    enc = common.load_encoder(args)
+    enc = enc or common.load_encoder(args)
     quantize = None if args.quantize == "none" else args.quantize
     m = common.load_model(args, enc, quantize=quantize)
     generator = Generator(m, enc, engine=args.engine, quantize=quantize)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Deque, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -51,7 +51,7 @@ from model import choose_engine, decoder as new_decoder
 
 from . import memory
 from .errors import OptionError
-from .sampling import SamplingParams
+from .sampling import DRY_BREAKERS, SamplingParams
 from .scheduler import RETRIES_FOR_EMPTY, GenerationStats, Job, SampleRequest, Scheduler
 from .text import TextAssembler, context_ids, cut_at_stop, held_back
 
@@ -61,7 +61,11 @@ __all__ = ["Generator", "GenerateOptions", "GenerationStats", "Sample", "TextAss
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    top_k: int = 40
+    """What to generate and how.  The sampling fields are ``SamplingParams``' (``sampling()`` gives
+    them; see ``tasks.sampling`` and docs/sampling.md for each control's meaning and neutral value);
+    ``top_k`` None is the original's default: 40, or no limit when top_p > 0."""
+
+    top_k: Optional[int] = None
     top_p: float = 0.0
     temperature: float = 1.0
     min_length: int = 0
@@ -69,9 +73,27 @@ class GenerateOptions:
     seed: Optional[int] = None
     max_tokens: Optional[int] = None  # tokens per sample at most (None: no limit)
     stop: Tuple[str, ...] = ()  # a sample ends before the first occurrence of any of these
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = -1
+    no_repeat_ngram_size: int = 0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = -1
+    dry_sequence_breakers: Tuple[str, ...] = DRY_BREAKERS
+    xtc_probability: float = 0.0
+    xtc_threshold: float = 0.1
+    logit_bias: Tuple[Tuple[int, float], ...] = ()  # or a {token id: bias} mapping
+    ban: Tuple[int, ...] = ()  # token ids
 
     def __post_init__(self):
-        self.sampling()  # validates top_k, top_p, temperature, min_length
+        params = self.sampling()  # validates every sampling field
+        for name in ("dry_sequence_breakers", "logit_bias", "ban"):  # normalised there (hashable)
+            object.__setattr__(self, name, getattr(params, name))
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, (int, np.integer)) \
                 or self.max_length < 0:
             raise OptionError("max_length", f"must not be negative, got {self.max_length!r}")
@@ -83,7 +105,7 @@ class GenerateOptions:
             raise OptionError("stop", f"must be a sequence of non-empty strings, got {self.stop!r}")
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(self.top_k, self.top_p, self.temperature, self.min_length)
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
 
 
 @dataclass(frozen=True)
@@ -152,6 +174,7 @@ class Generator:
         half = hp.n_ctx // 2
         if options.min_length >= half:
             raise OptionError("min_length", f"must be below n_ctx/2 = {half}, got {options.min_length}")
+        options.sampling().check_vocabulary(hp.n_vocab)  # token ids of logit_bias and ban
         # Each sample decoded at once holds keys and values of up to n_ctx tokens.
         per_row = 2 * 4 * hp.n_layer * hp.n_ctx * hp.n_embd
         memory.check("batch_size", rows, rows * per_row, f"the key/value caches of {rows} samples decoded together")

@@ -235,7 +235,7 @@ class Scheduler:
         for params, idx in groups.items():
             rows = [self.active[b] for b in idx]
             view = Rows(logits[idx], [r.history for r in rows], [r.steps for r in rows],
-                        [r.job.rng for r in rows], self.enc.eos_id)
+                        [r.job.rng for r in rows], self.enc.eos_id, enc=self.enc)
             tokens[idx] = sample(view, params)
         return tokens
 

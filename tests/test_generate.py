@@ -482,7 +482,7 @@ def test_output_file_written_atomically(tiny_model_dir, tmp_path, env, capsys, r
 @pytest.mark.parametrize("args,message", [
     (["--top_k", "-1"], "--top_k must not be negative"),
     (["--top_p", "1.5"], "--top_p must be between 0 and 1"),
-    (["--top_k", "5", "--top_p", "0.5"], "exclusive"),
+    (["--min_p", "1.5"], "--min_p must be between 0 and 1"),
     (["--temperature", "-1"], "--temperature must be positive"),
     (["--stream", "--num_generate", "2"], "--stream prints one sample"),
     (["--context", "x", "--contexts", "-"], "exclusive"),
