@@ -41,18 +41,19 @@ def _contexts(n, rng, low=1, high=40):
     return [list(rng.integers(0, 20573, int(rng.integers(low, high)))) for _ in range(n)]
 
 
-# -- float32 through ONNX Runtime equals the numpy engine ---------------------------------------
+# -- the engine for quantized weights ---------------------------------------
 
 
 def test_onnx_decoder_is_the_chosen_engine(tiny_q, enc):
     assert model.choose_engine(tiny_q, "auto", "q8") == "onnx"
     assert model.choose_engine(tiny_q, "onnx") == "onnx"
-    assert model.choose_engine(tiny_q) == "numpy"  # the default path is unchanged
+    assert model.choose_engine(tiny_q) == "onnx"  # float32 ONNX Runtime: the default on a CPU
     with pytest.raises(ValueError, match="onnx engine"):
         model.choose_engine(tiny_q, "tf", "q4")
     with pytest.raises(ValueError, match="unknown weight format"):
         model.choose_engine(tiny_q, "auto", "q2")
-    assert isinstance(Generator(tiny_q, enc).engine(), NumpyDecoder)
+    assert isinstance(Generator(tiny_q, enc, engine="numpy").engine(), NumpyDecoder)
+    assert Generator(tiny_q, enc).engine().quantize is None
     gen = Generator(tiny_q, enc, "auto", None, "q8")
     assert gen.engine_name == "onnx" and gen.engine().quantize == "q8"
 
