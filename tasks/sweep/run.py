@@ -147,7 +147,10 @@ class Sweep:
         digest = hashlib.sha256("\n".join(self.contexts).encode("utf-8")).hexdigest()
         ref = None if self.reference is None else hashlib.sha256("\n".join(self.reference).encode()).hexdigest()
         return {"version": STATE_VERSION, "model": self.model_name, "judge": self.judge_name, "contexts": digest,
-                "reference": ref, "config": {**asdict(self.config), "buckets": list(self.config.buckets)},
+                "reference": ref,
+                # (the bootstrap and the buckets are recomputed from the finished settings; batching changes no sample)
+                "config": {k: v for k, v in asdict(self.config).items()
+                           if k not in ("resamples", "batch_size", "buckets")},
                 "base": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.base).items()}}
 
     def run(self, settings: Sequence[Setting], output: str, resume: bool = False,
