@@ -139,6 +139,7 @@ class Sweep:
         self._context_vectors = None
         self._reference_vectors = None
         self.timings = {"generate": 0.0, "metrics": 0.0}
+        self._rows: Dict[tuple, List[dict]] = {}
 
     # -- the run ---------------------------------------------------------------------------------------
 
@@ -215,9 +216,9 @@ class Sweep:
         rows = []
         for s in settings:
             if s.key in done:
-                rows.extend(self.rows(done[s.key], s.family))
+                rows.extend(self._rows_of(done[s.key], s.family))
         if reference is not None:
-            rows.extend(self.rows(reference, "reference"))
+            rows.extend(self._rows_of(reference, "reference"))
         _write_text(out / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         _write_text(out / "results.csv", to_csv(rows))
         return rows
@@ -250,13 +251,17 @@ class Sweep:
     def measure(self, texts: List[List[str]]) -> dict:
         """Per-context values and set values of the samples ``texts`` [context][sample]."""
         enc, cfg = self.enc, self.config
+        clock = _Clock()
         ids = [[list(enc.encode(t)) if t else [] for t in group] for group in texts]
         flat = [(c, j) for c, group in enumerate(ids) for j in range(len(group))]
+        clock.lap("encode")
         scores = self._score([self.context_ids[c] + ids[c][j] for c, j in flat],
                              [len(ids[c][j]) for c, j in flat])
         plain = self._score([[enc.eos_id] + ids[c][j] for c, j in flat], [len(ids[c][j]) for c, j in flat])
+        clock.lap("score")
         vectors = self.vectorizer().vectors_of_ids([ids[c][j] or [enc.eos_id] for c, j in flat])
         cos = M.cosine(vectors, self.context_vectors()[[c for c, _ in flat]])
+        clock.lap("vectors")
         per_sample: Dict[Tuple[int, int], dict] = {}
         for k, (c, j) in enumerate(flat):
             n = len(ids[c][j])
@@ -284,10 +289,13 @@ class Sweep:
             contexts.append({"index": c, "context_tokens": len(self.context_ids[c]),
                              "samples": [{"text": t, "ids": x} for t, x in zip(texts[c], group)],
                              "values": {k: _finite(v) for k, v in values.items()}})
+        clock.lap("text")
         state = {"contexts": contexts, "mauve": None}
         if self.reference is not None:
             feats = vectors[[k for k, (c, j) in enumerate(flat) if ids[c][j]]]
             state["mauve"] = self._mauve(feats)
+            clock.lap("mauve")
+        state["metric_seconds"] = clock.laps
         return state
 
     def reference_state(self, state_dir: Path) -> dict:
@@ -317,6 +325,13 @@ class Sweep:
         return state
 
     # -- aggregation ----------------------------------------------------------------------------------
+
+    def _rows_of(self, state: dict, family: str) -> List[dict]:
+        """``rows``, computed once per setting (the results are rewritten after every setting)."""
+        key = (state["key"], family)
+        if key not in self._rows:
+            self._rows[key] = self.rows(state, family)
+        return self._rows[key]
 
     def rows(self, state: dict, family: str) -> List[dict]:
         """One row per bucket (``all`` first) of a setting's state: each metric's estimate and interval."""
@@ -385,6 +400,19 @@ class Sweep:
         if len(features) < 2 or len(q) < 2:
             return None
         return M.mauve(features, q, seed=self.config.seed)
+
+
+class _Clock:
+    """Seconds spent in each part of the metrics (for benchmarks)."""
+
+    def __init__(self):
+        self.laps: Dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._t
+        self._t = now
 
 
 def _state_name(setting: Setting) -> str:
