@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cross", action="store_true",
                    help="the settings are the product of the axes (default: each axis is its own family, "
                         "changing one control of the defaults at a time)")
+    p.add_argument("--set", metavar="NAME=VALUE", action="append", default=[], dest="fixed",
+                   help="a control fixed for every setting (e.g. min_length=16; default: gpt2-generate.py's "
+                        "defaults, top_k 40); repeatable")
     p.add_argument("--reference", metavar="FILE", default=None,
                    help="human text, one text per line: its own statistics as a 'reference' row, and MAUVE")
     p.add_argument("--judge", metavar="MODEL", default=None,
@@ -79,14 +82,15 @@ def main(argv=None) -> int:
         raise UsageError("stdin cannot be both the contexts and the reference")
     # Everything a user can get wrong is checked before a model is loaded.
     from tasks.generate import GenerateOptions
-    from tasks.sweep.grid import parse_axis, settings as make_settings
+    from tasks.sweep.grid import parse_axis, settings as make_settings, with_fixed
     from tasks.sweep.run import SweepConfig
 
     axes = [parse_axis(spec) for spec in args.grid]
     config = SweepConfig(num=args.num_generate, seed=args.seed, max_tokens=args.max_tokens,
                          max_length=args.max_length, batch_size=args.batch_size, buckets=_buckets(args.buckets),
                          resamples=args.resamples)
-    base = GenerateOptions(top_k=40, seed=config.seed, max_tokens=config.max_tokens, max_length=config.max_length)
+    base = with_fixed(GenerateOptions(top_k=40, seed=config.seed, max_tokens=config.max_tokens,
+                                      max_length=config.max_length), args.fixed)
     chosen = make_settings(axes, args.cross, base)
     contexts = _read(args.contexts, "--contexts", keep_empty=True)
     reference = _read(args.reference, "--reference", keep_empty=False) if args.reference is not None else None
@@ -108,7 +112,7 @@ def main(argv=None) -> int:
         jargs = argparse.Namespace(**{**vars(args), "model": args.judge})
         judge = common.load_model(jargs, enc)
     sweep = Sweep(m, enc, contexts, config, judge=judge, reference=reference, engine=args.engine,
-                  model_name=args.model, judge_name=args.judge or args.model)
+                  model_name=args.model, judge_name=args.judge or args.model, base=base)
     total = len(chosen) * len(contexts) * config.num
     bar = io.progress(total=total, desc="sweep", unit="sample", force=args.progress)
 
@@ -124,7 +128,8 @@ def main(argv=None) -> int:
     finally:
         bar.close()
     notes = [f"model {args.model}; judge {args.judge or args.model}; {len(contexts)} contexts x "
-             f"{config.num} samples, seed {config.seed}, max_tokens {config.max_tokens}; settings: "
+             f"{config.num} samples, seed {config.seed}, max_tokens {config.max_tokens}"
+             + "".join(f", {spec}" for spec in args.fixed) + "; settings: "
              f"{', '.join(s.label for s in chosen)}" + (f"; reference {args.reference}" if reference else "")]
     write_report(rows, args.output, notes=notes)
     sys.stderr.write(f"gpt2-sweep.py: wrote {args.output}/results.jsonl, results.csv, plots/ and report.html "

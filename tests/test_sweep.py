@@ -369,3 +369,17 @@ def test_user_errors_are_one_line(env, tmp_path, extra, message):
     assert p.returncode == 2 and len(lines) == 1, p.stderr.decode()
     assert lines[0].startswith("gpt2-sweep.py: error: ") and message in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_fixed_controls_apply_to_every_setting():
+    from tasks.sweep.grid import with_fixed
+
+    base = with_fixed(GenerateOptions(seed=1), ["min_length=4", "top_k=20"])
+    assert base.min_length == 4 and base.top_k == 20
+    got = settings([parse_axis("temperature=0.5,1")], False, base)
+    assert all(s.options.min_length == 4 and s.options.top_k == 20 for s in got)
+    with pytest.raises(OptionError, match="give one value"):
+        with_fixed(GenerateOptions(), ["top_k=1,2"])
+    with pytest.raises(OptionError, match="top_p must be between") as e:
+        with_fixed(GenerateOptions(), ["top_p=3"])
+    assert e.value.option == "set"

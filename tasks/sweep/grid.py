@@ -129,6 +129,20 @@ def parse_axis(spec: str) -> Axis:
     return Axis(name, tuple(values), tuple(texts))
 
 
+def with_fixed(base: GenerateOptions, specs: Sequence[str]) -> GenerateOptions:
+    """``base`` with controls fixed for every setting (``NAME=VALUE`` each, e.g. ``min_length=16``)."""
+    values = {}
+    for spec in specs:
+        axis = parse_axis(spec)
+        if len(axis.values) != 1:
+            raise OptionError("set", f"{spec!r}: give one value (an axis of several values is a --grid)")
+        values[axis.name] = axis.values[0]
+    try:
+        return dataclasses.replace(base, **values)
+    except OptionError as e:
+        raise OptionError("set", f"{e.option} {e.reason}") from None
+
+
 def settings(axes: Sequence[Axis], cross: bool, base: GenerateOptions) -> List[Setting]:
     """The settings of the grid, each validated by GenerateOptions; duplicates (the same values) once."""
     names = [a.name for a in axes]

@@ -134,11 +134,19 @@ def plot_axes(rows: Sequence[dict], directory: Path) -> List[Path]:
                     rs = sorted(rs, key=lambda r: _numeric(r["values"][axis]))
                     xs = [_numeric(r["values"][axis]) for r in rs]
                     ys = [r.get(m) if r.get(m) is not None else float("nan") for r in rs]
-                    lo = [y - (r.get(m + "_low") if r.get(m + "_low") is not None else y) for y, r in zip(ys, rs)]
-                    hi = [(r.get(m + "_high") if r.get(m + "_high") is not None else y) - y for y, r in zip(ys, rs)]
+                    # (a percentile interval need not hold the estimate, e.g. Zipf's: clipped at 0)
+                    lo = [max(0.0, y - r[m + "_low"]) if r.get(m + "_low") is not None and y == y else 0.0
+                          for y, r in zip(ys, rs)]
+                    hi = [max(0.0, r[m + "_high"] - y) if r.get(m + "_high") is not None and y == y else 0.0
+                          for y, r in zip(ys, rs)]
                     ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=2, label=label or None)
                 if ref is not None and ref.get(m) is not None:
                     ax.axhline(ref[m], color="k", ls="--", lw=0.8, label="reference")
+                xs_all = [_numeric(r["values"][axis]) for r in alls]
+                if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:  # top_k=1..80: a log axis
+                    ax.set_xscale("log")
+                if m == "perplexity" and all((r.get(m) or 0) > 0 for r in alls):
+                    ax.set_yscale("log")
                 ax.set_title(LABELS.get(m, m), fontsize=9)
                 ax.set_xlabel(axis, fontsize=8)
                 ax.tick_params(labelsize=7)

@@ -34,6 +34,7 @@ skips), ``results.jsonl`` and ``results.csv`` (rewritten after every setting), a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -113,12 +114,13 @@ class Sweep:
 
     ``judge``: the model whose log-probabilities give perplexity and PMI (default ``m``; it must share
     the vocabulary).  ``reference``: human texts (one per item) for the reference row and MAUVE.
-    ``engine``/``quantize``: as ``Generator``.
+    ``engine``/``quantize``: as ``Generator``.  ``base``: the options every setting changes (default
+    gpt2-generate.py's, top_k 40); its seed, max_tokens and max_length are replaced by the config's.
     """
 
     def __init__(self, m, enc, contexts: Sequence[str], config: SweepConfig = SweepConfig(), judge=None,
                  reference: Optional[Sequence[str]] = None, engine: str = "auto", quantize: Optional[str] = None,
-                 model_name: str = "", judge_name: str = ""):
+                 model_name: str = "", judge_name: str = "", base: Optional[GenerateOptions] = None):
         if not contexts:
             raise OptionError("contexts", "holds no context")
         self.model = m
@@ -133,8 +135,9 @@ class Sweep:
         self.model_name = model_name or str(getattr(m, "path", ""))
         self.judge_name = judge_name or (self.model_name if judge is None else str(getattr(judge, "path", "")))
         self.context_ids = [self.generator.context_ids(c) for c in self.contexts]
-        self.base = GenerateOptions(top_k=40, seed=config.seed, max_tokens=config.max_tokens,
-                                    max_length=config.max_length)
+        # the options every setting starts from (its seed, max_tokens and max_length are the config's)
+        self.base = dataclasses.replace(base or GenerateOptions(top_k=40), seed=config.seed,
+                                        max_tokens=config.max_tokens, max_length=config.max_length)
         self._vectorizer = None
         self._context_vectors = None
         self._reference_vectors = None
