@@ -39,9 +39,8 @@ import hashlib
 import io
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -201,17 +200,21 @@ class Sweep:
         if done:
             log(f"resuming: {len(done)} of {len(settings)} settings already finished, skipped")
         reference = self.reference_state(state_dir) if self.reference is not None else None
-        for number, s in enumerate(settings, 1):
-            if s.key in done:
-                continue
+        todo = [s for s in settings if s.key not in done]
+        started = time.perf_counter()
+        for count, s in enumerate(todo, 1):
+            number = settings.index(s) + 1
             t0 = time.perf_counter()
             log(f"[{number}/{len(settings)}] {s.label}")
             state = self.measure_setting(s, progress)
             _write_json(state_dir / _state_name(s), state)
             done[s.key] = state
-            log(f"[{number}/{len(settings)}] {s.label}: done in {time.perf_counter() - t0:.1f} s "
-                f"(generation {state['seconds']['generate']:.1f} s, metrics {state['seconds']['metrics']:.1f} s)")
             self.write_results(out, settings, done, reference)
+            now = time.perf_counter()
+            left = (now - started) / count * (len(todo) - count)
+            log(f"[{number}/{len(settings)}] {s.label}: done in {now - t0:.1f} s "
+                f"(generation {state['seconds']['generate']:.1f} s, metrics {state['seconds']['metrics']:.1f} s)"
+                + (f"; about {_duration(left)} left" if count < len(todo) else ""))
         return self.write_results(out, settings, done, reference)
 
     def write_results(self, out: Path, settings: Sequence[Setting], done: Dict[str, dict],
@@ -262,7 +265,8 @@ class Sweep:
                              [len(ids[c][j]) for c, j in flat])
         plain = self._score([[enc.eos_id] + ids[c][j] for c, j in flat], [len(ids[c][j]) for c, j in flat])
         clock.lap("score")
-        vectors = self.vectorizer().vectors_of_ids([ids[c][j] or [enc.eos_id] for c, j in flat])
+        n_ctx = self.model.hparams.n_ctx
+        vectors = self.vectorizer().vectors_of_ids([(ids[c][j] or [enc.eos_id])[:n_ctx] for c, j in flat])
         cos = M.cosine(vectors, self.context_vectors()[[c for c, _ in flat]])
         clock.lap("vectors")
         per_sample: Dict[Tuple[int, int], dict] = {}
@@ -403,6 +407,15 @@ class Sweep:
         if len(features) < 2 or len(q) < 2:
             return None
         return M.mauve(features, q, seed=self.config.seed)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 class _Clock:
