@@ -385,3 +385,18 @@ def test_fixed_controls_apply_to_every_setting():
     with pytest.raises(OptionError, match="top_p must be between") as e:
         with_fixed(GenerateOptions(), ["top_p=3"])
     assert e.value.option == "set"
+
+
+def test_sweep_flags_take_both_spellings():
+    import cli.sweep
+
+    parser = cli.sweep.parser()
+    for action in parser._actions:
+        longs = [s for s in action.option_strings if s.startswith("--") and s != "--help"]
+        for s in longs:
+            body = s[2:]
+            assert "--" + body.replace("_", "-") in longs and "--" + body.replace("-", "_") in longs, s
+    a = parser.parse_args(["--contexts", "c.txt", "--output", "o", "--grid", "top_k=1", "--grid", "top_p=0.9",
+                           "--num-generate", "3", "--max-tokens", "16", "--set", "min_length=2", "--cross"])
+    assert (a.num_generate, a.max_tokens, a.grid, a.fixed, a.cross) == (3, 16, ["top_k=1", "top_p=0.9"],
+                                                                         ["min_length=2"], True)
