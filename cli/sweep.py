@@ -26,7 +26,9 @@ def parser() -> argparse.ArgumentParser:
               max_tokens={"default": 64, "type": flags.positive_int,
                           "help": "tokens per sample at most (default %(default)s)"},
               seed={"default": 1, "help": "random seed: every setting draws sample i of context j from the same "
-                                          "stream (default %(default)s)"})
+                                          "stream (default %(default)s)"},
+              batch_size={"help": "samples decoded together, from as many contexts as it takes (default "
+                                  "%(default)s)"})
     p.add_argument("--contexts", metavar="FILE", required=True,
                    help="one context per line (FILE or '-' for stdin); an empty line continues <|endoftext|>")
     p.add_argument("--grid", metavar="NAME=V1,V2,...", action="append", required=True,
