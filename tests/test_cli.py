@@ -16,6 +16,7 @@ TOOLS = {
     "gpt2-score.py": ([str(ROOT / "gpt2-score.py")], "--exclude-end"),
     "gpt2-encode.py": ([str(ROOT / "gpt2-encode.py")], "--src_dir"),
     "gpt2-finetune.py": ([str(ROOT / "gpt2-finetune.py")], "--base_model"),
+    "gpt2-sweep.py": ([str(ROOT / "gpt2-sweep.py")], "--grid"),
     "python -m encoder": (["-m", "encoder"], "decode"),
     "python -m model": (["-m", "model"], "download"),
 }

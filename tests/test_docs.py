@@ -24,7 +24,7 @@ DOCS = ROOT / "docs"
 
 
 def _parsers():
-    from cli import bulk, download, encode, encoder, finetune, generate, score, server, transform
+    from cli import bulk, download, encode, encoder, finetune, generate, score, server, sweep, transform
 
     def subcommands(parser):
         (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -37,6 +37,7 @@ def _parsers():
         "gpt2-encode.py": encode.parser(),
         "gpt2-finetune.py": finetune.parser(),
         "gpt2-server.py": server.parser(),
+        "gpt2-sweep.py": sweep.parser(),
     }
     # every sub-command, so that a new one (python -m model merge, ...) needs its table too
     for tool, parser in (("gpt2-bulk.py", bulk.parser()), ("python -m model", download._parser()),
