@@ -216,9 +216,13 @@ class NumpyDecoder(RowDecoder):
         self.ln_f_g, self.ln_f_b = weights["model/ln_f/g"], weights["model/ln_f/b"]
         self.scale = np.float32(1.0 / math.sqrt(hparams.head_dim))
         self._caches: List[Optional[_RowCache]] = []  # by slot
-        # BLAS threads (model.threads): the block products of a step run with a count
-        # tuned by timing (their results do not depend on it); prefills run with the
-        # full count, the output projection (whose last bits would depend on it) with one.
+        # BLAS threads (model.threads): the block products of a step of up to ROWS_AS_VECTORS rows
+        # (matrix-vector products, whose results do not depend on the count) run with a count
+        # tuned by timing; everything else -- prefills, steps of more rows, the output projection
+        # -- with one thread: on some CPUs (OpenBLAS's Haswell kernels on an AMD EPYC, measured)
+        # a matrix product's last bits depend on how many threads split it, and tokens must never
+        # depend on --threads or the load.  (This is the reference engine: --engine auto decodes
+        # with ONNX Runtime, whose results are the same for any thread count.)
         self.threads = fixed_threads() or cpu_count()
         self._tuner = StepTuner(self.threads) if fixed_threads() is None and self.threads > 1 else None
 
@@ -240,7 +244,7 @@ class NumpyDecoder(RowDecoder):
     def _prefill(self, slot: int, ids) -> np.ndarray:
         """Slot ``slot`` holds a new row of ``ids``; the logits [n_vocab] after its last token."""
         hp = self.hparams
-        set_blas_threads(self.threads)
+        set_blas_threads(1)
         ids = np.asarray(ids, dtype=np.int64)
         T = ids.shape[0]
         row = _RowCache.empty(hp, T)
@@ -252,10 +256,10 @@ class NumpyDecoder(RowDecoder):
         return self._logits(x[-1:])[0]
 
     def _logits(self, x):
-        # The output projection's last bits depend on OpenBLAS's thread count when it runs
-        # as matrix-vector products (up to ROWS_AS_VECTORS rows): those run with one thread,
-        # so that tokens never depend on --threads or the load; a matrix product's do not.
-        set_blas_threads(self.threads if x.shape[0] > ROWS_AS_VECTORS else 1)
+        # The output projection's last bits depend on OpenBLAS's thread count, as matrix-vector
+        # products and (on some CPUs) as a matrix product: one thread, so that tokens never
+        # depend on --threads or the load.
+        set_blas_threads(1)
         return _mm(_layer_norm(x, self.ln_f_g, self.ln_f_b), self.wte.T)
 
     def _step(self, slots, tokens, positions) -> np.ndarray:
@@ -266,13 +270,16 @@ class NumpyDecoder(RowDecoder):
         B = len(chosen)
         x = self.wte[tokens] + self.wpe[positions]
         attend = _step_attention(chosen, hp.n_head, hp.head_dim, self.scale)
-        if self._tuner is not None:
+        tuned = self._tuner is not None and B <= ROWS_AS_VECTORS
+        if tuned:
             self._tuner.before(B)
             t0 = time.perf_counter()
+        else:
+            set_blas_threads(1)
         for i, p in enumerate(self.layers):
             _block(x, p, attend, i)
         for row in chosen:
             row.n += 1
-        if self._tuner is not None:
+        if tuned:
             self._tuner.after(B, time.perf_counter() - t0)
         return self._logits(x)
