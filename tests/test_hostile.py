@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, spawn
 
 GENERATE = str(ROOT / "gpt2-generate.py")
 TRANSFORM = str(ROOT / "gpt2-transform.py")
@@ -234,9 +234,9 @@ def test_work_that_cannot_fit_in_memory_is_refused(args, tool, message, tiny_mod
 def test_sigterm_removes_the_temporary_output_and_keeps_the_old_file(tiny_model_dir, tmp_path, env):
     out = tmp_path / "out.txt"
     out.write_text("precious\n")
-    p = subprocess.Popen([sys.executable, GENERATE, "--model", str(tiny_model_dir), "--gpu", "-1",
-                          "--num_generate", "1", "--max_length", "100000", "--min_length", "500", "--seed", "1",
-                          "--output_file", str(out)], stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    p = spawn([sys.executable, GENERATE, "--model", str(tiny_model_dir), "--gpu", "-1",
+               "--num_generate", "1", "--max_length", "100000", "--min_length", "500", "--seed", "1",
+               "--output_file", str(out)], stderr=subprocess.PIPE, env=env, cwd=ROOT)
     # wait until the temporary file exists: generation is under way
     import time
 
@@ -261,9 +261,9 @@ def test_ctrl_c_during_parallel_encoding_is_quiet(tmp_path, env):
     import select
 
     for _ in range(2):
-        p = subprocess.Popen([sys.executable, ENCODE, "--src_dir", str(src), "--dst_file", str(tmp_path / "o.npz"),
-                              "--num_process", "2", "--progress"], stderr=subprocess.PIPE, env=env, cwd=ROOT,
-                             start_new_session=True)
+        p = spawn([sys.executable, ENCODE, "--src_dir", str(src), "--dst_file", str(tmp_path / "o.npz"),
+                   "--num_process", "2", "--progress"], stderr=subprocess.PIPE, env=env, cwd=ROOT,
+                  start_new_session=True)
         seen = b""
         deadline = time.monotonic() + 120
         while b"/3000" not in seen:  # the progress bar shows that encoding is under way
@@ -355,3 +355,24 @@ def test_finetune_losses_never_share_a_line_with_the_bar(tiny_model_dir, npz, tm
     assert len(starts) >= 3, out
     for i in starts:  # each report begins a line of its own
         assert i == 0 or out[i - 1] in "\r\n", repr(out[max(0, i - 40):i + 20])
+
+
+def test_a_signalled_child_gets_the_default_disposition_in_a_backgrounded_suite():
+    """The suite may run from ``nohup ... &`` (SIGINT ignored, and inherited across exec): the children
+    tests signal are started with ``conftest.spawn``, which gives them SIGINT and SIGTERM at their
+    defaults, where a plain Popen would pass the ignored SIGINT on."""
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,"
+                                   " signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"]
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        plain = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        p = spawn(probe, stdout=subprocess.PIPE, text=True)
+        out = p.communicate(timeout=60)[0]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # this process is left as it was
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    assert plain.stdout.split() == ["False", "False"]
+    assert out.split() == ["True", "True"]
