@@ -376,3 +376,93 @@ def test_a_signalled_child_gets_the_default_disposition_in_a_backgrounded_suite(
         signal.signal(signal.SIGTERM, old_term)
     assert plain.stdout.split() == ["False", "False"]
     assert out.split() == ["True", "True"]
+
+
+# -- D14: --threads is bounded; SIGTERM is prompt whatever the threads do -------------------------------------
+
+
+def test_threads_beyond_the_cpus_are_lowered_with_one_note(tiny_model_dir, env):
+    import model
+    from model.threads import fixed_threads, thread_cap
+
+    cap = thread_cap()
+    try:
+        assert model.configure_threads(10 ** 6, tensorflow=False) == cap and fixed_threads() == cap
+    finally:
+        model.configure_threads(None, tensorflow=False)
+    p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--threads", "10000", "--num_generate", "1",
+              "--max_length", "5", "--seed", "1"], env)
+    err = p.stderr.decode()
+    assert p.returncode == 0, err
+    assert err.splitlines() == [f"gpt2-generate.py: note: --threads 10000 is more than the {cap} CPU(s) this "
+                                f"process may run on; using {cap}"]
+    assert p.stdout.strip()
+
+
+_STUCK = r"""
+import ctypes, os, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+from cli.errors import run
+from util.files import atomic_file
+
+def main(argv):
+    r, w = os.pipe()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def native_wait():  # a native call that never returns, signals or not (the read restarts)
+        libc.read(r, ctypes.create_string_buffer(1), 1)
+
+    for _ in range(int(sys.argv[3])):
+        threading.Thread(target=native_wait, daemon=True).start()
+    signal.siginterrupt(signal.SIGTERM, False)
+    with atomic_file(sys.argv[2], "w") as f:
+        f.write("partial")
+        print("ready", flush=True)
+        native_wait()
+
+run(main, prog="stuck")
+"""
+
+
+def test_sigterm_ends_a_tool_whose_threads_are_all_in_native_code(tmp_path):
+    """The main thread and 300 others inside native calls that a signal does not interrupt (as a long
+    TensorFlow / OpenBLAS / ONNX Runtime call is): SIGTERM still ends the tool within the grace period,
+    status 143, its temporary output file removed, nothing on stderr."""
+    import time
+
+    from cli.errors import TERM_GRACE
+
+    out = tmp_path / "out.txt"
+    p = spawn([sys.executable, "-c", _STUCK, str(ROOT), str(out), "300"], stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n", p.stderr.read()
+        assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+        deadline = time.monotonic() + 60
+        while not open(f"/proc/{p.pid}/wchan").read().endswith("pipe_read"):  # the main thread is in read(2)
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=60)[1]
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert err == b""
+    assert took >= TERM_GRACE * 0.9  # the main thread had its chance first
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_huge_batch_size_is_not_refused_for_memory_a_few_samples_never_need(tiny_model_dir, env):
+    """--batch_size is an upper bound: with one --context and 3 samples, 3 rows are decoded together,
+    and memory is checked for those (10**7 rows would need terabytes)."""
+    p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--batch_size", "10000000", "--num_generate", "3",
+              "--max_length", "5", "--seed", "1", "--format", "jsonl"], env)
+    assert p.returncode == 0, p.stderr
+    assert [json.loads(line)["index"] for line in p.stdout.decode().splitlines()] == [0, 1, 2]
+    # a run that would really decode that many rows is still refused
+    p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--batch_size", "10000000",
+              "--num_generate", "10000000", "--max_length", "5"], env)
+    _one_line_error(p, "gpt2-generate.py", "--batch_size 10000000 needs about")
