@@ -466,3 +466,12 @@ def test_a_huge_batch_size_is_not_refused_for_memory_a_few_samples_never_need(ti
     p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--batch_size", "10000000",
               "--num_generate", "10000000", "--max_length", "5"], env)
     _one_line_error(p, "gpt2-generate.py", "--batch_size 10000000 needs about")
+
+
+@pytest.mark.parametrize("mirror", ["not-a-url", "/no/such/dir", "http://127.0.0.1:1"])
+def test_a_download_from_an_unusable_mirror_is_one_line(mirror, tmp_path, env):
+    """Nothing is announced before the address is known to be usable: only the error line."""
+    env = {**env, "GPT2JA_HOME": str(tmp_path), "GPT2JA_MODEL_URLS": mirror}
+    env.pop("GPT2JA_OFFLINE", None)
+    p = _run(["-m", "model", "download", "gpt2ja-small"], env, timeout=120)
+    _one_line_error(p, "python -m model", f"cannot download model gpt2ja-small: {mirror.rstrip('/')}/gpt2ja-small")
