@@ -298,13 +298,8 @@ def _start_ray(args):
     logging.getLogger("ray").setLevel(logging.ERROR)
     quiet = {"logging_level": logging.ERROR, "log_to_driver": bool(args.verbose), "include_dashboard": False}
     try:
-        if args.address is None:
-            cpus = max(os.cpu_count() or 1, args.workers * args.threads + 1)
-            # "local": a new cluster even when RAY_ADDRESS names a running one (that is --address's job)
-            ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", **quiet)
-        else:
-            quiet.pop("include_dashboard")
-            ray.init(address=args.address, **quiet)
+        with _stderr_silenced(not args.verbose):
+            _init_ray(ray, args, quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"cannot reach the Ray cluster {args.address or '(local)'}: "
                          f"{' '.join(str(e).split())[:300]}") from None
@@ -319,6 +314,44 @@ def _start_ray(args):
     except ValueError:  # not the main thread
         pass
     return True
+
+
+def _init_ray(ray, args, quiet: dict) -> None:
+    if args.address is None:
+        cpus = max(os.cpu_count() or 1, args.workers * args.threads + 1)
+        # "local": a new cluster even when RAY_ADDRESS names a running one (that is --address's job)
+        ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", **quiet)
+    else:
+        quiet.pop("include_dashboard")
+        ray.init(address=args.address, **quiet)
+
+
+class _stderr_silenced:
+    """While Ray starts (``quiet``): file descriptor 2 points at /dev/null, so that the lines Ray's
+    C++ core prints there at start-up ("logging.cc: Set ray log level ...") and the processes of a
+    local cluster it starts (which inherit it) say nothing on the tool's stderr.  Failures still
+    reach the user: ray.init raises, and the tool reports that in one line."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.saved = quiet, None
+
+    def __enter__(self):
+        if self.quiet:
+            try:
+                sys.stderr.flush()
+                self.saved = os.dup(2)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+            except (OSError, ValueError, AttributeError):
+                self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+        return False
 
 
 def _runtime_env() -> dict:
