@@ -214,6 +214,18 @@ def _start_sigterm_watch() -> None:
     except (OSError, ValueError):
         return
     threading.Thread(target=_watch_sigterm, args=(r,), name="sigterm-watch", daemon=True).start()
+    # A forked child (a multiprocessing worker) would write its own signals into this pipe, where the
+    # parent's watchdog would take them for its own: the child gets no wakeup fd.
+    os.register_at_fork(after_in_child=_no_wakeup_fd)
+
+
+def _no_wakeup_fd() -> None:
+    import signal
+
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from a thread other than the main one: nothing was inherited there
+        pass
 
 
 def _finish_stdout() -> None:

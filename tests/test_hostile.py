@@ -475,3 +475,32 @@ def test_a_download_from_an_unusable_mirror_is_one_line(mirror, tmp_path, env):
     env.pop("GPT2JA_OFFLINE", None)
     p = _run(["-m", "model", "download", "gpt2ja-small"], env, timeout=120)
     _one_line_error(p, "python -m model", f"cannot download model gpt2ja-small: {mirror.rstrip('/')}/gpt2ja-small")
+
+
+_FORKS = r"""
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from cli.errors import TERM_GRACE, run
+
+def main(argv):
+    r, w = os.pipe()
+    pid = os.fork()  # as a multiprocessing worker is made
+    if pid == 0:
+        os.write(w, b"x")
+        time.sleep(60)
+        os._exit(0)
+    os.read(r, 1)  # the child runs
+    os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+    time.sleep(TERM_GRACE + 1)  # the watchdog's whole grace period: it must not fire
+    print("still here")
+
+run(main, prog="forks")
+"""
+
+
+def test_a_sigterm_to_a_forked_child_does_not_end_the_parent():
+    """The watchdog listens on Python's wakeup fd: a forked child (a pool worker) must not write its own
+    signals there, or the parent would take the child's SIGTERM for its own and exit."""
+    p = subprocess.run([sys.executable, "-c", _FORKS, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == "still here\n", (p.returncode, p.stderr)
