@@ -49,7 +49,7 @@ change* time (st_ctime, which no user can set back), inode, device -- and a
 sha256 of their contents computed when the file is made.  When the stamps
 match, nothing more is read; when they differ (the file was rewritten, or
 just copied, ``chmod``-ed or restored from a backup) the data files are hashed
-again (about 1.8 s per 470 MB, the small model, on the reference machine): the
+again (0.95-1.8 s per 400-470 MB, the small model, on a loaded 2-core reference machine): the
 same contents -> the cache file is used and its stamps refreshed; other
 contents -> it is made again.  Beside the checkpoint, a new file replaces the
 files that earlier contents of the same checkpoint left there.
