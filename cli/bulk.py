@@ -37,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
     sub.required = True
 
     def common_flags(q, source: str):
-        flags.add_model_flags(q, threads={"help": "CPU threads of each worker (actor); default 1", "default": 1})
+        flags.add_model_flags(q, threads={"help": "CPU threads of each worker (actor), at most its node's CPUs; "
+                                                          "default 1", "default": 1, "type": flags.positive_int})
         q.add_argument(f"--{source}", nargs="+", metavar="PATH", required=True,
                        help="input files (local paths, or URIs pyarrow reads: s3://, gs://, hdfs://), one text "
                             "per line; lines are numbered from 0 across the files in turn")
@@ -47,7 +48,9 @@ def parser() -> argparse.ArgumentParser:
                        help="Ray cluster to use: 'auto' (the running cluster of this machine) or HOST:PORT; "
                             "default: start a local cluster for this job, listening on 127.0.0.1 only")
         q.add_argument("--workers", type=flags.positive_int, default=1, metavar="N",
-                       help="actors (each loads the model once); default %(default)s")
+                       help="actors (each loads the model once), at most one per shard to do and, on a local "
+                            "cluster, as many as its CPUs (over --threads) and memory hold (a note says when "
+                            "it is lowered); default %(default)s")
         q.add_argument("--shard_lines", type=flags.positive_int, default=None, metavar="N",
                        help="input lines per shard: the unit of work, retry and output file (default 2000)")
         q.add_argument("--resume", action="store_true",
@@ -135,8 +138,38 @@ def _job_description(args, task, shards) -> dict:
             "shards": [[s.path, s.start, s.end, s.first_line, s.lines] for s in shards]}
 
 
-def _prepare_output(args, job: dict, shards) -> list:
-    """Create DIR, check it, write or check _job.json: the shards still to do."""
+def _note(message: str) -> None:
+    sys.stderr.write(f"gpt2-bulk.py: note: {message}\n")
+    sys.stderr.flush()
+
+
+def _part_problem(path: str, shard, rows_per_line: int) -> str | None:
+    """Why the kept file ``path`` is not the finished output of ``shard`` (None when it is): it must
+    read back whole as Parquet, with the shard's rows and lines."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # ArrowInvalid, OSError...: truncated, garbage, unreadable
+        return " ".join(str(e).split())[:200] or type(e).__name__
+    want = shard.lines * rows_per_line
+    if table.num_rows != want:
+        return f"{table.num_rows} rows instead of {want}"
+    if "line" not in table.column_names:
+        return "no line column"
+    lines = table["line"].to_pylist()
+    if lines and (min(lines) != shard.first_line or max(lines) != shard.first_line + shard.lines - 1):
+        return f"lines {min(lines)}..{max(lines)} instead of {shard.first_line}..{shard.first_line + shard.lines - 1}"
+    return None
+
+
+def _prepare_output(args, job: dict, shards, rows_per_line: int = 1) -> list:
+    """Create DIR, check it, write or check _job.json: the shards still to do.
+
+    With --resume, every kept ``part-NNNNN.parquet`` is read back and checked against its shard
+    (rows, lines); a damaged one (truncated, garbage) is removed, with a note, and done again.  A
+    ``_job.json`` beside no part file holds nothing to keep (a job that failed or was stopped
+    before its first shard was written): the new job replaces it, --resume or not."""
     out = args.output
     try:
         os.makedirs(out, exist_ok=True)
@@ -145,9 +178,9 @@ def _prepare_output(args, job: dict, shards) -> list:
     except OSError as e:
         raise UsageError(f"cannot write {out}: {e.strerror or e}") from None
     path = os.path.join(out, JOB_FILE)
-    names = {s.name() for s in shards}
+    by_name = {s.name(): s for s in shards}
     present = sorted(n for n in os.listdir(out) if n.startswith("part-") and n.endswith(".parquet"))
-    if os.path.exists(path) or present:
+    if present:
         if not args.resume:
             raise UsageError(f"{out} holds the output of a job: give --resume to finish it, or another directory")
         try:
@@ -157,10 +190,21 @@ def _prepare_output(args, job: dict, shards) -> list:
             raise UsageError(f"cannot resume: {path} cannot be read ({e})") from None
         if before != job:
             raise UsageError(f"cannot resume: {out} holds another job (other inputs, model or options)")
-        strays = [n for n in present if n not in names]
+        strays = [n for n in present if n not in by_name]
         if strays:
             raise UsageError(f"cannot resume: {out} holds files of no shard of this job ({strays[0]})")
-        return [s for s in shards if s.name() not in present]
+        kept = set()
+        for name in present:
+            problem = _part_problem(os.path.join(out, name), by_name[name], rows_per_line)
+            if problem is None:
+                kept.add(name)
+                continue
+            _note(f"{name} is damaged ({problem}): it is made again")
+            try:
+                os.unlink(os.path.join(out, name))
+            except OSError as e:
+                raise UsageError(f"cannot remove {os.path.join(out, name)}: {e.strerror or e}") from None
+        return [s for s in shards if s.name() not in kept]
     from util.files import atomic_file
 
     try:
@@ -172,6 +216,68 @@ def _prepare_output(args, job: dict, shards) -> list:
     return list(shards)
 
 
+#: Memory an actor takes besides its model's weights (Python, TensorFlow, Ray): measured about
+#: 1.2 GB each for the tiny model (8 actors, 9.7 GB).
+ACTOR_BASE_MEMORY = 5 * 2 ** 28  # 1.25 GiB
+
+
+def _model_bytes(model: str) -> int:
+    """The checkpoint data files' size of --model when it is on this machine, else 0."""
+    import glob
+
+    import hub
+
+    directory = hub.model_path(model)
+    try:
+        return sum(os.path.getsize(f) for f in glob.glob(os.path.join(glob.escape(str(directory)), "*.data-*")))
+    except OSError:
+        return 0
+
+
+def cap_workers(workers: int, threads: int, shards: int, cpus: int, memory, model_bytes: int = 0):
+    """(workers, notes): ``workers`` lowered to what the job can use -- one actor per shard to do,
+    ``cpus // threads`` actors, and the actors that ``memory`` bytes hold (None: unknown) at
+    ``ACTOR_BASE_MEMORY`` + twice the weights each -- at least 1."""
+    notes = []
+    if workers > shards:
+        notes.append(f"--workers {workers} lowered to {shards}: the job has {shards} shard(s) to do")
+        workers = shards
+    fit = max(1, cpus // max(1, threads))
+    if workers > fit:
+        notes.append(f"--workers {workers} lowered to {fit}: {cpus} CPU(s) for actors of --threads {threads}")
+        workers = fit
+    if memory is not None:
+        each = ACTOR_BASE_MEMORY + 2 * model_bytes
+        fit = max(1, int(memory // each))
+        if workers > fit:
+            notes.append(f"--workers {workers} lowered to {fit}: {memory / 2 ** 30:.1f} GiB available, about "
+                         f"{each / 2 ** 30:.1f} GiB per actor")
+            workers = fit
+    return max(1, workers), notes
+
+
+def _check_address(address: str, timeout: float) -> None:
+    """UsageError unless HOST:PORT (or ray://HOST:PORT) accepts a TCP connection within ``timeout``
+    seconds: Ray itself would retry an unreachable address for minutes."""
+    import socket
+
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return  # not HOST:PORT ('auto'): Ray says what is wrong at once
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = "timed out" if isinstance(e, (socket.timeout, TimeoutError)) else (e.strerror or str(e))
+        raise UsageError(f"cannot reach the Ray cluster {address}: {reason} "
+                         f"(tried for up to {timeout:g} s)") from None
+
+
+#: How long --address HOST:PORT may take to accept a connection.
+CONNECT_TIMEOUT = 10.0
+
+
 def _start_ray(args):
     """Connect to --address, or start a local cluster listening on 127.0.0.1: True if started here."""
     import logging
@@ -181,6 +287,10 @@ def _start_ray(args):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if not args.verbose:
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+        # Ray's C++ logs error-looking lines on a healthy job ("core_worker.cc: ... max_restarts > 0")
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    if args.address is not None:
+        _check_address(args.address, CONNECT_TIMEOUT)
     import ray
 
     if ray.is_initialized():
@@ -188,17 +298,60 @@ def _start_ray(args):
     logging.getLogger("ray").setLevel(logging.ERROR)
     quiet = {"logging_level": logging.ERROR, "log_to_driver": bool(args.verbose), "include_dashboard": False}
     try:
-        if args.address is None:
-            cpus = max(os.cpu_count() or 1, args.workers * args.threads + 1)
-            # "local": a new cluster even when RAY_ADDRESS names a running one (that is --address's job)
-            ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", **quiet)
-        else:
-            quiet.pop("include_dashboard")
-            ray.init(address=args.address, **quiet)
+        with _stderr_silenced(not args.verbose):
+            _init_ray(ray, args, quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"cannot reach the Ray cluster {args.address or '(local)'}: "
                          f"{' '.join(str(e).split())[:300]}") from None
+    # Ray's driver takes SIGTERM for itself (exit status 15, its C++ stack dump): give it back to the
+    # tool's handler, which unwinds (ray.shutdown) and exits 143 quietly.
+    import signal
+
+    from .errors import _on_sigterm
+
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
     return True
+
+
+def _init_ray(ray, args, quiet: dict) -> None:
+    if args.address is None:
+        cpus = max(os.cpu_count() or 1, args.workers * args.threads + 1)
+        # "local": a new cluster even when RAY_ADDRESS names a running one (that is --address's job)
+        ray.init(address="local", num_cpus=cpus, _node_ip_address="127.0.0.1", **quiet)
+    else:
+        quiet.pop("include_dashboard")
+        ray.init(address=args.address, **quiet)
+
+
+class _stderr_silenced:
+    """While Ray starts (``quiet``): file descriptor 2 points at /dev/null, so that the lines Ray's
+    C++ core prints there at start-up ("logging.cc: Set ray log level ...") and the processes of a
+    local cluster it starts (which inherit it) say nothing on the tool's stderr.  Failures still
+    reach the user: ray.init raises, and the tool reports that in one line."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.saved = quiet, None
+
+    def __enter__(self):
+        if self.quiet:
+            try:
+                sys.stderr.flush()
+                self.saved = os.dup(2)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, 2)
+                os.close(null)
+            except (OSError, ValueError, AttributeError):
+                self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+        return False
 
 
 def _runtime_env() -> dict:
@@ -274,16 +427,36 @@ def main(argv=None) -> int:
     except bulk.BulkError as e:
         raise UsageError(str(e)) from None
     job = json.loads(json.dumps(_job_description(args, task, shards)))  # as it reads back (tuples -> lists)
-    todo = _prepare_output(args, job, shards)
+    todo = _prepare_output(args, job, shards, task.rows_per_line)
     total = sum(s.lines for s in shards)
     if not todo:
         common.log(args, f"nothing to do: {args.output} has every shard")
         return 0
 
     import time
+    import warnings
 
+    if not args.verbose:  # Ray's own warnings (its tuning advice) are not the user's business
+        warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+    if args.address is None:
+        from util.system import available_memory
+
+        workers, notes = cap_workers(args.workers, args.threads, len(todo), os.cpu_count() or 1,
+                                     available_memory(), _model_bytes(args.model))
+    else:
+        workers, notes = cap_workers(args.workers, args.threads, len(todo), 1 << 30, None)
+    args.workers = workers
     started = _start_ray(args)
     try:
+        if args.address is not None:
+            import ray
+
+            workers, more = cap_workers(workers, args.threads, len(todo),
+                                        int(ray.cluster_resources().get("CPU", 1)), None)
+            notes += more
+        for note in notes:
+            _note(note)
+        args.workers = workers
         spec = _spec(args)
         runtime_env = _runtime_env()
         _preflight(spec, runtime_env, task)

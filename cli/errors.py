@@ -145,8 +145,87 @@ def _silence_stdout() -> None:
         pass
 
 
+#: How long the main thread has to take up a SIGTERM before the process ends without it.
+TERM_GRACE = 2.0
+_TERM = {"handled": False}
+
+
 def _on_sigterm(signum, frame):
+    _TERM["handled"] = True
     raise Terminated()
+
+
+def _hard_exit() -> None:
+    from util.files import remove_temporary_files
+
+    remove_temporary_files()
+    os._exit(143)
+
+
+def _watch_sigterm(fd: int) -> None:
+    """SIGTERM must end a tool promptly whatever its threads are doing.  Python runs a handler
+    only in the main thread, between bytecodes: a main thread inside one long native call (a
+    TensorFlow, OpenBLAS or ONNX Runtime call with many threads, the teardown of their pools)
+    would take the signal only when it returns.  The signal's byte arrives on the wakeup fd at
+    once; this thread gives the main thread ``TERM_GRACE`` seconds to take it up (then the tool
+    unwinds as usual: temporary files removed, a checkpoint saved by gpt2-finetune.py), and
+    otherwise removes the temporary files and exits 143 itself.  A second SIGTERM exits at once.
+    When the SIGTERM handler is no longer this module's (the server installs its own graceful
+    shutdown) the signal is left to that handler."""
+    import signal
+    import time
+
+    term = bytes([signal.SIGTERM])
+    seen = 0
+    while True:
+        try:
+            data = os.read(fd, 256)
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        if term not in data or signal.getsignal(signal.SIGTERM) is not _on_sigterm:
+            continue
+        seen += data.count(term)
+        if seen >= 2:
+            _hard_exit()
+        deadline = time.monotonic() + TERM_GRACE
+        while not _TERM["handled"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _TERM["handled"]:
+            _hard_exit()
+
+
+def _start_sigterm_watch() -> None:
+    """Install the SIGTERM handler (main thread only) and its watchdog (see ``_watch_sigterm``)."""
+    import signal
+    import threading
+
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        return
+    try:
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except (OSError, ValueError):
+        return
+    threading.Thread(target=_watch_sigterm, args=(r,), name="sigterm-watch", daemon=True).start()
+    # A forked child (a multiprocessing worker) would write its own signals into this pipe, where the
+    # parent's watchdog would take them for its own: the child gets no wakeup fd.
+    os.register_at_fork(after_in_child=_no_wakeup_fd)
+
+
+def _no_wakeup_fd() -> None:
+    import signal
+
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from a thread other than the main one: nothing was inherited there
+        pass
 
 
 def _finish_stdout() -> None:
@@ -164,7 +243,8 @@ def run(main, argv=None, prog: str | None = None) -> None:
 
     User errors: one line ``prog: error: ...`` on stderr, status 2.  A closed
     pipe (``| head``): quiet, status 141; Ctrl-C: status 130; SIGTERM: status
-    143 -- each after removing unfinished output files.  Results are UTF-8
+    143 -- each after removing unfinished output files; SIGTERM within
+    ``TERM_GRACE`` seconds whatever the threads are doing (see ``_watch_sigterm``).  Results are UTF-8
     whatever the locale says.
     """
     import signal
@@ -180,10 +260,7 @@ def run(main, argv=None, prog: str | None = None) -> None:
             except (AttributeError, ValueError):
                 pass
     sys.stdout = _Output(sys.stdout)
-    try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread
-        pass
+    _start_sigterm_watch()
     status = 0
     try:
         status = main(argv) or 0
@@ -204,4 +281,10 @@ def run(main, argv=None, prog: str | None = None) -> None:
         status = 2
     finally:
         remove_temporary_files()
+        # Everything is written: a SIGTERM while the interpreter and the engines' thread pools shut
+        # down ends the process at once (a Python handler would only run after that teardown).
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:
+            pass
     sys.exit(status)

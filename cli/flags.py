@@ -40,6 +40,30 @@ positive_int = _integer(1, "must be at least 1")
 non_negative_int = _integer(0, "must not be negative")
 
 
+def thread_count(text: str) -> int:
+    """--threads: a positive integer, lowered to the CPUs this process may run on
+    (``model.threads.thread_cap``) with one note on stderr."""
+    import os
+    import sys
+
+    from model.threads import thread_cap
+
+    value = positive_int(text)
+    cap = thread_cap()
+    if value > cap:
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "gpt2-japanese"
+        try:
+            sys.stderr.write(f"{prog}: note: --threads {value} is more than the {cap} CPU(s) this process may run "
+                             f"on; using {cap}\n")
+        except (OSError, ValueError, AttributeError):
+            pass
+        value = cap
+    return value
+
+
+thread_count.__name__ = "integer"
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -89,10 +113,10 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
         help="never use the network (as GPT2JA_OFFLINE=1): a released model that is not in the cache is "
              "an error saying what to download and where to put it")),
     "threads": (("--threads",), dict(
-        type=positive_int, default=None, metavar="N",
-        help="CPU threads for TensorFlow's pools and OpenBLAS (default: the CPUs this process may run on, "
-             "with decoding steps switching between one thread and all of them, whichever the machine runs "
-             "faster at the moment)")),
+        type=thread_count, default=None, metavar="N",
+        help="CPU threads for TensorFlow's pools, OpenBLAS and ONNX Runtime, at most the CPUs this process may "
+             "run on (a larger N is lowered to that, with a note) (default: all of them, with decoding steps "
+             "switching between one thread and all of them, whichever the machine runs faster at the moment)")),
     "output_file": (("--output_file",), dict(
         default="", metavar="FILE",
         help="write to FILE instead of stdout, atomically: a failed run leaves FILE as it was "

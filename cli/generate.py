@@ -111,12 +111,12 @@ def token_id(enc, text: str, flag: str) -> int:
 
 
 def _contexts(args):
-    """The contexts to continue, read lazily for --contexts."""
+    """The contexts to continue: read lazily for --contexts; the one --context as a list, so that
+    the generator sizes its batch (and its memory check) by the samples planned, at most
+    --num_generate, not by --batch_size."""
     if args.contexts is not None:
-        for _, line in io.read_lines(args.contexts):
-            yield line
-    else:
-        yield io.read_context(args.context, default="<|endoftext|>")
+        return (line for _, line in io.read_lines(args.contexts))
+    return [io.read_context(args.context, default="<|endoftext|>")]
 
 
 def _render(fmt: str):
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                 out.write(piece)
                 out.flush()
 
-            generator.generate(next(_contexts(args)), 1, options, on_text=on_text)
+            generator.generate(_contexts(args)[0], 1, options, on_text=on_text)
             out.write("\n")
             out.flush()
         else:

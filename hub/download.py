@@ -514,11 +514,18 @@ def _try_addresses(urls, dest: Path, part: Path, what: str, progress: Optional[b
     for url in urls:
         stalls, delay = 0, RETRY_DELAY
         kept = _size(part)
-        _note(f"downloading {what} from {url}" + (f", resuming at {_human(kept)}" if kept else ""))
+        told = []
+
+        def announce(url=url, kept=kept, told=told):
+            # said once the server has answered: nothing before an address is known to be usable
+            if not told:
+                told.append(True)
+                _note(f"downloading {what} from {url}" + (f", resuming at {_human(kept)}" if kept else ""))
+
         while True:
             before = _size(part)
             try:
-                _fetch(url, part, what, progress)
+                _fetch(url, part, what, progress, announce)
                 os.replace(part, dest)
                 _meta_path(part).unlink(missing_ok=True)
                 return True
@@ -541,9 +548,11 @@ def _try_addresses(urls, dest: Path, part: Path, what: str, progress: Optional[b
     return False
 
 
-def _fetch(url: str, part: Path, what: str, progress: Optional[bool]) -> None:
+def _fetch(url: str, part: Path, what: str, progress: Optional[bool],
+           announce: Callable[[], object] = lambda: None) -> None:
     """One attempt: append the rest of ``url`` to ``part`` (or start over when the
-    server cannot resume).  Returns only when the file is complete."""
+    server cannot resume); ``announce()`` once the server has answered with the file.
+    Returns only when the file is complete."""
     offset = _size(part)
     meta = _read_meta(part)
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
@@ -590,6 +599,7 @@ def _fetch(url: str, part: Path, what: str, progress: Optional[bool]) -> None:
             ranges = False
         else:
             ranges = meta.get("ranges") if meta.get("url") == url else None
+        announce()
         _write_meta(part, {"url": url, "total": total, "validator": validator, "ranges": ranges})
         with open(part, "r+b" if offset else "wb") as f, _bar(total, what, progress, initial=offset) as bar:
             f.seek(offset)

@@ -17,6 +17,13 @@ Neither fixed count is right for both, so with the default policy a
 decoder times its steps: now and then a few steps run with each candidate
 count (one thread, all of them), interleaved, and the faster one is kept until
 the next probe.  An explicit --threads N fixes the count and turns tuning off.
+
+The cap: no pool gets more threads than the CPUs this process may run on
+(``thread_cap()``, the affinity mask): the engines' work is compute-bound, so a
+thread beyond that only waits for a core, and thousands of them (``--threads
+10000`` once made 10,065 threads and a load average of 900) swamp the machine.
+``configure_threads`` lowers a larger count to the cap; the tools' ``--threads``
+says so in one line on stderr (``cli.flags``).
 """
 from __future__ import annotations
 
@@ -36,14 +43,21 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def thread_cap() -> int:
+    """The most threads any pool gets: the CPUs this process may run on."""
+    return cpu_count()
+
+
 def configure_threads(threads: Optional[int] = None, tensorflow: bool = True) -> int:
-    """Set the thread policy of this process: ``threads`` fixed, or None for the
-    default (all CPUs, decoding steps tuned).  Call before the model is loaded,
+    """Set the thread policy of this process: ``threads`` fixed (lowered to ``thread_cap()``), or
+    None for the default (all CPUs, decoding steps tuned).  Call before the model is loaded,
     so that TensorFlow's pools are sized before TensorFlow starts (``tensorflow``
     False: TensorFlow is left alone, not even imported).  Returns the largest
     count any pool gets."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if threads is not None:
+        threads = min(threads, thread_cap())
     _POLICY["threads"] = threads
     count = threads or cpu_count()
     set_blas_threads(count)

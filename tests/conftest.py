@@ -6,9 +6,12 @@ original tools) in ``tests/data/`` -- see ``tests/data/README.md``.
 ``DATA_FILES`` lists every file the suite reads; ``tests/test_repo.py``
 checks that the repository holds each of them.
 """
+import contextlib
 import json
 import os
 import pathlib
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -103,3 +106,39 @@ def env(vocab_dir, monkeypatch):
     environment for subprocesses."""
     monkeypatch.setenv("GPT2JA_VOCAB", str(vocab_dir))
     return dict(os.environ)
+
+
+#: The signals tests send to the tools they start.
+SENT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def default_signals(signums=SENT_SIGNALS):
+    """Children started inside the block get each of ``signums`` at its default disposition.
+
+    A signal this process ignores stays ignored across exec, and a suite started from a background
+    job (``nohup ... &``, ``bash .ci/run &``) ignores SIGINT and SIGQUIT: a child would never see the
+    Ctrl-C a test sends.  A signal with a Python handler is reset to the default by exec, so for the
+    block each ignored signal gets a handler that keeps ignoring it here (SIGINT: Python's own, the
+    usual Ctrl-C), and its disposition is restored afterwards.  Signal handlers can only be set in
+    the main thread: elsewhere the block changes nothing."""
+    import threading
+
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signums:
+            if signal.getsignal(signum) == signal.SIG_IGN:
+                saved[signum] = signal.signal(
+                    signum, signal.default_int_handler if signum == signal.SIGINT else (lambda *_: None))
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def spawn(args, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen(args, **kwargs)`` for a child the test will signal: SIGINT and SIGTERM at
+    their default dispositions whatever this process inherited (see ``default_signals``)."""
+    with default_signals():
+        return subprocess.Popen(args, **kwargs)

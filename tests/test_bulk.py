@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, spawn
 
 # Ray must advertise 127.0.0.1, not the machine's outside address (set before Ray is imported).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -315,8 +315,8 @@ def test_a_local_cluster_listens_on_loopback_only(inputs, tiny_model_dir, tmp_pa
     out = tmp_path / "scores"
     env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     driver = subprocess.Popen([sys.executable, BULK, "score", "--model", str(tiny_model_dir), "--input",
-                               inputs["paths"][1], "--output", str(out)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+                               inputs["paths"][1], "--output", str(out), "--workers", "6"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     listening = set()
     try:
         while driver.poll() is None:
@@ -341,3 +341,113 @@ def test_a_local_cluster_listens_on_loopback_only(inputs, tiny_model_dir, tmp_pa
 
     assert listening and all(loopback(ip) for ip, _ in listening), listening
     assert _read(out).num_rows == 17
+    # --workers beyond the shards is lowered with a note, and that note is all a successful job
+    # says: none of Ray's own log lines (core_worker ... max_restarts) or warnings
+    assert err.splitlines() == ["gpt2-bulk.py: note: --workers 6 lowered to 1: the job has 1 shard(s) to do"], err
+
+
+# --------------------------------------------------------------------------- faults (issue 22, D17)
+
+
+def _args(tmp_path, resume=False):
+    import argparse
+
+    return argparse.Namespace(output=str(tmp_path / "out"), resume=resume)
+
+
+def test_resume_redoes_a_damaged_part_and_keeps_a_sound_one(tmp_path, inputs, capsys):
+    import pyarrow as pa
+
+    from tasks.bulk import plan_shards
+
+    shards = plan_shards(inputs["paths"], shard_lines=10)
+    job = {"job": 1}
+    assert len(cli_bulk._prepare_output(_args(tmp_path), job, shards)) == len(shards)
+    out = tmp_path / "out"
+    for s in shards[:3]:
+        pq.write_table(pa.table({"line": list(range(s.first_line, s.first_line + s.lines))}), str(out / s.name()))
+    data = (out / shards[0].name()).read_bytes()
+    (out / shards[0].name()).write_bytes(data[: len(data) // 2])  # truncated
+    (out / shards[1].name()).write_bytes(b"garbage" * 100)
+    todo = cli_bulk._prepare_output(_args(tmp_path, resume=True), job, shards)
+    assert [s.number for s in todo] == [0, 1] + [s.number for s in shards[3:]]
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 2 and all(n.startswith("gpt2-bulk.py: note: part-0000") and "made again" in n
+                                   for n in notes), notes
+    assert sorted(os.listdir(out)) == ["_job.json", shards[2].name()]
+    # a part with the wrong rows is not the shard's either
+    pq.write_table(pa.table({"line": [0]}), str(out / shards[0].name()))
+    assert shards[0] in cli_bulk._prepare_output(_args(tmp_path, resume=True), job, shards)
+
+
+def test_a_job_file_without_parts_is_replaced_by_the_corrected_job(tmp_path, inputs):
+    """A job that failed before its first shard was written (a user error found on the cluster) leaves
+    only _job.json: the corrected command runs, with --resume or without."""
+    from tasks.bulk import plan_shards
+
+    shards = plan_shards(inputs["paths"], shard_lines=10)
+    cli_bulk._prepare_output(_args(tmp_path), {"job": "wrong"}, shards)
+    for resume in (False, True):
+        assert len(cli_bulk._prepare_output(_args(tmp_path, resume), {"job": resume}, shards)) == len(shards)
+        assert json.loads((tmp_path / "out" / "_job.json").read_text()) == {"job": resume}
+
+
+def test_workers_are_capped_by_shards_cpus_and_memory():
+    assert cli_bulk.cap_workers(6, 1, 8, 16, None) == (6, [])
+    assert cli_bulk.cap_workers(6, 1, 3, 16, None)[0] == 3
+    w, notes = cli_bulk.cap_workers(6, 1, 100, 2, None)
+    assert w == 2 and notes == ["--workers 6 lowered to 2: 2 CPU(s) for actors of --threads 1"]
+    assert cli_bulk.cap_workers(6, 4, 100, 2, None)[0] == 1
+    w, notes = cli_bulk.cap_workers(6, 1, 100, 64, 4 * 2 ** 30, model_bytes=2 ** 30)
+    assert w == 1 and "GiB per actor" in notes[0]
+
+
+def test_an_unreachable_address_is_one_line(tmp_path, env, tiny_model_dir):
+    import socket
+
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = tmp_path / "in.txt"
+    src.write_text("今日は\n", encoding="utf-8")
+    p = subprocess.run([sys.executable, BULK, "score", "--model", str(tiny_model_dir), "--input", str(src),
+                        "--output", str(tmp_path / "out"), "--address", f"127.0.0.1:{port}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.splitlines() == [f"gpt2-bulk.py: error: cannot reach the Ray cluster 127.0.0.1:{port}: "
+                                     f"Connection refused (tried for up to 10 s)"], p.stderr
+
+
+def test_planning_reads_long_lines_across_blocks(tmp_path, monkeypatch):
+    """Lines longer than the read block (joined once, at their end: linear time) keep their offsets."""
+    from tasks import bulk
+
+    monkeypatch.setattr(bulk, "_READ_BLOCK", 5)
+    lines = ["a" * 23, "", "bb\r", "c" * 11, "d" * 5, "e" * 4]
+    path = tmp_path / "in.txt"
+    path.write_bytes("\n".join(lines).encode())
+    shards = bulk.plan_shards([str(path)], shard_lines=1)
+    assert [bulk.read_shard(s) for s in shards] == [[t.rstrip("\r")] for t in lines]
+    assert shards[-1].end == path.stat().st_size
+
+
+def test_sigterm_to_the_driver_exits_143_quietly(cluster, inputs, tiny_model_dir, tmp_path, env):
+    out = tmp_path / "samples"
+    driver = spawn([sys.executable, BULK, "generate", "--model", str(tiny_model_dir), "--contexts",
+                    inputs["concatenated"], "--output", str(out), "--shard_lines", "1", "--num_generate", "1",
+                    "--seed", "3", "--max_length", "60", "--address", cluster.address],
+                   env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None and not (out.exists() and _parts(out)):
+            time.sleep(0.02)
+        assert driver.poll() is None and _parts(out), driver.stderr.read()[-2000:]
+        driver.send_signal(signal.SIGTERM)
+        err = driver.communicate(timeout=120)[1].decode("utf-8", "replace")
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 143, err[-3000:]
+    assert err == "", err[-3000:]
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]

@@ -562,10 +562,10 @@ def test_ctrl_c_during_a_download_says_what_was_kept(home, server, archive, monk
     server.files[path] = archive
     real_fetch = hub_download._fetch
 
-    def interrupted(url, part, what, progress):
+    def interrupted(url, part, what, progress, announce):
         server.drop_once[path] = 100_000
         with pytest.raises(hub_download._Failed):
-            real_fetch(url, part, what, progress)  # 100 kB arrive, then the connection is cut
+            real_fetch(url, part, what, progress, announce)  # 100 kB arrive, then the connection is cut
         raise KeyboardInterrupt
 
     monkeypatch.setattr(hub_download, "_fetch", interrupted)

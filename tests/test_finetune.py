@@ -10,7 +10,7 @@ import pytest
 import model
 from tasks import dataset as D
 
-from conftest import ROOT
+from conftest import ROOT, spawn
 
 ENCODE = str(ROOT / "gpt2-encode.py")
 FINETUNE = str(ROOT / "gpt2-finetune.py")
@@ -233,7 +233,7 @@ def T_latest(run):
 def test_cli_ctrl_c_saves_and_exits_quietly(tiny_model_dir, dataset_npz, tmp_path, env):
     args = [sys.executable, FINETUNE, "--model", str(tiny_model_dir), "--dataset", str(dataset_npz),
             "--run_name", "r", "--chunk", "64", "--save_every", "1"]
-    p = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = spawn(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     counter = tmp_path / "checkpoint" / "r" / "counter"
     try:
         deadline = time.monotonic() + 120

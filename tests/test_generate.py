@@ -13,7 +13,7 @@ from tasks.generate import GenerateOptions, Generator, TextAssembler
 from model.npdecode import NumpyDecoder, cpu_weights
 from tasks.sampling import SamplingParams, choose, top_k_filter, top_p_filter
 
-from conftest import ROOT
+from conftest import ROOT, spawn
 
 SCRIPT = str(ROOT / "gpt2-generate.py")
 
@@ -507,9 +507,9 @@ def test_min_length_too_large(tiny_model_dir, env):
 def test_ctrl_c_ends_quietly(tiny_model_dir, env):
     import signal
 
-    p = subprocess.Popen([sys.executable, SCRIPT, "--model", str(tiny_model_dir), "--gpu", "-1", "--num_generate",
-                          "1", "--max_length", "100000", "--min_length", "500", "--stream", "--seed", "1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    p = spawn([sys.executable, SCRIPT, "--model", str(tiny_model_dir), "--gpu", "-1", "--num_generate",
+               "1", "--max_length", "100000", "--min_length", "500", "--stream", "--seed", "1"],
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     assert p.stdout.read(3)  # it is generating
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, spawn
 
 GENERATE = str(ROOT / "gpt2-generate.py")
 TRANSFORM = str(ROOT / "gpt2-transform.py")
@@ -234,9 +234,9 @@ def test_work_that_cannot_fit_in_memory_is_refused(args, tool, message, tiny_mod
 def test_sigterm_removes_the_temporary_output_and_keeps_the_old_file(tiny_model_dir, tmp_path, env):
     out = tmp_path / "out.txt"
     out.write_text("precious\n")
-    p = subprocess.Popen([sys.executable, GENERATE, "--model", str(tiny_model_dir), "--gpu", "-1",
-                          "--num_generate", "1", "--max_length", "100000", "--min_length", "500", "--seed", "1",
-                          "--output_file", str(out)], stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    p = spawn([sys.executable, GENERATE, "--model", str(tiny_model_dir), "--gpu", "-1",
+               "--num_generate", "1", "--max_length", "100000", "--min_length", "500", "--seed", "1",
+               "--output_file", str(out)], stderr=subprocess.PIPE, env=env, cwd=ROOT)
     # wait until the temporary file exists: generation is under way
     import time
 
@@ -261,9 +261,9 @@ def test_ctrl_c_during_parallel_encoding_is_quiet(tmp_path, env):
     import select
 
     for _ in range(2):
-        p = subprocess.Popen([sys.executable, ENCODE, "--src_dir", str(src), "--dst_file", str(tmp_path / "o.npz"),
-                              "--num_process", "2", "--progress"], stderr=subprocess.PIPE, env=env, cwd=ROOT,
-                             start_new_session=True)
+        p = spawn([sys.executable, ENCODE, "--src_dir", str(src), "--dst_file", str(tmp_path / "o.npz"),
+                   "--num_process", "2", "--progress"], stderr=subprocess.PIPE, env=env, cwd=ROOT,
+                  start_new_session=True)
         seen = b""
         deadline = time.monotonic() + 120
         while b"/3000" not in seen:  # the progress bar shows that encoding is under way
@@ -355,3 +355,152 @@ def test_finetune_losses_never_share_a_line_with_the_bar(tiny_model_dir, npz, tm
     assert len(starts) >= 3, out
     for i in starts:  # each report begins a line of its own
         assert i == 0 or out[i - 1] in "\r\n", repr(out[max(0, i - 40):i + 20])
+
+
+def test_a_signalled_child_gets_the_default_disposition_in_a_backgrounded_suite():
+    """The suite may run from ``nohup ... &`` (SIGINT ignored, and inherited across exec): the children
+    tests signal are started with ``conftest.spawn``, which gives them SIGINT and SIGTERM at their
+    defaults, where a plain Popen would pass the ignored SIGINT on."""
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,"
+                                   " signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)"]
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old_term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        plain = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        p = spawn(probe, stdout=subprocess.PIPE, text=True)
+        out = p.communicate(timeout=60)[0]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # this process is left as it was
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+    assert plain.stdout.split() == ["False", "False"]
+    assert out.split() == ["True", "True"]
+
+
+# -- D14: --threads is bounded; SIGTERM is prompt whatever the threads do -------------------------------------
+
+
+def test_threads_beyond_the_cpus_are_lowered_with_one_note(tiny_model_dir, env):
+    import model
+    from model.threads import fixed_threads, thread_cap
+
+    cap = thread_cap()
+    try:
+        assert model.configure_threads(10 ** 6, tensorflow=False) == cap and fixed_threads() == cap
+    finally:
+        model.configure_threads(None, tensorflow=False)
+    p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--threads", "10000", "--num_generate", "1",
+              "--max_length", "5", "--seed", "1"], env)
+    err = p.stderr.decode()
+    assert p.returncode == 0, err
+    assert err.splitlines() == [f"gpt2-generate.py: note: --threads 10000 is more than the {cap} CPU(s) this "
+                                f"process may run on; using {cap}"]
+    assert p.stdout.strip()
+
+
+_STUCK = r"""
+import ctypes, os, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+from cli.errors import run
+from util.files import atomic_file
+
+def main(argv):
+    r, w = os.pipe()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def native_wait():  # a native call that never returns, signals or not (the read restarts)
+        libc.read(r, ctypes.create_string_buffer(1), 1)
+
+    for _ in range(int(sys.argv[3])):
+        threading.Thread(target=native_wait, daemon=True).start()
+    signal.siginterrupt(signal.SIGTERM, False)
+    with atomic_file(sys.argv[2], "w") as f:
+        f.write("partial")
+        print("ready", flush=True)
+        native_wait()
+
+run(main, prog="stuck")
+"""
+
+
+def test_sigterm_ends_a_tool_whose_threads_are_all_in_native_code(tmp_path):
+    """The main thread and 300 others inside native calls that a signal does not interrupt (as a long
+    TensorFlow / OpenBLAS / ONNX Runtime call is): SIGTERM still ends the tool within the grace period,
+    status 143, its temporary output file removed, nothing on stderr."""
+    import time
+
+    from cli.errors import TERM_GRACE
+
+    out = tmp_path / "out.txt"
+    p = spawn([sys.executable, "-c", _STUCK, str(ROOT), str(out), "300"], stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n", p.stderr.read()
+        assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+        deadline = time.monotonic() + 60
+        while not open(f"/proc/{p.pid}/wchan").read().endswith("pipe_read"):  # the main thread is in read(2)
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=60)[1]
+        took = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143, err
+    assert err == b""
+    assert took >= TERM_GRACE * 0.9  # the main thread had its chance first
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_huge_batch_size_is_not_refused_for_memory_a_few_samples_never_need(tiny_model_dir, env):
+    """--batch_size is an upper bound: with one --context and 3 samples, 3 rows are decoded together,
+    and memory is checked for those (10**7 rows would need terabytes)."""
+    p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--batch_size", "10000000", "--num_generate", "3",
+              "--max_length", "5", "--seed", "1", "--format", "jsonl"], env)
+    assert p.returncode == 0, p.stderr
+    assert [json.loads(line)["index"] for line in p.stdout.decode().splitlines()] == [0, 1, 2]
+    # a run that would really decode that many rows is still refused
+    p = _run([GENERATE, "--model", tiny_model_dir, "--gpu", "-1", "--batch_size", "10000000",
+              "--num_generate", "10000000", "--max_length", "5"], env)
+    _one_line_error(p, "gpt2-generate.py", "--batch_size 10000000 needs about")
+
+
+@pytest.mark.parametrize("mirror", ["not-a-url", "/no/such/dir", "http://127.0.0.1:1"])
+def test_a_download_from_an_unusable_mirror_is_one_line(mirror, tmp_path, env):
+    """Nothing is announced before the address is known to be usable: only the error line."""
+    env = {**env, "GPT2JA_HOME": str(tmp_path), "GPT2JA_MODEL_URLS": mirror}
+    env.pop("GPT2JA_OFFLINE", None)
+    p = _run(["-m", "model", "download", "gpt2ja-small"], env, timeout=120)
+    _one_line_error(p, "python -m model", f"cannot download model gpt2ja-small: {mirror.rstrip('/')}/gpt2ja-small")
+
+
+_FORKS = r"""
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+from cli.errors import TERM_GRACE, run
+
+def main(argv):
+    r, w = os.pipe()
+    pid = os.fork()  # as a multiprocessing worker is made
+    if pid == 0:
+        os.write(w, b"x")
+        time.sleep(60)
+        os._exit(0)
+    os.read(r, 1)  # the child runs
+    os.kill(pid, signal.SIGTERM)
+    os.waitpid(pid, 0)
+    time.sleep(TERM_GRACE + 1)  # the watchdog's whole grace period: it must not fire
+    print("still here")
+
+run(main, prog="forks")
+"""
+
+
+def test_a_sigterm_to_a_forked_child_does_not_end_the_parent():
+    """The watchdog listens on Python's wakeup fd: a forked child (a pool worker) must not write its own
+    signals there, or the parent would take the child's SIGTERM for its own and exit."""
+    p = subprocess.run([sys.executable, "-c", _FORKS, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == "still here\n", (p.returncode, p.stderr)

@@ -346,3 +346,123 @@ def test_teacher_forced_logits_are_the_decoders_logits(tiny_q):
     assert [g.shape[0] for g in got] == [3, 1, 2]
     for s, g in zip(seqs, got):
         np.testing.assert_allclose(g, tiny_q.logits([s])[0, :-1], atol=1e-4)
+
+
+# -- the cache against hostile and unlucky file systems (issue 22, C11) ---------------------------
+
+
+def _fresh(tmp_path, name="m"):
+    d = tmp_path / name
+    shutil.copytree(TINY_DIR, d)
+    return d, str(d / "model-1000")
+
+
+def test_a_symlink_at_the_cache_name_is_replaced_never_followed(tiny_q, tmp_path):
+    """A link planted at the cache file's name (a shared $GPT2JA_HOME): its target is neither
+    written nor read; the link itself is replaced by the cache file."""
+    d, prefix = _fresh(tmp_path)
+    w = model.npdecode.cpu_weights(tiny_q)
+    key = quantize.checkpoint_key(prefix, "q8")
+    path = quantize.cache_candidates(prefix, "q8", key)[0]
+    path.parent.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path.symlink_to(victim)
+    q = quantize.load_or_make(w, prefix, "q8", tiny_q.hparams)
+    assert q.made and q.path == path
+    assert victim.read_text() == "precious"
+    assert not path.is_symlink() and path.is_file()
+    # a link to a perfectly valid cache file for this very key is not read either
+    elsewhere = tmp_path / "elsewhere.npz"
+    os.replace(path, elsewhere)
+    path.symlink_to(elsewhere)
+    again = quantize.load_or_make(w, prefix, "q8", tiny_q.hparams)
+    assert again.made and not path.is_symlink()
+    assert not quantize.load_or_make(w, prefix, "q8", tiny_q.hparams).made
+    # a FIFO at the name is not opened (that would block) and is replaced
+    path.unlink()
+    os.mkfifo(path)
+    assert quantize.load_or_make(w, prefix, "q8", tiny_q.hparams).made and path.is_file()
+
+
+def _npy_header(shape, dtype="<f4") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def test_a_cache_file_declaring_huge_arrays_is_made_again(tiny_q, tmp_path):
+    """Member headers are checked against the file's size and the expected shapes before anything is
+    allocated: a crafted file declaring 10**13 elements is invalid, not a MemoryError."""
+    import io
+    import zipfile
+
+    d, prefix = _fresh(tmp_path)
+    w = model.npdecode.cpu_weights(tiny_q)
+    good = quantize.load_or_make(w, prefix, "q4", tiny_q.hparams)
+    data = good.path.read_bytes()
+
+    def craft(replace):
+        out = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w") as zout:
+            for info in zin.infolist():
+                body = zin.read(info)
+                zout.writestr(info.filename, replace.get(info.filename, body))
+        good.path.write_bytes(out.getvalue())
+
+    huge = (10 ** 13,)
+    for member, dtype in (("__meta__.npy", "|u1"), ("wte/s.npy", "<f4"), ("model/wpe.npy", "<f4")):
+        craft({member: _npy_header(huge, dtype) + b"\0" * 64})
+        q = quantize.load_or_make(w, prefix, "q4", tiny_q.hparams)
+        assert q.made and q.path == good.path, member
+        np.testing.assert_array_equal(q.arrays["wte/q"], good.arrays["wte/q"])
+    # a member that declares a compressed size beyond the file (a zip bomb) is refused the same way
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    good.path.write_bytes(out.getvalue())
+    assert quantize.load_or_make(w, prefix, "q4", tiny_q.hparams).made
+    assert model.load_quantized(d, "q4").quantized.made is False
+
+
+def test_a_data_file_changed_in_place_with_size_and_mtime_restored_is_noticed(tiny_q, tmp_path):
+    """The key sees sizes and modification times only; the change time and a content hash recorded
+    in the cache file catch a rewrite that restores both (the float32 path then reports the
+    corruption instead of decoding with stale weights)."""
+    d, prefix = _fresh(tmp_path)
+    made = model.load_quantized(d, "q8")
+    assert made.quantized.made
+    data = d / "model-1000.data-00000-of-00001"
+    st = data.stat()
+    with open(data, "r+b") as f:  # a byte of the weights changed, size kept
+        f.seek(st.st_size // 2)
+        b = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([b[0] ^ 0x55]))
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+    key = quantize.checkpoint_key(prefix, "q8")
+    assert quantize.read_cache(made.quantized.path, None, "q8", key) is not None  # the key alone passes
+    assert quantize.read_cache(made.quantized.path, None, "q8", key, prefix) is None
+    with pytest.raises(model.ModelError):
+        model.load_quantized(d, "q8")
+
+
+def test_a_copied_checkpoint_reuses_its_cache_and_hashes_once(tmp_path, monkeypatch):
+    """Other stamps with the same contents (cp -p, chmod, a restore): the data files are hashed once,
+    the cache file is used and its stamps refreshed, so the next start reads nothing more."""
+    d, _ = _fresh(tmp_path)
+    assert model.load_quantized(d, "q4").quantized.made
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)  # copy2: mtimes kept, new inodes and change times
+    calls = []
+    digest = quantize.data_digest
+    monkeypatch.setattr(quantize, "data_digest", lambda p: calls.append(p) or digest(p))
+    first = model.load_quantized(copy, "q4")
+    assert not first.quantized.made and first.quantized.path.parent == copy / "quantized"
+    assert len(calls) == 1
+    assert not model.load_quantized(copy, "q4").quantized.made
+    assert len(calls) == 1

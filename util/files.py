@@ -74,18 +74,24 @@ def check_writable(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8") -> Iterator:
-    """A file object for ``path`` (mode "w" or "wb"), committed when the block ends normally."""
+def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8",
+                follow_symlinks: bool = True) -> Iterator:
+    """A file object for ``path`` (mode "w" or "wb"), committed when the block ends normally.
+    ``follow_symlinks`` False (caches in shared directories): whatever is at ``path`` -- a symbolic
+    link, a device, a FIFO -- is replaced by the new regular file, and never opened."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     text = "b" not in mode
-    target = target_of(path)
-    if is_special(target):
+    target = target_of(path) if follow_symlinks else Path(os.path.abspath(path))
+    if follow_symlinks and is_special(target):
         with open(target, mode, encoding="utf-8" if text else None) as f:
             yield f
         return
     try:
-        keep_mode = stat.S_IMODE(os.stat(target).st_mode)
+        st = os.stat(target, follow_symlinks=follow_symlinks)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError("not a regular file")
+        keep_mode = stat.S_IMODE(st.st_mode)
     except OSError:
         keep_mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -106,9 +112,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8
             _PENDING.discard(tmp)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "wb") -> None:
+def atomic_write(path: str | os.PathLike, write: Callable, mode: str = "wb", follow_symlinks: bool = True) -> None:
     """``write(file)`` into ``path`` atomically (see ``atomic_file``)."""
-    with atomic_file(path, mode) as f:
+    with atomic_file(path, mode, follow_symlinks=follow_symlinks) as f:
         write(f)
 
 
