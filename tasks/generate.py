@@ -236,8 +236,12 @@ class Generator:
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        rows = self.planned_rows(num, batch_size, len(contexts) if hasattr(contexts, "__len__") else None)
-        self._check(num, options, rows)
+        known = len(contexts) if hasattr(contexts, "__len__") else None
+        rows = self.planned_rows(num, batch_size, known)
+        # With contexts read lazily (--contexts FILE) the batch fills only as far as there are
+        # samples: memory is checked up front for the first context's samples, then as the batch
+        # grows (see _decode), so a large --batch_size is never refused for rows never used.
+        self._check(num, options, rows if known is not None else min(rows, num))
         numbers = itertools.count()
 
         def sources():
@@ -249,7 +253,8 @@ class Generator:
 
         done = {}
         following = 0
-        for tag, text in self._decode(sources(), options, batch_size, read_ahead, progress, rows=rows):
+        for tag, text in self._decode(sources(), options, batch_size, read_ahead, progress, rows=rows,
+                                      checked=None if known is not None else min(rows, num)):
             done[tag.order] = Sample(tag.context_index, tag.context, tag.index, text)
             while following in done:
                 yield done.pop(following)
@@ -263,22 +268,27 @@ class Generator:
 
     def _decode(self, sources: Iterator[List[Job]], options: GenerateOptions, batch_size: int,
                 read_ahead: bool, progress: Optional[Callable[[int], None]] = None,
-                rows: Optional[int] = None) -> Iterator[Tuple[_Tag, str]]:
+                rows: Optional[int] = None, checked: Optional[int] = None) -> Iterator[Tuple[_Tag, str]]:
         """Decode the jobs that ``sources`` gives (a list of jobs per context) on the one
         scheduler; yields (tag, text) as samples finish.  An exception from ``sources`` is raised
-        once every job it gave before has been finished."""
+        once every job it gave before has been finished.  ``checked``: how many rows the memory
+        was checked for (None: all of ``batch_size``); the batch grows past it only while the
+        memory holds the key/value caches of the larger batch (doubling), else it stays there."""
         if options.max_length == 0 or options.max_tokens == 0:
             for jobs in sources:
                 for job in jobs:
                     yield job.tag, ""
             return
         sch = Scheduler(self.engine(rows), self.enc, batch_size, self.stats)
+        hp = self.model.hparams
+        per_row = 2 * 4 * hp.n_layer * hp.n_ctx * hp.n_embd
+        limit = batch_size if checked is None else checked  # rows the memory is known to hold
         failure: Optional[Exception] = None
         pending: Deque[Job] = deque()
         exhausted = False
         while True:
             joining: List[Job] = []
-            while len(joining) < sch.free:
+            while len(joining) < sch.free - max(0, batch_size - limit):
                 if not pending:
                     if exhausted or (not read_ahead and (sch.busy or joining)):
                         break
@@ -290,6 +300,13 @@ class Generator:
                         exhausted = True
                         break
                     pending.extend(more)
+                    if limit < batch_size and len(pending) + len(sch.active) + len(sch.retrying) > limit:
+                        grown = min(batch_size, max(2 * limit, len(pending) + len(sch.active)))
+                        try:
+                            memory.check("batch_size", grown, grown * per_row, "")
+                            limit = grown
+                        except OptionError:
+                            pass  # the batch stays at the rows the memory holds
                     continue
                 joining.append(pending.popleft())
             sch.admit(joining)

@@ -9,6 +9,7 @@ import pytest
 import model
 from cli import generate as cli_generate
 from cli.errors import UsageError
+from tasks.errors import OptionError
 from tasks.generate import GenerateOptions, Generator, TextAssembler
 from model.npdecode import NumpyDecoder, cpu_weights
 from tasks.sampling import SamplingParams, choose, top_k_filter, top_p_filter
@@ -535,3 +536,21 @@ def test_bench_loops_time_real_steps(tiny, enc):
         timed = measure()
         assert timed.tokens == tokens and timed.seconds > 0, name
     assert dec.lengths() == [8 + 4, 8 + 4]  # the decoder really took the timed steps
+
+
+def test_contexts_read_lazily_are_not_refused_for_rows_never_used(tiny, enc, monkeypatch):
+    """--contexts FILE (a length not known up front) with a --batch_size far beyond the memory: memory is
+    checked as the batch grows, and the batch stays at the rows the memory holds; the samples are those
+    of a small batch_size."""
+    from tasks import memory
+
+    hp = tiny.hparams
+    per_row = 2 * 4 * hp.n_layer * hp.n_ctx * hp.n_embd
+    opts = GenerateOptions(top_k=20, seed=3, max_length=30)
+    ref = [s.text for s in Generator(tiny, enc).generate_many(CONTEXTS[:3], 2, opts, batch_size=4)]
+    monkeypatch.setattr(memory, "available_memory", lambda: 5 * per_row)
+    with pytest.raises(OptionError, match="batch_size"):
+        list(Generator(tiny, enc).generate_many(CONTEXTS[:3], 2, opts, batch_size=1000))  # known: 6 rows
+    lazy = Generator(tiny, enc)
+    got = [s.text for s in lazy.generate_many(iter(CONTEXTS[:3]), 2, opts, batch_size=1000)]
+    assert got == ref
