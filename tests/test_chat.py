@@ -249,3 +249,17 @@ def test_chat_template_file(tmp_path):
                        env=dict(os.environ, GPT2JA_VOCAB=str(VOCAB_DIR)), cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.startswith("gpt2-server.py: error: --chat_template:") and len(p.stderr.splitlines()) == 1
+
+
+def test_chat_latency_is_counted_once(server):
+    def count():
+        text = server.request("GET", "/metrics")[2]
+        lines = [l for l in text.splitlines()
+                 if l.startswith('gpt2ja_request_latency_seconds_count{route="/v1/chat/completions"}')]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before = count()
+    status, _, r = server.request("POST", "/v1/chat/completions",
+                                  {"messages": [{"role": "user", "content": "やあ"}], "max_tokens": 3})
+    assert status == 200, r
+    assert count() == before + 1
