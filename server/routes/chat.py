@@ -144,16 +144,7 @@ class _ChatAnswer(_Answer):
         yield "data: [DONE]\n\n"
 
     async def collect(self, channel: Channel) -> dict:
-        texts = {k: "" for k in range(len(self.jobs))}
-        reasons = {k: "length" for k, job in enumerate(self.jobs) if job is None}
-        async for events in step_events(self.state, self.jobs, channel):
-            for kind, k, data in events:
-                if kind == "text":
-                    texts[k] += data
-                elif kind == "done":
-                    reasons[k] = data
-                else:
-                    raise data
+        texts, reasons = await self.gather(channel)
         choices = []
         for k, job in enumerate(self.jobs):
             lp = self.entries(k, len(texts[k])) if job is not None else (

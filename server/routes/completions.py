@@ -368,9 +368,8 @@ class _Answer:
             yield sse({**self.base([]), "usage": self.usage()})
         yield "data: [DONE]\n\n"
 
-    async def collect(self, channel: Channel) -> dict:
-        """The stream's events collected into one completion object."""
-        c = self.c
+    async def gather(self, channel: Channel) -> Tuple[dict, dict]:
+        """Every sample's text and finish reason (by choice index), once all are done."""
         texts = {k: "" for k in range(len(self.jobs))}
         reasons = {k: "length" for k, job in enumerate(self.jobs) if job is None}
         async for events in step_events(self.state, self.jobs, channel):
@@ -381,6 +380,11 @@ class _Answer:
                     reasons[k] = data
                 else:
                     raise data
+        return texts, reasons
+
+    async def collect(self, channel: Channel) -> dict:
+        """The stream's events collected into one completion object."""
+        texts, reasons = await self.gather(channel)
         choices = []
         for k, job in enumerate(self.jobs):
             lp = self._start_lp(k)
