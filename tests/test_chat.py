@@ -17,13 +17,15 @@ PROMPT = "吾輩は猫である"
 CONTROLS = {"top_k": 30, "top_p": 0.95, "temperature": 0.9, "min_tokens": 6, "repetition_penalty": 1.3,
             "presence_penalty": 0.4, "frequency_penalty": 0.5, "penalty_last_n": 64, "no_repeat_ngram_size": 3,
             "min_p": 0.01, "typical_p": 0.98, "dry_multiplier": 0.8, "dry_base": 1.5, "dry_allowed_length": 2,
-            "dry_penalty_last_n": 128, "dry_sequence_breakers": ["。", "「"], "logit_bias": {"5": -3, "18943": 2}}
+            "dry_penalty_last_n": 128, "dry_sequence_breakers": ["。", "「"], "logit_bias": {"5": -3, "18943": 2},
+            "xtc_probability": 0.3, "xtc_threshold": 0.05, "ban": [7, 11]}
 FLAGS = ["--top_k", "30", "--top_p", "0.95", "--temperature", "0.9", "--min_length", "6",
          "--repetition_penalty", "1.3", "--presence_penalty", "0.4", "--frequency_penalty", "0.5",
          "--penalty_last_n", "64", "--no_repeat_ngram_size", "3", "--min_p", "0.01", "--typical_p", "0.98",
          "--dry_multiplier", "0.8", "--dry_base", "1.5", "--dry_allowed_length", "2", "--dry_penalty_last_n", "128",
          "--dry_sequence_breaker", "。", "--dry_sequence_breaker", "「", "--logit_bias", "5=-3",
-         "--logit_bias", "18943=2"]
+         "--logit_bias", "18943=2", "--xtc_probability", "0.3", "--xtc_threshold", "0.05", "--ban", "7",
+         "--ban", "11"]
 STOPS = ["\nユーザー", "\nアシスタント"]
 
 
