@@ -265,3 +265,23 @@ def test_chat_latency_is_counted_once(server):
                                   {"messages": [{"role": "user", "content": "やあ"}], "max_tokens": 3})
     assert status == 200, r
     assert count() == before + 1
+
+
+def test_logprobs_of_byte_tokens_cover_every_token(server):
+    # byte tokens pushed up (the three of 猫's UTF-8 and more): characters made of several tokens, and
+    # incomplete ones; every token drawn still has its entry, streamed or not, at the offset of its character
+    bias = {str(i): 9 for i in (20548, 20457, 20488, 20317, 20400, 20500)}
+    body = {"prompt": "猫", "max_tokens": 30, "seed": 3, "n": 2, "logprobs": 1, "logit_bias": bias}
+    collected = server.request("POST", "/v1/completions", body)[2]
+    events = stream_events(server.port, body)
+    tokens = server.request("POST", "/v1/completions", {**body, "logprobs": None})[2]  # same samples
+    assert [c["text"] for c in tokens["choices"]] == [c["text"] for c in collected["choices"]]
+    pieces = sum(c["logprobs"]["tokens"].count("\ufffd") for c in collected["choices"])
+    assert pieces >= 5  # byte tokens were drawn
+    assert sum(len(c["logprobs"]["tokens"]) for c in collected["choices"]) == collected["usage"]["completion_tokens"]
+    for choice in collected["choices"]:
+        offsets = choice["logprobs"]["text_offset"]
+        assert offsets == sorted(offsets) and offsets[-1] < len(choice["text"])
+        streamed = [t for e in events[:-1] for c in e["choices"] if c["index"] == choice["index"] and c["logprobs"]
+                    for t in zip(c["logprobs"]["tokens"], c["logprobs"]["text_offset"])]
+        assert streamed == list(zip(choice["logprobs"]["tokens"], offsets))
