@@ -12,8 +12,8 @@ from .errors import ArgumentParser, UsageError
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="gpt2-server.py",
-        description="Serve a Japanese GPT-2 model over HTTP with OpenAI's API (/v1/completions, /v1/embeddings, "
-                    "/v1/models), /tokenize, /detokenize, /health, /metrics and a demonstration page at /.",
+        description="Serve a Japanese GPT-2 model over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, "
+                    "/v1/embeddings, /v1/models), /tokenize, /detokenize, /health, /metrics and a demonstration page at /.",
         epilog="Example: python gpt2-server.py --model gpt2ja-small --port 8000, then open http://127.0.0.1:8000/",
     )
     flags.add_model_flags(p)
@@ -53,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
                    help="the model id of the API (default: the model directory's name)")
     p.add_argument("--engine", choices=("auto", "numpy", "tf", "onnx"), default="auto",
                    help="decoding engine, as gpt2-generate.py's (default auto)")
+    p.add_argument("--chat_template", default=None, metavar="FILE",
+                   help="how /v1/chat/completions writes the messages as one text: a JSON file with any of the keys "
+                        "system, user, assistant ({content} templates), generation, stop (docs/server.md; default: "
+                        "'ユーザー: ...' / 'アシスタント: ...' lines)")
     flags.add(p, "quantize")
     return p
 
@@ -72,6 +76,14 @@ def main(argv=None) -> int:
                          "(an HTTP header carries it)")
     if args.quantize != "none" and args.engine not in ("auto", "onnx"):
         raise UsageError(f"--quantize {args.quantize} decodes with the onnx engine: leave out --engine {args.engine}")
+    template = None
+    if args.chat_template is not None:
+        from server.chat import load_template
+
+        try:
+            template = load_template(args.chat_template)
+        except ValueError as e:
+            raise UsageError(f"--chat_template: {e}") from None
     import signal
     import socket
 
@@ -98,6 +110,8 @@ def main(argv=None) -> int:
     config = ServerConfig(model_name=name, api_key=api_key, cors=list(args.cors), max_body=args.max_body,
                           timeout=args.timeout, read_timeout=args.read_timeout,
                           allowed_hosts=[args.host, *args.allowed_hosts])
+    if template is not None:
+        config.chat_template = template
     app = create_app(m, enc, engine, config)
     sock.listen(2048)
     host, port = sock.getsockname()[:2]

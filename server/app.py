@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API over one model, one Engine and the tasks of tasks/.
 
 Routes (one module each in server/routes/, over the explicit ``server.state.State``):
-POST /v1/completions, POST /v1/embeddings, GET /v1/models, POST /tokenize, POST /detokenize,
+POST /v1/completions, POST /v1/chat/completions, POST /v1/embeddings, GET /v1/models, POST /tokenize, POST /detokenize,
 GET /health, GET /metrics, GET / (the demonstration page).
 Every error is OpenAI's object {"error": {"message", "type", "param", "code"}}.
 """
@@ -19,10 +19,11 @@ from .guard import Guard, error_response
 from .metrics import Metrics
 from .requests import ApiError
 from .responses import json_response, orjson  # noqa: F401 - orjson: the encoder _json uses (tests swap it)
-from .routes import completions, embeddings, metrics, page, tokens
+from .chat import ChatTemplate
+from .routes import chat, completions, embeddings, metrics, page, tokens
 from .state import ClientGone, State
 
-ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/embeddings", "/tokenize", "/detokenize"}
+ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"}
 
 
 @dataclass
@@ -36,6 +37,8 @@ class ServerConfig:
     read_timeout: float = 30.0       # seconds to receive a request's body
     #: names a request's Host may give besides IP addresses and localhost ("*": any)
     allowed_hosts: List[str] = field(default_factory=list)
+    #: how /v1/chat/completions writes messages as text (--chat_template)
+    chat_template: ChatTemplate = field(default_factory=ChatTemplate)
 
 
 def create_app(model, enc, engine, config: ServerConfig, tf_lock: Optional[threading.Lock] = None) -> FastAPI:
@@ -47,7 +50,7 @@ def create_app(model, enc, engine, config: ServerConfig, tf_lock: Optional[threa
     app.state.server = state
     app.state.engine = engine
     app.state.metrics = state.metrics
-    for module in (page, metrics, tokens, embeddings, completions):
+    for module in (page, metrics, tokens, embeddings, completions, chat):
         app.include_router(module.router)
 
     @app.exception_handler(ApiError)

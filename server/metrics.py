@@ -28,7 +28,7 @@ class Metrics:
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
-        if route != "/v1/completions":  # completions record their own latency (streams end later)
+        if route not in ("/v1/completions", "/v1/chat/completions"):  # these record their own (streams end later)
             self.latency_seconds.labels(route).observe(seconds)
 
     def latency(self, route: str, seconds: float) -> None:

@@ -76,6 +76,10 @@ class Job:
         self.tokens: List[int] = []       # tokens of the final attempt (without the ending <|endoftext|>)
         self.drawn = 0                    # every token drawn, retries included
         self.logprobs: List[Tuple[int, float, List[Tuple[int, float]]]] = []
+        #: with logprobs: the characters of the sample's text once each entry of ``logprobs`` was taken (byte
+        #: tokens add none until their character is whole); the text released so far covers the entries whose
+        #: end is at most its length
+        self.logprob_ends: List[int] = []
         self.finish_reason: Optional[str] = None
         self.submitted = time.monotonic()
         self.first_token_at: Optional[float] = None
@@ -109,6 +113,7 @@ class _Row:
     def __init__(self, job: Job, enc):
         job.tokens = []
         job.logprobs = []
+        job.logprob_ends = []
         self.job = job
         self.assembler = TextAssembler(enc)
         self.window = list(job.request.ids)   # what the model sees
@@ -252,6 +257,8 @@ class Scheduler:
         if req.logprobs is not None:
             job.logprobs.append(_logprobs(logits_row, token, req.logprobs))
         piece = row.assembler.push(token)
+        if req.logprobs is not None:
+            job.logprob_ends.append(len(row.assembler.text))
         job.tokens.append(token)
         row.history.append(token)
         if row.stops is not None and piece:

@@ -8,6 +8,7 @@ collected.  The request's channel ends it early: --timeout (504), the server shu
 client hanging up (its samples are cancelled at once)."""
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,20 +17,21 @@ from typing import AsyncIterator, List, Optional, Tuple
 import numpy as np
 from fastapi import APIRouter, Request
 
-from tasks.errors import OptionError
 from tasks.sampling import SamplingParams
 from tasks.serving import EngineStopped, QueueFull, SampleRequest
 
 from .. import requests as rq
 from ..body import read_json
+from ..controls import sampling_params
 from ..requests import ApiError
 from ..responses import EventStream, sse
 from ..state import DISCONNECT, SHUTDOWN, TIMEOUT, Channel, State, acquire
 from . import check_model, state_of
 
-DEFAULT_TOP_K = 40
 DEFAULT_MAX_TOKENS = 16
 MAX_N = 128
+#: the most top_logprobs of /v1/completions' logprobs (OpenAI's limit)
+MAX_LOGPROBS = 5
 #: largest max_tokens and max_length: the sliding window decodes past n_ctx as gpt2-generate.py does,
 #: so the bound is not n_ctx; --timeout bounds the time a request takes
 MAX_TOKENS = 1_000_000
@@ -67,43 +69,28 @@ def parse(state: State, body: dict) -> Completion:
     n = rq.integer(body, "n", 1, 1, MAX_N)
     if body.get("best_of") not in (None, n):
         raise rq.bad("best_of", "is not supported (only best_of = n)")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if rq.number(body, name, 0.0, -2.0, 2.0) != 0.0:
-            raise rq.bad(name, "is not supported (only 0)")
     if body.get("suffix") not in (None, ""):
         raise rq.bad("suffix", "is not supported")
-    if body.get("logit_bias") not in (None, {}):
-        raise rq.bad("logit_bias", "is not supported")
     max_tokens = rq.integer(body, "max_tokens", DEFAULT_MAX_TOKENS, 0, MAX_TOKENS)
     max_length = rq.integer(body, "max_length", None, 0, MAX_TOKENS)
-    temperature = rq.number(body, "temperature", 1.0, 0.0, 1e30)
-    top_p = rq.number(body, "top_p", 1.0, 0.0, 1.0)
-    top_k = rq.integer(body, "top_k", None, 0)
-    if top_p < 1.0:
-        if top_k not in (None, 0):
-            raise rq.bad("top_k", "top_k and top_p (below 1) are exclusive: give one of them")
-        top_k, top_p = 0, (top_p if top_p > 0 else 1e-12)  # top_p 0: only the most likely token
-    else:
-        top_p = 0.0  # 1: no top_p filter
-        top_k = DEFAULT_TOP_K if top_k is None else top_k
+    params = sampling_params(body, state.hparams, state.enc)
     seed = rq.integer(body, "seed", None, 0, 2 ** 64 - 1)
     stop = rq.stops(body, MAX_STOP_CHARS)
     stream = rq.boolean(body, "stream", False)
     echo = rq.boolean(body, "echo", False)
-    logprobs = rq.integer(body, "logprobs", None, 0, 5)
-    if stream and logprobs is not None:
-        raise rq.bad("logprobs", "is not supported together with stream")
-    options = body.get("stream_options")
-    include_usage = False
-    if options is not None:
-        if not stream or not isinstance(options, dict):
-            raise rq.bad("stream_options", "must be an object, and only with stream")
-        include_usage = rq.boolean(options, "include_usage", False)
-    try:
-        params = SamplingParams(top_k=top_k, top_p=top_p, temperature=temperature)
-    except OptionError as e:
-        raise rq.bad(e.option, e.reason) from None
+    logprobs = rq.integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    include_usage = stream_usage(body, stream)
     return Completion(prompts, n, max_tokens, max_length, params, seed, stop, stream, echo, logprobs, include_usage)
+
+
+def stream_usage(body: dict, stream: bool) -> bool:
+    """stream_options.include_usage (only with stream)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream or not isinstance(options, dict):
+        raise rq.bad("stream_options", "must be an object, and only with stream")
+    return rq.boolean(options, "include_usage", False)
 
 
 def check_capacity(state: State, c: Completion) -> None:
@@ -204,36 +191,119 @@ async def completions(request: Request):
     t0 = time.monotonic()
     body = await read_json(request, state.config)
     c = parse(state, body)
+    return await serve(request, state, c, t0, "/v1/completions", _Answer)
+
+
+async def serve(request: Request, state: State, c: Completion, t0: float, route: str, answer_class):
+    """Build, submit and answer (a stream, or one object) a parsed request: ``answer_class(state, c, jobs,
+    full, prompt_lps)`` has ``stream(channel)`` and ``collect(channel)``."""
     check_capacity(state, c)
     channel = Channel(state, t0 + state.config.timeout, request.receive)
     streaming = False
     try:
         full, requests = await channel.in_worker(lambda cancelled: build(state, c, cancelled))
+        prompt_lps = None
+        if c.echo and c.logprobs is not None:  # before the samples start: the worker's wait takes no events
+            prompt_lps = await prompt_logprobs(state, full, c.logprobs, channel)
         jobs = submit(state, c, requests, channel)
-        answer = _Answer(state, c, jobs, full)
+        answer = answer_class(state, c, jobs, full, prompt_lps)
         if c.stream:
             streaming = True
 
             def close():
                 channel.close()
-                state.metrics.latency("/v1/completions", time.monotonic() - t0)
+                state.metrics.latency(route, time.monotonic() - t0)
 
             return EventStream(answer.stream(channel), lambda: channel.until, close)
         result = await answer.collect(channel)
-        state.metrics.latency("/v1/completions", time.monotonic() - t0)
+        state.metrics.latency(route, time.monotonic() - t0)
         return result
     finally:
         if not streaming:
             channel.close()
 
 
-class _Answer:
-    """The completion object's parts: its id, the choices' texts, usage."""
+async def prompt_logprobs(state: State, full: List[List[int]], k: int, channel: Channel) -> list:
+    """For each prompt: (its tokens' log-probabilities, gpt2-score.py's; the k most likely (id, log-probability)
+    at each of its positions, or None when k is 0), on a worker thread that stops between prompts when the
+    request ends early; it waits for other scores and embeddings only until then."""
 
-    def __init__(self, state: State, c: Completion, jobs: list, full: List[List[int]]):
-        self.state, self.c, self.jobs, self.full = state, c, jobs, full
+    def compute(cancelled):
+        acquire(state.tf_lock, channel.until, cancelled)
+        try:
+            out = [(np.zeros(0, np.float32), None)] * len(full)
+            for i, lp in state.scorer.score_token_lists(full):
+                out[i] = (lp, None)
+                if cancelled.is_set():
+                    return None
+            if k > 0:
+                for i, ids in enumerate(full):
+                    out[i] = (out[i][0], prompt_top(state.model, state.enc.eos_id, ids, k))
+                    if cancelled.is_set():
+                        return None
+            return out
+        finally:
+            state.tf_lock.release()
+
+    return await channel.in_worker(compute)
+
+
+def prompt_top(m, eos: int, ids: List[int], k: int) -> List[List[Tuple[int, float]]]:
+    """The k most likely (id, log-probability) before each token of ``ids`` (after <|endoftext|>, over the
+    scorer's sliding windows when the prompt is longer than the context)."""
+    from tasks.score import windows  # TensorFlow: only when asked
+
+    seq = [eos, *ids]
+    out: List[List[Tuple[int, float]]] = []
+    for start, end, first in windows(len(seq), m.hparams.n_ctx):
+        logits = m.logits([seq[start:end]])[0]
+        for pos in range(first, end):
+            out.append(top_logprobs(logits[pos - start - 1], k))
+    return out
+
+
+def top_logprobs(row: np.ndarray, k: int) -> List[Tuple[int, float]]:
+    """The k most likely tokens of a logits row and their log-probabilities, most likely first."""
+    row = np.asarray(row, np.float64)
+    peak = row.max()
+    lse = peak + math.log(np.exp(row - peak).sum())
+    idx = np.argpartition(row, -k)[-k:]
+    idx = idx[np.argsort(-row[idx], kind="stable")]
+    return [(int(i), float(row[i] - lse)) for i in idx]
+
+
+class Cursor:
+    """Which of a sample's token log-probabilities (``job.logprobs``) the text released so far covers: an
+    entry once the text reaches its end (``job.logprob_ends``), so a stream and a collected answer give the
+    same entries, and a token cut by a stop string or max_length is left out."""
+
+    def __init__(self):
+        self.index = 0     # entries given
+        self.released = 0  # characters of text released
+
+    def advance(self, job, chars: int, enc) -> List[Tuple[str, int, float, list, int]]:
+        """``chars`` more characters were released: the entries they complete, as (piece, token,
+        log-probability, top [(id, log-probability)], offset of the token in the sample's text)."""
+        self.released += chars
+        out = []
+        entries, ends = job.logprobs, job.logprob_ends  # a sample drawn again gets new lists
+        count = min(len(entries), len(ends))  # the decoding thread appends an entry first, then its end
+        while self.index < count and ends[self.index] <= self.released:
+            token, lp, top = entries[self.index]
+            start = ends[self.index - 1] if self.index else 0
+            out.append((enc.decode([token]), token, lp, top, start))
+            self.index += 1
+        return out
+
+
+class _Answer:
+    """The completion object's parts: its id, the choices' texts and log-probabilities, usage."""
+
+    def __init__(self, state: State, c: Completion, jobs: list, full: List[List[int]], prompt_lps):
+        self.state, self.c, self.jobs, self.full, self.prompt_lps = state, c, jobs, full, prompt_lps
         self.id = "cmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
+        self.cursors = [Cursor() for _ in jobs]
 
     def base(self, choices) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
@@ -251,19 +321,44 @@ class _Answer:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    def chunk(self, k: int, text: str, finish_reason: Optional[str]) -> dict:
-        return self.base([{"text": text, "index": k, "logprobs": None, "finish_reason": finish_reason}])
+    def chunk(self, k: int, text: str, finish_reason: Optional[str], logprobs=None) -> dict:
+        return self.base([{"text": text, "index": k, "logprobs": logprobs, "finish_reason": finish_reason}])
+
+    def _empty_lp(self) -> Optional[dict]:
+        if self.c.logprobs is None:
+            return None
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def _start_lp(self, k: int) -> Optional[dict]:
+        """A choice's log-probabilities before its sample: the echoed prompt's, when asked."""
+        lp = self._empty_lp()
+        if lp is not None and self.prompt_lps is not None:
+            self._add_prompt_logprobs(lp, k // self.c.n)
+        return lp
+
+    def _add_sample_lp(self, lp: dict, k: int, chars: int) -> None:
+        enc, want = self.state.enc, self.c.logprobs
+        job, offset = self.jobs[k], len(self.prefix(k))
+        for piece, _, value, top, pos in self.cursors[k].advance(job, chars, enc):
+            lp["tokens"].append(piece)
+            lp["token_logprobs"].append(value)
+            lp["top_logprobs"].append({enc.decode([t]): v for t, v in top} if want > 0 else None)
+            lp["text_offset"].append(offset + pos)
 
     async def stream(self, channel: Channel) -> AsyncIterator[str]:
         for k, job in enumerate(self.jobs):
             first = self.prefix(k)
-            if job is None or first:
-                yield sse(self.chunk(k, first, "length" if job is None else None))
+            lp = self._start_lp(k)
+            if job is None or first or (lp is not None and lp["tokens"]):
+                yield sse(self.chunk(k, first, "length" if job is None else None, lp))
         async for events in step_events(self.state, self.jobs, channel):
             out = []
             for kind, k, data in events:
                 if kind == "text":
-                    out.append(sse(self.chunk(k, data, None)))
+                    lp = self._empty_lp()
+                    if lp is not None:
+                        self._add_sample_lp(lp, k, len(data))
+                    out.append(sse(self.chunk(k, data, None, lp)))
                 elif kind == "done":
                     out.append(sse(self.chunk(k, "", data)))
                 else:
@@ -273,9 +368,8 @@ class _Answer:
             yield sse({**self.base([]), "usage": self.usage()})
         yield "data: [DONE]\n\n"
 
-    async def collect(self, channel: Channel) -> dict:
-        """The stream's events collected into one completion object."""
-        c = self.c
+    async def gather(self, channel: Channel) -> Tuple[dict, dict]:
+        """Every sample's text and finish reason (by choice index), once all are done."""
         texts = {k: "" for k in range(len(self.jobs))}
         reasons = {k: "length" for k, job in enumerate(self.jobs) if job is None}
         async for events in step_events(self.state, self.jobs, channel):
@@ -286,63 +380,28 @@ class _Answer:
                     reasons[k] = data
                 else:
                     raise data
-        echo_lps = await self.prompt_logprobs(channel) if (c.echo and c.logprobs is not None) else None
+        return texts, reasons
+
+    async def collect(self, channel: Channel) -> dict:
+        """The stream's events collected into one completion object."""
+        texts, reasons = await self.gather(channel)
         choices = []
         for k, job in enumerate(self.jobs):
-            prefix = self.prefix(k)
-            lp = None
-            if c.logprobs is not None:
-                lp = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-                if echo_lps is not None:
-                    self._add_prompt_logprobs(lp, k // c.n, echo_lps)
-                if job is not None:
-                    more = self._sample_logprobs(job, len(prefix), texts[k])
-                    for key in lp:
-                        lp[key] += more[key]
-            choices.append({"text": prefix + texts[k], "index": k, "logprobs": lp, "finish_reason": reasons[k]})
+            lp = self._start_lp(k)
+            if lp is not None and job is not None:
+                self._add_sample_lp(lp, k, len(texts[k]))
+            choices.append({"text": self.prefix(k) + texts[k], "index": k, "logprobs": lp,
+                            "finish_reason": reasons[k]})
         return {**self.base(choices), "usage": self.usage()}
 
-    async def prompt_logprobs(self, channel: Channel) -> List[np.ndarray]:
-        """The prompts' token log-probabilities (gpt2-score.py's), on a worker thread that stops between
-        prompts when the request ends early; it waits for other scores and embeddings only until then."""
-        state, full = self.state, self.full
-
-        def compute(cancelled):
-            acquire(state.tf_lock, channel.until, cancelled)
-            try:
-                out = [np.zeros(0, np.float32)] * len(full)
-                for i, lp in state.scorer.score_token_lists(full):
-                    out[i] = lp
-                    if cancelled.is_set():
-                        return None
-                return out
-            finally:
-                state.tf_lock.release()
-
-        return await channel.in_worker(compute)
-
-    def _add_prompt_logprobs(self, lp: dict, p: int, echo_lps) -> None:
+    def _add_prompt_logprobs(self, lp: dict, p: int) -> None:
         enc = self.state.enc
+        values, tops = self.prompt_lps[p]
         pos = 0
-        for token, value in zip(self.full[p], echo_lps[p]):
+        for i, (token, value) in enumerate(zip(self.full[p], values)):
             piece = enc.decode([token])
             lp["tokens"].append(piece)
             lp["token_logprobs"].append(float(value))
-            lp["top_logprobs"].append(None)
+            lp["top_logprobs"].append(None if tops is None else {enc.decode([t]): v for t, v in tops[i]})
             lp["text_offset"].append(pos)
             pos += len(piece)
-
-    def _sample_logprobs(self, job, offset: int, text: str) -> dict:
-        enc, k = self.state.enc, self.c.logprobs
-        tokens, lps, tops, offsets = [], [], [], []
-        pos = offset
-        for token, lp, top in job.logprobs:
-            if pos - offset >= len(text):
-                break
-            piece = enc.decode([token])
-            tokens.append(piece)
-            lps.append(lp)
-            tops.append({enc.decode([t]): v for t, v in top} if k > 0 else None)
-            offsets.append(pos)
-            pos += len(piece)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
