@@ -76,9 +76,6 @@ def sampling_params(body: dict, hparams, enc) -> SamplingParams:
                                    "give one of them")
     min_name = "min_length" if min_length is not None else "min_tokens"
     min_length = min_length if min_length is not None else (min_tokens or 0)
-    half = hparams.n_ctx // 2
-    if min_length >= half:
-        raise rq.bad(min_name, f"must be below half the model's context ({half} tokens), got {min_length}")
     values = {"top_k": top_k, "top_p": top_p, "temperature": temperature, "min_length": min_length}
     for name in NUMBERS:
         v = _real(body, name)
@@ -105,7 +102,7 @@ def sampling_params(body: dict, hparams, enc) -> SamplingParams:
     values["ban"] = tuple(ban or ()) + tuple(_single_tokens(body, "bad_words", enc))
     try:
         params = SamplingParams(**values)
-        params.check_vocabulary(hparams.n_vocab)
+        params.check_model(hparams)  # min_length below n_ctx/2, token ids in the vocabulary
     except OptionError as e:
         field = min_name if e.option == "min_length" else e.option
         raise rq.bad(field, e.reason) from None

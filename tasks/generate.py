@@ -171,10 +171,7 @@ class Generator:
         if num < 1:
             raise ValueError("num must be at least 1")
         hp = self.model.hparams
-        half = hp.n_ctx // 2
-        if options.min_length >= half:
-            raise OptionError("min_length", f"must be below n_ctx/2 = {half}, got {options.min_length}")
-        options.sampling().check_vocabulary(hp.n_vocab)  # token ids of logit_bias and ban
+        options.sampling().check_model(hp)  # min_length, token ids of logit_bias and ban
         # Each sample decoded at once holds keys and values of up to n_ctx tokens.
         per_row = 2 * 4 * hp.n_layer * hp.n_ctx * hp.n_embd
         memory.check("batch_size", rows, rows * per_row, f"the key/value caches of {rows} samples decoded together")

@@ -159,6 +159,15 @@ class SamplingParams:
         """Every token id these settings name (logit_bias and ban), to check against a vocabulary."""
         return [i for i, _ in self.logit_bias] + list(self.ban)
 
+    def check_model(self, hparams) -> None:
+        """The checks that need the model, for every front end: min_length below n_ctx/2 (the
+        original's rewind starts from the context, which is at most n_ctx/2 tokens) and the
+        token ids of logit_bias and ban in the vocabulary.  OptionError otherwise."""
+        half = hparams.n_ctx // 2
+        if self.min_length >= half:
+            raise OptionError("min_length", f"must be below n_ctx/2 = {half}, got {self.min_length}")
+        self.check_vocabulary(hparams.n_vocab)
+
     def check_vocabulary(self, n_vocab: int) -> None:
         """OptionError when logit_bias or ban names a token id the vocabulary does not have."""
         for name, ids in (("logit_bias", [i for i, _ in self.logit_bias]), ("ban", self.ban)):

@@ -108,10 +108,8 @@ class Engine:
     def submit_many(self, requests: Sequence[SampleRequest], on_event) -> List[Job]:
         """Queue samples together (all or none): QueueFull when they would not fit in ``max_queue``;
         OptionError for a ``min_length`` the model's context cannot hold."""
-        half = self.model.hparams.n_ctx // 2
         for r in requests:
-            if r.params.min_length >= half:
-                raise OptionError("min_length", f"must be below n_ctx/2 = {half}, got {r.params.min_length}")
+            r.params.check_model(self.model.hparams)
         jobs = [Job(r, on_event) for r in requests]
         with self._cv:
             if self._stopping:

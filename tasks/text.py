@@ -10,10 +10,14 @@ from typing import List, Sequence, Tuple
 def context_ids(enc, context: str, n_ctx: int) -> List[int]:
     """The tokens a sample continues, as the original keeps them: the context's last n_ctx/2
     tokens; an empty context means <|endoftext|>."""
-    ids = enc.encode(context if context != "" else "<|endoftext|>")
-    if not ids:  # cannot happen with the real vocabulary; be safe
-        ids = [enc.eos_id]
-    return ids[-(n_ctx // 2):]
+    return cut_context(enc.encode(context if context != "" else "<|endoftext|>"), n_ctx, enc.eos_id)
+
+
+def cut_context(ids: Sequence[int], n_ctx: int, eos_id: int) -> List[int]:
+    """The context cut, for token ids (the one place it is written): the last n_ctx/2 tokens;
+    nothing at all means <|endoftext|>."""
+    ids = list(ids)[-(n_ctx // 2):]
+    return ids if ids else [eos_id]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> Tuple[str, bool]:

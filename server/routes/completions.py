@@ -18,6 +18,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 
 from tasks.sampling import SamplingParams
+from tasks.text import cut_context
 from tasks.serving import EngineStopped, QueueFull, SampleRequest
 
 from .. import requests as rq
@@ -127,7 +128,7 @@ def build(state: State, c: Completion, cancelled) -> Tuple[List[List[int]], List
         full.append(ids)
         if not c.samples:
             continue
-        context = ids[-(hp.n_ctx // 2):] or [enc.eos_id]  # as gpt2-generate.py: the last n_ctx/2 tokens
+        context = cut_context(ids, hp.n_ctx, enc.eos_id)  # as gpt2-generate.py: the last n_ctx/2 tokens
         for i in range(c.n):
             rng = (np.random.default_rng(np.random.SeedSequence([c.seed, j, i])) if c.seed is not None
                    else np.random.default_rng())
