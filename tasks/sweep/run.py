@@ -5,15 +5,19 @@ is measured; results per setting x context-length bucket, resumable, written ato
     sweep = Sweep(m, enc, contexts, SweepConfig(num=8, seed=1, max_tokens=128), judge=None, reference=texts)
     rows = sweep.run(settings([parse_axis("top_k=1,20,40")], False, sweep.base), "out/")
 
-Per setting, for each context (its ``num`` samples; ``metrics`` has the definitions):
+Per setting, for each context (its ``num`` samples; ``metrics`` has the definitions).  A sample's tokens
+are the ones drawn (``Generator.generate_many(..., details=True)``); only a text that ``max_length`` or a
+stop string cut is re-encoded from the text.
 
 - ``rep2``/``rep3``/``rep4`` (pooled over the context's samples) and ``diversity``;
 - ``distinct2``/``distinct3`` and ``self_bleu`` across the context's samples; ``loop`` (share of samples
   that end in a loop);
-- ``length`` (tokens of a sample; the text re-encoded) and ``early_end`` (share of samples that ended
+- ``length`` (tokens of a sample) and ``early_end`` (share of samples that ended
   before ``max_tokens`` tokens and ``max_length`` characters: at <|endoftext|>, or a stop string);
 - ``perplexity``: exp of the mean negative log-probability of the continuation's tokens given the context,
-  under the judge (the generating model unless another is given);
+  under the judge (the generating model unless another is given; for the generating model these are
+  the log-probabilities generation computed as it drew the tokens, where they are exactly that: see
+  ``Sweep.drawn``);
 - ``pmi``: per token, log p(continuation | context) - log p(continuation | <|endoftext|>), under the judge;
 - ``cosine``: of the context's and the continuation's sentence vectors (the generating model's, mean
   pooling);
@@ -63,7 +67,7 @@ METRICS = CONTEXT_METRICS + SET_METRICS
 #: Metrics that the reference text has by itself.
 REFERENCE_METRICS = ("rep2", "rep3", "rep4", "diversity", "loop", "length", "perplexity", "zipf")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a sample's tokens are the ones drawn (1: its text re-encoded)
 
 
 class SweepError(OptionError):
