@@ -251,7 +251,8 @@ class Sweep:
                 progress(1)
         return samples
 
-    def drawn(self, samples: List[List[Sample]], options: GenerateOptions) -> List[List[Optional[Tuple[List[int], float]]]]:
+    def drawn(self, samples: List[List[Sample]],
+              options: GenerateOptions) -> List[List[Optional[Tuple[List[int], float]]]]:
         """For each sample, (its drawn tokens, log p(them | context)) where generation computed exactly what
         perplexity and PMI need -- else None (its text is then re-encoded and scored under the judge).
         Exact when: the judge is the generating model and it decodes with its own float32 weights (not
