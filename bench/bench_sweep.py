@@ -8,11 +8,21 @@ A sweep (``tasks.sweep.run.Sweep``) over --grid on the repository's contexts
 (tests/data/golden/contexts.txt, cycled to --contexts), with the first --reference texts of the encoder
 goldens as the reference (so MAUVE is computed), on a random-weight checkpoint of --shape
 (bench/make_checkpoint.py, made under /tmp when missing) or on --model.  A first, untimed setting warms
-the compiled functions up (generation, scoring, vectors).  For every timed setting: seconds of generation
-and of each part of the metrics (encode the samples, score them under the judge -- with and without
-their context --, sentence vectors, the text metrics, MAUVE), and the ratio metrics / generation; then
-the seconds of the aggregation (bootstrap intervals, rows) and of the report (plots, report.html), which
-are paid once per sweep, not per setting.  Prints a table on stdout; --json FILE writes the figures.
+the compiled functions up (generation, the forward passes, the context and reference vectors).  For
+every timed setting: seconds of generation (which also reads each drawn token's log-probability off the
+logits: ``generate_many(..., details=True)``) and of each part of the metrics (``encode``: the samples'
+tokens -- taken from generation, re-encoded only where a text was cut --; ``forward``: one plan of
+batched forward passes that scores every sample given <|endoftext|> (and, with --judge or where
+generation's numbers do not apply, given its context) and computes its sentence vector; ``text``: the
+text metrics; ``mauve``), and the ratio metrics / generation (target: at most 10%).  Reading the
+log-probabilities is metric work done inside generation, so it is also measured on its own
+(``details``: the scheduler's per-token log-softmax timed on one row of logits, times the tokens drawn)
+and a second ratio counts it on the metrics' side: (metrics + details) / (generation - details).  The
+first setting is also generated once without details (a direct but noisier view of the same cost).
+Then the seconds of the aggregation (bootstrap intervals: each setting's rows, computed once when it is
+finished, so counted per setting), of the reference's own statistics and of the report (plots,
+report.html), the last two paid once per sweep.  Prints a table on stdout with the CPU (``lscpu`` model
+name and its AVX/AMX flags) and the load average before and after; --json FILE writes the figures.
 """
 import argparse
 import dataclasses
@@ -20,6 +30,7 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +47,31 @@ _spec.loader.exec_module(bg)
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
+
+
+def cpu() -> str:
+    """``lscpu``'s model name and the vector/matrix ISA flags (AVX2, AVX-512, AMX, ...)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", "?").strip()
+    flags = [f for f in fields.get("Flags", "").split() if f.startswith(("avx", "amx", "fma"))]
+    return f"{name}; {os.cpu_count()} CPUs; {' '.join(flags) or 'no AVX flags'}"
+
+
+def details_per_token(n_vocab: int, repeat: int = 500) -> float:
+    """Seconds the scheduler spends on one drawn token's log-probability (``SampleRequest.logprobs=0``)."""
+    import numpy as np
+
+    from tasks.scheduler import _logprobs
+
+    row = np.random.default_rng(0).normal(size=n_vocab).astype(np.float32)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        _logprobs(row, 5, 0)
+    return (time.perf_counter() - t0) / repeat
 
 
 def main(argv=None) -> int:
@@ -72,6 +108,7 @@ def main(argv=None) -> int:
     config = SweepConfig(num=args.num, seed=1, max_tokens=args.max_tokens, batch_size=args.batch_size)
     sweep = Sweep(m, enc, contexts, config, reference=reference, model_name=directory)
     chosen = settings([parse_axis(args.grid)], False, sweep.base)
+    load_before = os.getloadavg()
     log(f"warm-up: {chosen[0].label}")
     sweep.measure_setting(dataclasses.replace(chosen[0]))
     rows = []
@@ -88,33 +125,55 @@ def main(argv=None) -> int:
         log(f"  {s.label}: generation {sec['generate']:.2f} s, metrics {sec['metrics']:.2f} s "
             f"({row['ratio']:.1%}): " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     t0 = time.perf_counter()
+    sweep.generate(chosen[0].options)  # without details
+    plain = time.perf_counter() - t0
+    log(f"  {chosen[0].label} without details: generation {plain:.2f} s")
+    t0 = time.perf_counter()
     result_rows = []
     for s, state in states:
         result_rows += sweep.rows(state, s.family)
+    aggregate = time.perf_counter() - t0
+    for row, (s, state) in zip(rows, states):  # (each setting's rows are computed once, when it is finished)
+        row["aggregate_s"] = aggregate / len(states)
+    t0 = time.perf_counter()
     if reference is not None:
         with tempfile.TemporaryDirectory() as tmp:
             from pathlib import Path
             result_rows += sweep.rows(sweep.reference_state(Path(tmp)), "reference")
-    aggregate = time.perf_counter() - t0
+    reference_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         write_report(result_rows, tmp)
         report = time.perf_counter() - t0
     gen = sum(r["generate_s"] for r in rows)
     met = sum(r["metrics_s"] for r in rows)
+    per_token = details_per_token(m.hparams.n_vocab)
+    details = per_token * sum(r["tokens"] for r in rows)
     summary = {"model": directory, "shape": dict(vars(m.hparams)) if hasattr(m.hparams, "__dict__") else str(m.hparams),
                "contexts": args.contexts, "num": args.num, "max_tokens": args.max_tokens, "settings": rows,
                "generate_s": gen, "metrics_s": met, "ratio": met / gen, "aggregate_s": aggregate, "report_s": report,
-               "ratio_with_aggregate_and_report": (met + aggregate + report) / gen,
-               "load": os.getloadavg(), "cpu": platform.processor() or platform.machine()}
-    cols = ["setting", "tokens", "generate_s", "metrics_s", "ratio", "encode_s", "score_s", "vectors_s", "text_s",
-            "mauve_s"]
+               "details_per_token_s": per_token, "details_s": details,
+               "ratio_counting_details": (met + details) / (gen - details),
+               "reference_s": reference_s, "ratio_with_aggregate": (met + aggregate) / gen,
+               "ratio_with_aggregate_and_report": (met + aggregate + reference_s + report) / gen,
+               "generate_without_details_s": {chosen[0].label: plain},
+               "load_before": load_before, "load_after": os.getloadavg(), "cpu": cpu()}
+    cols = ["setting", "tokens", "generate_s", "metrics_s", "ratio", "encode_s", "forward_s", "text_s", "mauve_s"]
     print("\t".join(cols))
     for r in rows:
         print("\t".join(f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols))
+    first = rows[0]
+    print(f"reading the drawn tokens' log-probabilities (inside generation): {per_token * 1e6:.0f} us a token, "
+          f"{details:.2f} s in all; counted as metrics: ({met:.2f} + {details:.2f}) / ({gen:.2f} - {details:.2f}) "
+          f"= {summary['ratio_counting_details']:.1%}")
     print(f"all settings: generation {gen:.2f} s, metrics {met:.2f} s = {met / gen:.1%} of generation "
-          f"(target <= 10%); once per sweep: aggregation {aggregate:.2f} s, report {report:.2f} s "
-          f"({(met + aggregate + report) / gen:.1%} with them); load average {os.getloadavg()[0]:.2f}")
+          f"(target <= 10%); with each setting's rows (bootstrap intervals, {aggregate:.2f} s) "
+          f"{(met + aggregate) / gen:.1%}; once per sweep: the reference's own statistics {reference_s:.2f} s, "
+          f"report {report:.2f} s ({(met + aggregate + reference_s + report) / gen:.1%} with everything)")
+    print(f"{first['setting']} generated without details: {plain:.2f} s (with: {first['generate_s']:.2f} s)")
+    print(f"cpu: {summary['cpu']}")
+    print("load average (1, 5, 15 min): before " + " ".join(f"{x:.2f}" for x in load_before)
+          + ", after " + " ".join(f"{x:.2f}" for x in summary["load_after"]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1, default=str)

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     enc = common.load_encoder(args)
     m = common.load_model(args, enc)
     judge = None
-    if args.judge is not None:
+    if args.judge is not None and args.judge != args.model:  # (the same model: no second copy, no second pass)
         jargs = argparse.Namespace(**{**vars(args), "model": args.judge})
         judge = common.load_model(jargs, enc)
     sweep = Sweep(m, enc, contexts, config, judge=judge, reference=reference, engine=args.engine,

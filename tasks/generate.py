@@ -110,12 +110,21 @@ class GenerateOptions:
 
 @dataclass(frozen=True)
 class Sample:
-    """One generated sample: sample ``index`` of context number ``context_index``."""
+    """One generated sample: sample ``index`` of context number ``context_index``.
+
+    With ``generate_many(..., details=True)`` also ``tokens``, the token ids drawn (the final attempt's,
+    without the ending <|endoftext|>; they decode to ``text`` unless max_length or a stop string cut it),
+    and ``logprob``, the sum of their natural-log probabilities under the model's raw logits (before any
+    sampling control), each given the tokens the model saw: the context and the tokens drawn before it,
+    unless ``min_length`` (the original's rewind) or the sliding window past n_ctx changed that view.
+    Without details they are ``()`` and None."""
 
     context_index: int
     context: str
     index: int
     text: str
+    tokens: Tuple[int, ...] = ()
+    logprob: Optional[float] = None
 
 
 @dataclass
@@ -177,13 +186,14 @@ class Generator:
         memory.check("batch_size", rows, rows * per_row, f"the key/value caches of {rows} samples decoded together")
 
     def _jobs(self, context_index: int, context: str, num: int, options: "GenerateOptions", first: int = 0,
-              on_text: Optional[Callable[[int, str], None]] = None) -> List[Job]:
+              on_text: Optional[Callable[[int, str], None]] = None, details: bool = False) -> List[Job]:
         ids = self.context_ids(context)
         params = options.sampling()
         jobs = []
         for i, rng in enumerate(self.rngs(options.seed, context_index, num, first)):
             request = SampleRequest(ids, params, rng=rng, max_tokens=options.max_tokens,
-                                    max_length=options.max_length, stop=options.stop)
+                                    max_length=options.max_length, stop=options.stop,
+                                    logprobs=0 if details else None)
             on_event = None
             if on_text is not None:
                 on_event = (lambda job, kind, piece, i=first + i: on_text(i, piece))
@@ -206,14 +216,14 @@ class Generator:
         self._check(num, options, rows)
         jobs = self._jobs(context_index, context, num, options, first, on_text)
         texts = [""] * num
-        for tag, text in self._decode(iter([jobs]), options, batch_size or num, read_ahead=True,
-                                      progress=progress, rows=rows):
-            texts[tag.index - first] = text
+        for job in self._decode(iter([jobs]), options, batch_size or num, read_ahead=True,
+                                progress=progress, rows=rows):
+            texts[job.tag.index - first] = job.text
         return texts
 
     def generate_many(self, contexts: Iterable[str], num: int = 1, options: GenerateOptions = GenerateOptions(),
                       batch_size: int = 16, read_ahead: bool = True,
-                      progress: Optional[Callable[[int], None]] = None) -> Iterator[Sample]:
+                      progress: Optional[Callable[[int], None]] = None, details: bool = False) -> Iterator[Sample]:
         """``num`` samples for each context, yielded in order (context by
         context, sample by sample) as soon as they and those before them are done.
 
@@ -230,6 +240,10 @@ class Generator:
         An error while reading the contexts (a bad input line) or encoding one
         ends the run only after every sample of the contexts before it was
         finished and yielded: nothing read before the bad line is lost.
+
+        ``details``: the Samples also carry ``tokens`` and ``logprob`` (see ``Sample``); the texts are
+        the same either way (each drawn token's log-probability is read off the logits the decoder
+        computed anyway).
         """
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -243,16 +257,21 @@ class Generator:
 
         def sources():
             for context_index, context in enumerate(contexts):
-                jobs = self._jobs(context_index, context, num, options)
+                jobs = self._jobs(context_index, context, num, options, details=details)
                 for job in jobs:
                     job.tag.order = next(numbers)
                 yield jobs
 
         done = {}
         following = 0
-        for tag, text in self._decode(sources(), options, batch_size, read_ahead, progress, rows=rows,
-                                      checked=None if known is not None else min(rows, num)):
-            done[tag.order] = Sample(tag.context_index, tag.context, tag.index, text)
+        for job in self._decode(sources(), options, batch_size, read_ahead, progress, rows=rows,
+                                checked=None if known is not None else min(rows, num)):
+            tag = job.tag
+            if details:
+                done[tag.order] = Sample(tag.context_index, tag.context, tag.index, job.text, tuple(job.tokens),
+                                         float(sum(lp for _, lp, _ in job.logprobs)))
+            else:
+                done[tag.order] = Sample(tag.context_index, tag.context, tag.index, job.text)
             while following in done:
                 yield done.pop(following)
                 following += 1
@@ -265,16 +284,17 @@ class Generator:
 
     def _decode(self, sources: Iterator[List[Job]], options: GenerateOptions, batch_size: int,
                 read_ahead: bool, progress: Optional[Callable[[int], None]] = None,
-                rows: Optional[int] = None, checked: Optional[int] = None) -> Iterator[Tuple[_Tag, str]]:
+                rows: Optional[int] = None, checked: Optional[int] = None) -> Iterator[Job]:
         """Decode the jobs that ``sources`` gives (a list of jobs per context) on the one
-        scheduler; yields (tag, text) as samples finish.  An exception from ``sources`` is raised
-        once every job it gave before has been finished.  ``checked``: how many rows the memory
-        was checked for (None: all of ``batch_size``); the batch grows past it only while the
-        memory holds the key/value caches of the larger batch (doubling), else it stays there."""
+        scheduler; yields each job as it finishes (its ``tag``, ``text``, ``tokens``, ``logprobs``).
+        An exception from ``sources`` is raised once every job it gave before has been finished.
+        ``checked``: how many rows the memory was checked for (None: all of ``batch_size``); the
+        batch grows past it only while the memory holds the key/value caches of the larger batch
+        (doubling), else it stays there."""
         if options.max_length == 0 or options.max_tokens == 0:
             for jobs in sources:
                 for job in jobs:
-                    yield job.tag, ""
+                    yield job
             return
         sch = Scheduler(self.engine(rows), self.enc, batch_size, self.stats)
         hp = self.model.hparams
@@ -319,4 +339,4 @@ class Generator:
                 if kind == "text":
                     job.on_event(job, kind, data)
                 elif kind == "done":
-                    yield job.tag, job.text
+                    yield job

@@ -400,3 +400,109 @@ def test_sweep_flags_take_both_spellings():
                            "--num-generate", "3", "--max-tokens", "16", "--set", "min_length=2", "--cross"])
     assert (a.num_generate, a.max_tokens, a.grid, a.fixed, a.cross) == (3, 16, ["top_k=1", "top_p=0.9"],
                                                                          ["min_length=2"], True)
+
+
+# -- the metrics' cost: numbers taken from generation, one plan of forward passes -----------------------
+
+
+def _hand_metrics(m, enc, context_ids, ids):
+    """perplexity, pmi and cosine of one context's samples (token id lists) by their definitions, with
+    tasks.score and tasks.vectors one sequence at a time."""
+    from tasks.score import score_sequences
+    from tasks.vectors import Vectorizer
+
+    vec = Vectorizer(m, enc, pooling="mean")
+    ctx_vector = vec.vectors_of_ids([context_ids])[0]
+    lps, pmis, coss = [], [], []
+    for x in ids:
+        if not x:
+            continue
+        (_, given), = score_sequences(m, [context_ids + x])
+        (_, alone), = score_sequences(m, [[enc.eos_id] + x])
+        lp = float(given[len(context_ids) - 1:].sum())
+        lps.append((lp, len(x)))
+        pmis.append((lp - float(alone.sum())) / len(x))
+        coss.append(float(M.cosine(vec.vectors_of_ids([x]), ctx_vector[None])[0]))
+    return {"perplexity": math.exp(-sum(lp for lp, _ in lps) / sum(n for _, n in lps)),
+            "pmi": float(np.mean(pmis)), "cosine": float(np.mean(coss))}
+
+
+def test_generate_many_details_gives_the_drawn_tokens_and_their_log_probability(tiny, enc):
+    from tasks.generate import Generator
+    from tasks.score import score_sequences
+
+    gen = Generator(tiny, enc)
+    contexts = _contexts()[:3]
+    options = GenerateOptions(top_k=40, seed=1, max_tokens=12)
+    plain = list(gen.generate_many(contexts, 2, options))
+    detailed = list(gen.generate_many(contexts, 2, options, details=True))
+    assert [s.text for s in detailed] == [s.text for s in plain]  # the same samples
+    assert all(s.tokens == () and s.logprob is None for s in plain)  # nothing new without details
+    assert any(s.tokens for s in detailed)
+    for s in detailed:
+        assert 0 < len(s.tokens) <= 12 and enc.decode(s.tokens) == s.text
+        ctx = gen.context_ids(s.context)
+        (_, lp), = score_sequences(tiny, [ctx + list(s.tokens)])
+        assert s.logprob == pytest.approx(float(lp[len(ctx) - 1:].sum()), rel=1e-4, abs=1e-3)
+
+
+def test_sweep_metrics_from_generation_match_their_definitions(tiny, enc):
+    from tasks.sweep.run import Sweep, SweepConfig
+
+    sweep = Sweep(tiny, enc, _contexts()[:4], SweepConfig(num=3, seed=2, max_tokens=16))
+    setting = settings([parse_axis("top_k=40")], False, sweep.base)[0]
+    samples = sweep.generate_samples(setting.options)
+    drawn = sweep.drawn(samples, setting.options)
+    assert all(d is not None for group in drawn for d in group)  # nothing cut, no min_length: all usable
+    texts = [[s.text for s in group] for group in samples]
+    for state in (sweep.measure(texts, drawn), sweep.measure(texts)):  # from generation; re-encoded and scored
+        for c, item in enumerate(state["contexts"]):
+            ids = [x["ids"] for x in item["samples"]]
+            expected = _hand_metrics(tiny, enc, sweep.context_ids[c], ids)
+            for k, v in expected.items():
+                assert item["values"][k] == pytest.approx(v, rel=1e-4), (c, k)
+    first = sweep.measure(texts, drawn)["contexts"]
+    assert [[x["ids"] for x in item["samples"]] for item in first] == \
+        [[list(s.tokens) for s in group] for group in samples]  # the tokens drawn
+
+
+def test_generation_numbers_are_used_only_where_they_are_the_definitions(tiny, enc):
+    from tasks.generate import Sample
+    from tasks.sweep.run import Sweep, SweepConfig
+
+    contexts = _contexts()[:1]
+    sweep = Sweep(tiny, enc, contexts, SweepConfig(num=1, seed=1, max_tokens=16))
+    tokens = tuple(enc.encode("今日は良い天気です。"))
+    whole = Sample(0, contexts[0], 0, enc.decode(tokens), tokens, -12.5)
+    cut = Sample(0, contexts[0], 0, enc.decode(tokens)[:3], tokens, -12.5)  # max_length or a stop string
+    assert sweep.drawn([[whole, cut]], sweep.base) == [[(list(tokens), -12.5), None]]
+    rewound = dataclasses.replace(sweep.base, min_length=2)  # the original's rewind hides tokens
+    assert sweep.drawn([[whole]], rewound) == [[None]]
+    judged = Sweep(tiny, enc, contexts, SweepConfig(num=1, seed=1, max_tokens=16), judge=object())
+    assert judged.drawn([[whole]], judged.base) == [[None]]  # another judge scores for itself
+
+
+def test_forward_rows_match_score_ids_and_the_vectorizer(tiny, enc):
+    from tasks.score import score_ids
+    from tasks.sweep.passes import forward_rows
+    from tasks.vectors import Vectorizer
+
+    rows = [enc.encode(t) for t in _contexts()[:5]] + [[enc.eos_id]]
+    score_rows = [([enc.eos_id] + x, 1) for x in rows[:4]] + [(rows[4], 2)]
+    for pooling in ("mean", "last"):
+        scores, vectors = forward_rows(tiny, score_rows, rows, pooling=pooling, max_tokens=32)
+        for (ids, first), lp in zip(score_rows, scores):
+            expected = score_ids(tiny, [ids], first=[first])[0][first - 1:]
+            np.testing.assert_allclose(lp, expected, rtol=1e-4, atol=1e-5)
+        expected = Vectorizer(tiny, enc, pooling=pooling).vectors_of_ids(rows)
+        np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_zipf_bootstrap_is_bootstrap_items_of_zipf_coefficient():
+    rng = np.random.default_rng(7)
+    for seed in range(6):
+        items = [[list(rng.zipf(1.4, int(rng.integers(0, 60))) % 500) for _ in range(int(rng.integers(1, 4)))]
+                 for _ in range(int(rng.integers(1, 10)))]
+        slow = M.bootstrap_items(items, lambda t: M.zipf_coefficient(x for g in t for x in g), resamples=60,
+                                 seed=seed)
+        assert np.array_equal(M.zipf_bootstrap(items, resamples=60, seed=seed), slow, equal_nan=True)

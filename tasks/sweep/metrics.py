@@ -28,6 +28,7 @@ Definitions (written for this project from the papers):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
@@ -132,9 +133,16 @@ def zipf_coefficient(samples: Iterable[Ids]) -> float:
     counts = Counter()
     for ids in samples:
         counts.update(int(t) for t in ids)
+    return zipf_of_counts(np.fromiter(counts.values(), np.float64, len(counts)))
+
+
+def zipf_of_counts(counts: np.ndarray) -> float:
+    """``zipf_coefficient`` from the tokens' counts (in any order; zero counts are ignored)."""
+    counts = np.asarray(counts, np.float64)
+    counts = counts[counts > 0]
     if len(counts) < 2:
         return float("nan")
-    freq = np.sort(np.fromiter(counts.values(), np.float64))[::-1]
+    freq = np.sort(counts)[::-1]
     x = np.log(np.arange(1, len(freq) + 1, dtype=np.float64))
     y = np.log(freq)
     xm, ym = x.mean(), y.mean()
@@ -196,6 +204,29 @@ def bootstrap_items(items: Sequence, statistic: Callable[[Sequence], float], res
     return estimate, float(low), float(high)
 
 
+def zipf_bootstrap(items: Sequence[Sequence[Ids]], resamples: int = 200, level: float = 0.95,
+                   seed: int = 0) -> Tuple[float, float, float]:
+    """``bootstrap_items(items, lambda t: zipf_coefficient(x for g in t for x in g), ...)`` -- the same
+    numbers, the same resamples -- with each item's (token lists') counts taken once instead of in every
+    resample: a resample adds its items' counts."""
+    tables = []
+    for groups in items:
+        ids = np.asarray([t for g in groups for t in g], np.int64)
+        tokens, counts = np.unique(ids, return_counts=True)
+        tables.append((tokens, counts))
+    vocab = np.unique(np.concatenate([t for t, _ in tables])) if tables else np.zeros(0, np.int64)
+    compact = [(np.searchsorted(vocab, t), c.astype(np.float64)) for t, c in tables]
+
+    def statistic(chosen):
+        if not chosen:
+            return float("nan")
+        where = np.concatenate([w for w, _ in chosen])
+        return zipf_of_counts(np.bincount(where, weights=np.concatenate([c for _, c in chosen]),
+                                          minlength=len(vocab)))
+
+    return bootstrap_items(compact, statistic, resamples=resamples, level=level, seed=seed)
+
+
 def mauve(p_features: np.ndarray, q_features: np.ndarray, seed: int = 25, **kwargs) -> float:
     """MAUVE (Pillutla et al. 2021) between two sets of feature vectors [N, D] and [M, D], computed by the
     ``mauve-text`` package (its quantization: PCA, k-means with N/10 clusters by default; its divergence
@@ -204,5 +235,21 @@ def mauve(p_features: np.ndarray, q_features: np.ndarray, seed: int = 25, **kwar
 
     p = np.asarray(p_features, np.float32)
     q = np.asarray(q_features, np.float32)
-    out = mauve_text.compute_mauve(p_features=p, q_features=q, seed=seed, verbose=False, **kwargs)
+    with one_thread():
+        out = mauve_text.compute_mauve(p_features=p, q_features=q, seed=seed, verbose=False, **kwargs)
     return float(out.mauve)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """BLAS and OpenMP (scikit-learn's PCA, faiss's k-means) on one thread inside: on a few cores their
+    thread pools wake into TensorFlow's and ONNX Runtime's still-spinning threads, and a MAUVE of a hundred
+    vectors took 1-10 s instead of 15-45 ms (bench/bench_sweep.py; the same result either way).
+    ``threadpoolctl`` comes with scikit-learn, which mauve-text requires."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # (no scikit-learn: no MAUVE either)
+        yield
+        return
+    with threadpool_limits(limits=1):
+        yield

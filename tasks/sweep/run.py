@@ -5,15 +5,19 @@ is measured; results per setting x context-length bucket, resumable, written ato
     sweep = Sweep(m, enc, contexts, SweepConfig(num=8, seed=1, max_tokens=128), judge=None, reference=texts)
     rows = sweep.run(settings([parse_axis("top_k=1,20,40")], False, sweep.base), "out/")
 
-Per setting, for each context (its ``num`` samples; ``metrics`` has the definitions):
+Per setting, for each context (its ``num`` samples; ``metrics`` has the definitions).  A sample's tokens
+are the ones drawn (``Generator.generate_many(..., details=True)``); only a text that ``max_length`` or a
+stop string cut is re-encoded from the text.
 
 - ``rep2``/``rep3``/``rep4`` (pooled over the context's samples) and ``diversity``;
 - ``distinct2``/``distinct3`` and ``self_bleu`` across the context's samples; ``loop`` (share of samples
   that end in a loop);
-- ``length`` (tokens of a sample; the text re-encoded) and ``early_end`` (share of samples that ended
+- ``length`` (tokens of a sample) and ``early_end`` (share of samples that ended
   before ``max_tokens`` tokens and ``max_length`` characters: at <|endoftext|>, or a stop string);
 - ``perplexity``: exp of the mean negative log-probability of the continuation's tokens given the context,
-  under the judge (the generating model unless another is given);
+  under the judge (the generating model unless another is given; for the generating model these are
+  the log-probabilities generation computed as it drew the tokens, where they are exactly that: see
+  ``Sweep.drawn``);
 - ``pmi``: per token, log p(continuation | context) - log p(continuation | <|endoftext|>), under the judge;
 - ``cosine``: of the context's and the continuation's sentence vectors (the generating model's, mean
   pooling);
@@ -49,9 +53,10 @@ import numpy as np
 from util.files import atomic_file
 
 from ..errors import OptionError
-from ..generate import GenerateOptions, Generator
+from ..generate import GenerateOptions, Generator, Sample
 from . import metrics as M
 from .grid import Setting
+from .passes import forward_rows
 
 #: Metrics with one value per context (mean over contexts, bootstrap interval over contexts).
 CONTEXT_METRICS = ("rep2", "rep3", "rep4", "diversity", "distinct2", "distinct3", "self_bleu", "loop",
@@ -62,7 +67,7 @@ METRICS = CONTEXT_METRICS + SET_METRICS
 #: Metrics that the reference text has by itself.
 REFERENCE_METRICS = ("rep2", "rep3", "rep4", "diversity", "loop", "length", "perplexity", "zipf")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a sample's tokens are the ones drawn (1: its text re-encoded)
 
 
 class SweepError(OptionError):
@@ -232,20 +237,45 @@ class Sweep:
     # -- one setting ------------------------------------------------------------------------------------
 
     def generate(self, options: GenerateOptions, progress=None) -> List[List[str]]:
-        """The samples of every context, [context][sample]."""
-        texts: List[List[str]] = [[] for _ in self.contexts]
+        """The samples' texts of every context, [context][sample]."""
+        return [[s.text for s in group] for group in self.generate_samples(options, progress, details=False)]
+
+    def generate_samples(self, options: GenerateOptions, progress=None, details: bool = True) -> List[List[Sample]]:
+        """The samples of every context, [context][sample]: with ``details`` their drawn tokens and
+        log-probability too (``Generator.generate_many(..., details=True)``; the texts are the same)."""
+        samples: List[List[Sample]] = [[] for _ in self.contexts]
         for sample in self.generator.generate_many(self.contexts, self.config.num, options,
-                                                   batch_size=self.config.batch_size):
-            texts[sample.context_index].append(sample.text)
+                                                   batch_size=self.config.batch_size, details=details):
+            samples[sample.context_index].append(sample)
             if progress is not None:
                 progress(1)
-        return texts
+        return samples
+
+    def drawn(self, samples: List[List[Sample]],
+              options: GenerateOptions) -> List[List[Optional[Tuple[List[int], float]]]]:
+        """For each sample, (its drawn tokens, log p(them | context)) where generation computed exactly what
+        perplexity and PMI need -- else None (its text is then re-encoded and scored under the judge).
+        Exact when: the judge is the generating model and it decodes with its own float32 weights (not
+        ``quantize``d), there is no ``min_length`` (whose rewind hides tokens from the model), the tokens
+        decode to the text (max_length or a stop string did not cut it) and the context and the tokens fit
+        in n_ctx (no sliding window)."""
+        usable = (self.judge is self.model and self.generator.quantize is None and not options.min_length)
+        n_ctx = self.model.hparams.n_ctx
+        out: List[List[Optional[Tuple[List[int], float]]]] = []
+        for c, group in enumerate(samples):
+            row = []
+            for s in group:
+                ok = (usable and s.logprob is not None and len(self.context_ids[c]) + len(s.tokens) <= n_ctx
+                      and self.enc.decode(s.tokens) == s.text)
+                row.append((list(s.tokens), s.logprob) if ok else None)
+            out.append(row)
+        return out
 
     def measure_setting(self, setting: Setting, progress=None) -> dict:
         t0 = time.perf_counter()
-        texts = self.generate(setting.options, progress)
+        samples = self.generate_samples(setting.options, progress)
         t1 = time.perf_counter()
-        state = self.measure(texts)
+        state = self.measure([[s.text for s in group] for group in samples], self.drawn(samples, setting.options))
         t2 = time.perf_counter()
         self.timings["generate"] += t1 - t0
         self.timings["metrics"] += t2 - t1
@@ -254,26 +284,29 @@ class Sweep:
                      seconds={"generate": t1 - t0, "metrics": t2 - t1})
         return state
 
-    def measure(self, texts: List[List[str]]) -> dict:
-        """Per-context values and set values of the samples ``texts`` [context][sample]."""
+    def measure(self, texts: List[List[str]],
+                drawn: Optional[List[List[Optional[Tuple[List[int], float]]]]] = None) -> dict:
+        """Per-context values and set values of the samples ``texts`` [context][sample].
+
+        ``drawn`` (optional, as ``drawn`` gives it): a sample's tokens and log p(tokens | context) from
+        generation; a sample without them is re-encoded from its text and scored given its context.
+        Then one plan of forward passes (``passes.forward_rows``) scores every sample given
+        <|endoftext|> (and given its context where needed) and computes its sentence vector."""
         enc, cfg = self.enc, self.config
         clock = _Clock()
-        ids = [[list(enc.encode(t)) if t else [] for t in group] for group in texts]
+        drawn = drawn or [[None] * len(group) for group in texts]
+        ids = [[list(d[0]) if d is not None else (list(enc.encode(t)) if t else []) for t, d in zip(group, ds)]
+               for group, ds in zip(texts, drawn)]
         flat = [(c, j) for c, group in enumerate(ids) for j in range(len(group))]
         clock.lap("encode")
-        scores = self._score([self.context_ids[c] + ids[c][j] for c, j in flat],
-                             [len(ids[c][j]) for c, j in flat])
-        plain = self._score([[enc.eos_id] + ids[c][j] for c, j in flat], [len(ids[c][j]) for c, j in flat])
-        clock.lap("score")
-        n_ctx = self.model.hparams.n_ctx
-        vectors = self.vectorizer().vectors_of_ids([(ids[c][j] or [enc.eos_id])[:n_ctx] for c, j in flat])
+        lp, lp0, vectors = self._forward(flat, ids, drawn)
         cos = M.cosine(vectors, self.context_vectors()[[c for c, _ in flat]])
-        clock.lap("vectors")
+        clock.lap("forward")
         per_sample: Dict[Tuple[int, int], dict] = {}
         for k, (c, j) in enumerate(flat):
             n = len(ids[c][j])
-            per_sample[c, j] = {"n": n, "lp": float(scores[k].sum()) if n else 0.0,
-                                "lp0": float(plain[k].sum()) if n else 0.0, "cos": float(cos[k]) if n else None}
+            per_sample[c, j] = {"n": n, "lp": lp[k] if n else 0.0, "lp0": lp0[k] if n else 0.0,
+                                "cos": float(cos[k]) if n else None}
         contexts = []
         for c, group in enumerate(ids):
             samples = [per_sample[c, j] for j in range(len(group))]
@@ -362,8 +395,7 @@ class Sweep:
                     est, low, high = M.bootstrap_ci(vals, resamples=cfg.resamples, seed=cfg.seed)
                 row[m], row[m + "_low"], row[m + "_high"] = _finite(est), _finite(low), _finite(high)
             token_lists = [[s["ids"] for s in c["samples"]] for c in items]
-            est, low, high = M.bootstrap_items(token_lists, lambda t: M.zipf_coefficient(x for g in t for x in g),
-                                               resamples=min(cfg.resamples, 200), seed=cfg.seed)
+            est, low, high = M.zipf_bootstrap(token_lists, resamples=min(cfg.resamples, 200), seed=cfg.seed)
             row["zipf"], row["zipf_low"], row["zipf_high"] = _finite(est), _finite(low), _finite(high)
             row["mauve"] = _finite(state.get("mauve")) if bucket == "all" else None
             row["mauve_low"] = row["mauve_high"] = None
@@ -371,6 +403,50 @@ class Sweep:
         return rows
 
     # -- models ------------------------------------------------------------------------------------
+
+    def _forward(self, flat: List[Tuple[int, int]], ids: List[List[List[int]]],
+                 drawn: List[List[Optional[Tuple[List[int], float]]]]) -> Tuple[List[float], List[float], np.ndarray]:
+        """Per sample of ``flat``: log p(tokens | context) (drawn, or scored under the judge), log p(tokens |
+        <|endoftext|>) under the judge, and the sentence vectors [len(flat), n_embd] under the model.
+        Rows that fit in n_ctx go into one plan of batches (with the vectors when the judge is the model);
+        longer ones are scored with ``tasks.score``'s sliding window, as before."""
+        eos, n_ctx = self.enc.eos_id, self.model.hparams.n_ctx
+        lp = [0.0] * len(flat)
+        lp0 = [0.0] * len(flat)
+        rows: List[Tuple[List[int], int]] = []   # score rows for forward_rows
+        where: List[Tuple[List[float], int]] = []  # where each row's sum goes
+        long_rows: List[Tuple[List[int], int, List[float], int]] = []  # (sequence, tail, target, k)
+        for k, (c, j) in enumerate(flat):
+            x = ids[c][j]
+            if not x:
+                continue
+            if drawn[c][j] is not None:
+                lp[k] = float(drawn[c][j][1])
+            else:
+                ctx = self.context_ids[c]
+                if len(ctx) + len(x) <= n_ctx:
+                    rows.append((ctx + x, len(ctx)))
+                    where.append((lp, k))
+                else:
+                    long_rows.append((ctx + x, len(x), lp, k))
+            if 1 + len(x) <= n_ctx:
+                rows.append(([eos] + x, 1))
+                where.append((lp0, k))
+            else:
+                long_rows.append(([eos] + x, len(x), lp0, k))
+        vector_rows = [(ids[c][j] or [eos])[:n_ctx] for c, j in flat]
+        if self.judge is self.model:
+            scores, vectors = forward_rows(self.model, rows, vector_rows, pooling=self.config.pooling)
+        else:
+            scores, _ = forward_rows(self.judge, rows)
+            _, vectors = forward_rows(self.model, (), vector_rows, pooling=self.config.pooling)
+        for (target, k), row in zip(where, scores):
+            target[k] = float(np.sum(row, dtype=np.float64))
+        if long_rows:
+            for (_, _, target, k), row in zip(long_rows, self._score([r[0] for r in long_rows],
+                                                                     [r[1] for r in long_rows])):
+                target[k] = float(np.sum(row, dtype=np.float64))
+        return lp, lp0, vectors
 
     def _score(self, sequences: List[List[int]], tails: List[int]) -> List[np.ndarray]:
         """Log-probabilities of the last ``tails[i]`` tokens of each sequence under the judge."""
