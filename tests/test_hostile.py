@@ -294,7 +294,7 @@ def test_verbose_reports_timings_and_memory(tiny_model_dir, env):
               "--seed", "1", "--verbose"], env)
     err = p.stderr.decode()
     assert p.returncode == 0, err
-    for part in ("loaded in", "thread(s)", "engine: numpy", "prefill:", "decoding:", "tokens/s", "peak memory:"):
+    for part in ("loaded in", "thread(s)", "engine: onnx", "prefill:", "decoding:", "tokens/s", "peak memory:"):
         assert part in err, (part, err)
 
 
