@@ -4,6 +4,7 @@
     python -m model list
     python -m model remove gpt2ja-medium
     python -m model quantize gpt2ja-small q4     # or a model directory; q8 or q4
+    python -m model merge gpt2ja-small checkpoint/run merged/   # a LoRA adapter into a full checkpoint
 
 download: each model is downloaded (resuming a partial download), extracted,
 checked to be a loadable checkpoint and moved into the cache ($GPT2JA_HOME,
@@ -17,7 +18,9 @@ a model (and any unfinished download of it) from the cache.  quantize: makes
 the 8-bit (q8) or 4-bit (q4) weights that ``--quantize`` decodes with, ahead of
 time (otherwise they are made on first use), and prints the cache file
 (beside the checkpoint, ``DIR/quantized/``, when that directory is writable,
-else under ``$GPT2JA_HOME/quantized``); a valid cache file is reused.
+else under ``$GPT2JA_HOME/quantized``); a valid cache file is reused.  merge:
+writes BASE with a LoRA adapter (gpt2-finetune.py --lora) merged into its
+weights as a checkpoint in the released layout, and prints its prefix.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ _NAMES = ", ".join(hub.RELEASED_MODELS)
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m model", description="The cache of released gpt2ja models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{download,list,remove,quantize}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{download,list,remove,quantize,merge}")
     d = sub.add_parser(
         "download", help="fetch released models into the cache",
         description="Download released models into the cache, with resume, checks and safe extraction; "
@@ -56,7 +59,34 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", metavar="MODEL", help="model directory, or a released name: " + _NAMES)
     q.add_argument("format", choices=("q8", "q4"), help="q8: 8-bit weights; q4: 4-bit weights")
     flags.add(q, "no_download", "verbose")
+    g = sub.add_parser(
+        "merge", help="merge a LoRA adapter into its base model: a full checkpoint",
+        description="Write BASE with the LoRA ADAPTER (gpt2-finetune.py --lora: its run directory or an "
+                    "adapter-N.npz) merged into its weights, as a checkpoint in the released layout in OUT "
+                    "(model-N.index/.data, checkpoint, hparams.json; N is the adapter's step) that every tool "
+                    "loads with --model OUT; print its prefix.",
+        epilog="example: python -m model merge gpt2ja-small checkpoint/novels models/novels")
+    g.add_argument("base", metavar="BASE", help="the base model: a directory or a released name: " + _NAMES)
+    g.add_argument("adapter", metavar="ADAPTER", help="the adapter: a run directory or an adapter-N.npz")
+    g.add_argument("out", metavar="OUT", help="the directory to write")
+    flags.add(g, "no_download", "verbose")
     return p
+
+
+def _merge(args) -> int:
+    from . import common
+
+    common.quiet_tensorflow(args.verbose)
+    model_dir = hub.resolve_model(args.base, download=not args.no_download)
+    import model
+    from model import lora
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"cannot write into {args.out}: it is not a directory")
+    saved = lora.read_adapter(args.adapter)
+    m = model.load(str(model_dir), lora=args.adapter)
+    print(model.save(m, args.out, step=saved.step), flush=True)
+    return 0
 
 
 def _quantize(args) -> int:
@@ -90,6 +120,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "quantize":
         return _quantize(args)
+    if args.command == "merge":
+        return _merge(args)
     for name in getattr(args, "names", ()):
         if not hub.is_released(name):
             raise UsageError(f"unknown model {name!r}; released models: {_NAMES}")

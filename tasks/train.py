@@ -43,9 +43,10 @@ from . import memory
 tf = import_tf()
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
+_BATCH_SPEC = (tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32))
 KEEP = 5  # checkpoints kept in a run directory, as the original's max_to_keep
 COUNTER_FILE = "counter"
-_CKPT_RE = re.compile(r"^model-(\d+)\.index$")
+_CKPT_RE = re.compile(r"^(?:model-(\d+)\.index|adapter-(\d+)\.npz)$")
 
 
 def learning_rate_at(step, base: float, warmup_steps: int):
@@ -60,16 +61,28 @@ class Trainer:
     """A training loop's state: the model's variables, optimizer slots, compiled steps."""
 
     def __init__(self, model, optim: str = "adam", learning_rate: float = 5e-5, warmup_steps: int = 0,
-                 accumulate: int = 1):
+                 accumulate: int = 1, adapter=None, precision: str = "fp32"):
+        """``adapter`` (``model.lora.attach``): train its A/B matrices only, the model's weights
+        frozen, and save the adapter alone.  ``precision='bf16'``: the blocks' matrix products in
+        bfloat16 (float32 accumulation) while the weights, gradients and optimizer state stay
+        float32 (a bfloat16 model's frozen matrices, under an adapter, are used as they are)."""
         if optim not in OPTIMIZERS:
             raise ModelError(f"unknown optimizer {optim!r} (choose from {', '.join(OPTIMIZERS)})")
+        if precision not in ("fp32", "bf16"):
+            raise ModelError(f"precision must be fp32 or bf16, got {precision!r}")
+        if adapter is None and model.precision != "fp32":
+            raise ModelError(f"full fine-tuning needs float32 weights, not {model.precision}: load the model "
+                             f"as fp32 and train with precision='bf16'")
         self.model = model
+        self.adapter = adapter
+        self.precision = precision
         self.optim = optim
         self.learning_rate = float(learning_rate)
         self.warmup_steps = int(warmup_steps)
         self.accumulate = int(accumulate)
-        self.names = sorted(model.variables)
-        self.vars = [model.variables[n] for n in self.names]
+        trained = model.variables if adapter is None else adapter.variables
+        self.names = sorted(trained)
+        self.vars = [trained[n] for n in self.names]
         with tf.device(model.device):
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.slots: Dict[str, tf.Variable] = {}
@@ -79,8 +92,26 @@ class Trainer:
                     self.slots[f"{n}/Adam_1"] = tf.Variable(tf.zeros_like(v), trainable=False)
                 elif optim == "adagrad":
                     self.slots[f"{n}/Adagrad"] = tf.Variable(tf.fill(v.shape, 0.1), trainable=False)
-        self._step_fn = tf.function(self._train_graph, reduce_retracing=True)
-        self._loss_fn = tf.function(self._loss_graph, reduce_retracing=True)
+        # one trace each, for every batch size and chunk length
+        self._step_fn = tf.function(self._traced(self._train_graph, training=True), input_signature=_BATCH_SPEC)
+        self._loss_fn = tf.function(self._traced(self._loss_graph, training=False), input_signature=_BATCH_SPEC)
+
+    def _traced(self, graph, training: bool):
+        """``graph`` traced with the blocks computing in ``precision`` (and the adapter's dropout on
+        while training); the model itself is left as it was."""
+        from model import lora
+
+        def fn(*args):
+            with lora.compute_context(self.model, self.precision, self.adapter if training else None):
+                return graph(*args)
+
+        fn.__name__ = graph.__name__
+        return fn
+
+    def trace(self) -> None:
+        """Trace the training step now (the first ``train_step`` does it otherwise)."""
+        with tf.device(self.model.device):
+            self._step_fn.get_concrete_function()
 
     # ------------------------------------------------------------------ graphs
 
@@ -174,13 +205,17 @@ def checkpoint_steps(run_dir) -> list:
     d = Path(run_dir)
     if not d.is_dir():
         return []
-    return sorted(int(m.group(1)) for m in map(_CKPT_RE.match, os.listdir(d)) if m)
+    return sorted({int(m.group(1) or m.group(2)) for m in map(_CKPT_RE.match, os.listdir(d)) if m})
 
 
 def latest_step(run_dir) -> Optional[int]:
-    """The step of the checkpoint the state file names (None when there is none)."""
+    """The step of the checkpoint (or LoRA adapter) the state file names (None when there is none)."""
     from model.checkpoint import find_checkpoint
+    from model import lora
     d = Path(run_dir)
+    if is_adapter_run(d):
+        m = re.search(r"-(\d+)\.npz$", lora.find_adapter(d).name)
+        return int(m.group(1)) if m else 0
     if not (d / "checkpoint").is_file():
         return None
     prefix = find_checkpoint(d)
@@ -188,9 +223,16 @@ def latest_step(run_dir) -> Optional[int]:
     return int(m.group(1)) if m else 0
 
 
+def is_adapter_run(run_dir) -> bool:
+    """Whether ``run_dir`` holds a LoRA run (its ``adapter`` state file) rather than full checkpoints."""
+    from model import lora
+    return (Path(run_dir) / lora.STATE_FILE).is_file()
+
+
 def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
     """Write ``optimizer-N.npz``, then the checkpoint (state file last, via ``model.save``),
-    then ``counter``; then keep only the newest ``keep`` checkpoints, and the optimizer
+    then ``counter`` (with an adapter: ``adapter-N.npz`` and its state file ``adapter``
+    instead of the checkpoint); then keep only the newest ``keep`` checkpoints, and the optimizer
     state of the newest alone (resuming needs no other).  A failure at any point (a full
     disk) leaves the previous checkpoint named by the state file intact, removes what
     was written of this one and raises ModelError("cannot save checkpoint ...")."""
@@ -200,7 +242,11 @@ def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
         d.mkdir(parents=True, exist_ok=True)
         state = trainer.optimizer_state()
         atomic_write(d / f"optimizer-{step}.npz", lambda f: np.savez(f, **state))
-        prefix = save(trainer.model, d, step=step)
+        if trainer.adapter is not None:
+            from model import lora
+            prefix = lora.save_adapter(trainer.adapter, d, step)
+        else:
+            prefix = save(trainer.model, d, step=step)
         atomic_write(d / COUNTER_FILE, lambda f: f.write(f"{step}\n".encode()))
     except (OSError, ModelError) as e:
         if latest_step(d) != step:
@@ -212,13 +258,13 @@ def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
     dropped = older[:max(0, len(older) - (max(keep, 1) - 1))]
     for s in older:
         _remove_step(d, s, optimizer=True, model=s in dropped)
-    if dropped:
+    if dropped and trainer.adapter is None:
         write_state_file(d, f"model-{step}")
     return prefix
 
 
 def _remove_step(d: Path, step: int, optimizer: bool, model: bool = True) -> None:
-    files = list(d.glob(f"model-{step}.*")) if model else []
+    files = [*d.glob(f"model-{step}.*"), d / f"adapter-{step}.npz"] if model else []
     if optimizer:
         files.append(d / f"optimizer-{step}.npz")
     for f in files:
@@ -258,21 +304,22 @@ def write_settings(run_dir, settings: dict) -> None:
     atomic_write(Path(run_dir) / SETTINGS_FILE, lambda f: f.write(json.dumps(settings, indent=2)), mode="w")
 
 
-def memory_needed(hp, batch_size: int, chunk: int) -> int:
+def memory_needed(hp, batch_size: int, chunk: int, lora: bool = False) -> int:
     """A generous estimate of the bytes one training step takes: weights, gradients and
     two optimizer moments, plus what backpropagation keeps of one micro-batch
     (about 16 values per token and width per layer, the attention weights, and the
-    logits with their gradient)."""
+    logits with their gradient).  ``lora``: the weights once (frozen; the adapter's
+    own state is small)."""
     weights = 4 * hp.n_params
     tokens = batch_size * chunk
     per_layer = 4 * tokens * (16 * hp.n_embd + 2 * hp.n_head * chunk)
     logits = 4 * 3 * tokens * hp.n_vocab
-    return 4 * weights + hp.n_layer * per_layer + logits
+    return (1 if lora else 4) * weights + hp.n_layer * per_layer + logits
 
 
-def check_memory(hp, batch_size: int, chunk: int) -> None:
+def check_memory(hp, batch_size: int, chunk: int, lora: bool = False) -> None:
     """OptionError (batch_size) when a training step would need more memory than is available."""
-    memory.check("batch_size", batch_size, memory_needed(hp, batch_size, chunk),
+    memory.check("batch_size", batch_size, memory_needed(hp, batch_size, chunk, lora),
                  "one training step (use --accumulate to keep the effective batch)")
 
 
