@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -74,6 +75,14 @@ def parser() -> argparse.ArgumentParser:
         "help": "training's matrix products: fp32 (default) or bf16 (bfloat16 products with float32 "
                 "weights, gradients and optimizer state; on CPUs without AMX or AVX512_BF16 fp32 is used, "
                 "with a warning). With --lora the frozen base matrices are held in bfloat16"})
+    g = p.add_argument_group("several devices or machines (tf.distribute)")
+    g.add_argument("--strategy", choices=("mirrored", "multiworker"), default=None,
+                   help="mirrored: every GPU of this machine (else the CPU); multiworker: the machines of "
+                        "TF_CONFIG (run the same command on each, with its own TF_CONFIG task). --batch_size is "
+                        "the global batch, split across the replicas; the chief writes the checkpoints; "
+                        "default: one device")
+    g.add_argument("--worker_timeout", metavar="S", type=flags.positive_float, default=120.0,
+                   help="with multiworker: seconds to wait for a worker before giving up (default 120)")
     return p
 
 
@@ -189,8 +198,8 @@ def main(argv=None) -> int:
             raise UsageError(f"--lora_targets: {e}") from None
     if args.learning_rate is None:
         args.learning_rate = 2e-4 if args.lora_rank else 5e-5
-    from tasks import dataset as D
     from tasks import train as T
+    from model import ModelError
 
     common.quiet_tensorflow(args.verbose)
     if os.path.isdir(run_dir) and T.latest_step(run_dir) is not None:
@@ -199,6 +208,24 @@ def main(argv=None) -> int:
                              "or use another --run_name")
         if args.lora_rank and not T.is_adapter_run(run_dir):
             raise UsageError(f"{run_dir} holds a full fine-tuning run, not a LoRA adapter: use another --run_name")
+    try:
+        strategy = T.make_strategy(args.strategy, timeout_s=args.worker_timeout)
+    except ModelError as e:
+        raise UsageError(str(e)) from None
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        try:
+            return _train(args, run_dir, strategy)
+        except T.cluster_errors() as e:
+            if strategy is None:
+                raise
+            raise UsageError(f"the cluster failed before training ({T._first_line(e)}): is every worker in "
+                             f"TF_CONFIG running and reachable?") from None
+
+
+def _train(args, run_dir, strategy) -> int:
+    from tasks import dataset as D
+    from tasks import train as T
+
     if args.precision == "bf16":
         import model
         if not model.bf16_native(model.select_device(str(args.gpu))):
@@ -215,9 +242,15 @@ def main(argv=None) -> int:
         raise UsageError(f"--chunk {chunk} is longer than the model's context ({hp.n_ctx} tokens)")
     D.check_ids(arrays, hp.n_vocab)
     T.check_memory(hp, args.batch_size, chunk, lora=bool(args.lora_rank))
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if args.batch_size % replicas:
+        raise UsageError(f"--batch_size {args.batch_size} does not split among {replicas} replicas: "
+                         f"give a multiple of {replicas} (the global batch)")
 
     settings = T.read_settings(run_dir) if resume is not None else {}
     seed = args.seed if args.seed is not None else settings.get("seed")
+    if seed is None and args.strategy == "multiworker":
+        raise UsageError("--strategy multiworker needs --seed (every worker draws the same batches)")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     train, val = D.Chunks.from_arrays(arrays, chunk, enc.eos_id).split(args.val_fraction, seed)
@@ -233,15 +266,17 @@ def main(argv=None) -> int:
 
     adapter = _adapter(args, m, run_dir, resume, seed) if args.lora_rank else None
     trainer = T.Trainer(m, optim=args.optim, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
-                        accumulate=args.accumulate, adapter=adapter, precision=args.precision)
+                        accumulate=args.accumulate, adapter=adapter, precision=args.precision, strategy=strategy)
     if resume is not None:
         if not T.restore_optimizer(trainer, run_dir, step):
             common.warn(f"no optimizer state for step {step} in {run_dir} (or another --optim): "
                         "the optimizer starts afresh")
         trainer.step.assign(step)
         sys.stderr.write(f"resuming {run_dir} at step {step}\n")
-    os.makedirs(run_dir, exist_ok=True)
-    T.write_settings(run_dir, {"seed": seed, "base_model": str(args.model), "chunk": chunk, "optim": args.optim,
+    chief = T.is_chief(strategy)
+    if chief:
+        os.makedirs(run_dir, exist_ok=True)
+    (T.write_settings if chief else (lambda *a: None))(run_dir, {"seed": seed, "base_model": str(args.model), "chunk": chunk, "optim": args.optim,
                                "learning_rate": args.learning_rate, "batch_size": args.batch_size,
                                "accumulate": args.accumulate, "precision": args.precision,
                                **({"lora": {"rank": adapter.rank, "alpha": adapter.alpha,
@@ -249,6 +284,10 @@ def main(argv=None) -> int:
                                   if adapter is not None else {})})
     sys.stderr.write(f"{len(train)} training chunks ({train.n_tokens()} tokens)"
                      + (f", {len(val)} validation chunks" if val is not None else "") + "\n")
+    if strategy is not None:
+        sys.stderr.write(f"{args.strategy}: {strategy.num_replicas_in_sync} replicas, each "
+                         f"{args.batch_size // strategy.num_replicas_in_sync} of the {args.batch_size} chunks "
+                         f"of a micro-batch{'' if chief else '; the chief writes the checkpoints'}\n")
     if adapter is not None:
         sys.stderr.write(f"LoRA rank {adapter.rank}, alpha {adapter.alpha:g} on {','.join(adapter.targets)}: "
                          f"{adapter.n_params} trained parameters "

@@ -61,11 +61,14 @@ class Trainer:
     """A training loop's state: the model's variables, optimizer slots, compiled steps."""
 
     def __init__(self, model, optim: str = "adam", learning_rate: float = 5e-5, warmup_steps: int = 0,
-                 accumulate: int = 1, adapter=None, precision: str = "fp32"):
+                 accumulate: int = 1, adapter=None, precision: str = "fp32", strategy=None):
         """``adapter`` (``model.lora.attach``): train its A/B matrices only, the model's weights
         frozen, and save the adapter alone.  ``precision='bf16'``: the blocks' matrix products in
         bfloat16 (float32 accumulation) while the weights, gradients and optimizer state stay
-        float32 (a bfloat16 model's frozen matrices, under an adapter, are used as they are)."""
+        float32 (a bfloat16 model's frozen matrices, under an adapter, are used as they are).
+        ``strategy``: a ``tf.distribute`` strategy whose scope the model (and adapter) were made
+        in, and this Trainer is made in (``distributed``): each step's batch is split across its
+        replicas; the batch's rows (batch_size x accumulate) must divide among them."""
         if optim not in OPTIMIZERS:
             raise ModelError(f"unknown optimizer {optim!r} (choose from {', '.join(OPTIMIZERS)})")
         if precision not in ("fp32", "bf16"):
@@ -80,6 +83,7 @@ class Trainer:
         self.learning_rate = float(learning_rate)
         self.warmup_steps = int(warmup_steps)
         self.accumulate = int(accumulate)
+        self.strategy = strategy
         trained = model.variables if adapter is None else adapter.variables
         self.names = sorted(trained)
         self.vars = [trained[n] for n in self.names]
@@ -146,12 +150,12 @@ class Trainer:
                 v.assign_sub(lr * g)
         self.step.assign_add(1)
 
-    def _train_graph(self, ids, lengths):
-        """One optimizer step over ``accumulate`` micro-batches stacked along the batch axis."""
+    def _gradients(self, ids, lengths, total_tokens):
+        """(sum of token losses, gradients of that sum / total_tokens) over ``accumulate``
+        micro-batches stacked along the batch axis of ids."""
         micro = tf.reshape(ids, [self.accumulate, -1, tf.shape(ids)[1]])
         micro_len = tf.reshape(lengths, [self.accumulate, -1])
-        total_tokens = tf.maximum(tf.reduce_sum(tf.cast(lengths - 1, tf.float32)), 1.0)
-        acc = [tf.zeros_like(v) for v in self.vars]
+        acc = [tf.zeros(v.shape, tf.float32) for v in self.vars]
         loss_sum = tf.constant(0.0)
         for i in range(self.accumulate):  # unrolled: accumulate is small
             with tf.GradientTape() as tape:
@@ -160,7 +164,40 @@ class Trainer:
             grads = tape.gradient(scaled, self.vars)
             acc = [a + tf.convert_to_tensor(g) for a, g in zip(acc, grads)]
             loss_sum += s
-        self._apply(acc)
+        return loss_sum, acc
+
+    def _train_graph(self, ids, lengths):
+        """One optimizer step over ``accumulate`` micro-batches stacked along the batch axis.
+
+        Under a ``strategy`` every replica takes its share of each micro-batch (the rows
+        ``replica_id * B/replicas ...`` of it), the gradients (each of the replica's loss over
+        the global batch's token count) are summed across replicas, and the one update is
+        applied to the (mirrored) variables: the same step as on one device."""
+        total_tokens = tf.maximum(tf.reduce_sum(tf.cast(lengths - 1, tf.float32)), 1.0)
+        if self.strategy is None:
+            loss_sum, grads = self._gradients(ids, lengths, total_tokens)
+        else:
+            replicas = self.strategy.num_replicas_in_sync
+            length = tf.shape(ids)[1]
+
+            def share(ids, lengths):
+                r = tf.distribute.get_replica_context().replica_id_in_sync_group
+                rows = tf.shape(ids)[0] // (self.accumulate * replicas)
+                mine = tf.reshape(ids, [self.accumulate, replicas, rows, length])[:, r]
+                mine_len = tf.reshape(lengths, [self.accumulate, replicas, rows])[:, r]
+                return self._gradients(tf.reshape(mine, [-1, length]), tf.reshape(mine_len, [-1]), total_tokens)
+
+            def flat_share(ids, lengths):  # one vector: a single all-reduce of every gradient and the loss
+                s, grads = share(ids, lengths)
+                return tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.reshape(s, [1])], axis=0)
+
+            total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(flat_share, args=(ids, lengths)),
+                                         axis=None)
+            sizes = [int(np.prod(v.shape)) for v in self.vars]
+            parts = tf.split(total, sizes + [1])
+            grads = [tf.reshape(g, v.shape) for g, v in zip(parts[:-1], self.vars)]
+            loss_sum = parts[-1][0]
+        self._apply(grads)
         return loss_sum / total_tokens
 
     # ------------------------------------------------------------------ API
@@ -196,6 +233,74 @@ class Trainer:
             v.assign(state[k])
         self.step.assign(int(state["global_step"]))
         return True
+
+
+# ---------------------------------------------------------------------- several devices, several machines
+
+STRATEGIES = ("mirrored", "multiworker")
+
+
+def parse_tf_config(text: Optional[str]) -> dict:
+    """TF_CONFIG checked: {"cluster": {"worker": ["host:port", ...], ("chief": [...])}, "task": {"type", "index"}};
+    ModelError (one line) saying what is wrong."""
+    if not text or not text.strip():
+        raise ModelError("--strategy multiworker needs TF_CONFIG, e.g. "
+                         '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}')
+    try:
+        cfg = json.loads(text)
+    except ValueError as e:
+        raise ModelError(f"TF_CONFIG is not valid JSON: {e}") from None
+    cluster = cfg.get("cluster") if isinstance(cfg, dict) else None
+    task = cfg.get("task") if isinstance(cfg, dict) else None
+    if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
+        raise ModelError('TF_CONFIG has no "cluster" with a "worker" list')
+    for kind, hosts in cluster.items():
+        if not isinstance(hosts, list) or not all(isinstance(h, str) and re.fullmatch(r"\S+:\d+", h) for h in hosts):
+            raise ModelError(f'TF_CONFIG: cluster "{kind}" must be a list of "host:port" strings, got {hosts!r}')
+    if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int) \
+            or not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise ModelError(f'TF_CONFIG: "task" must name this process\'s place in the cluster '
+                         f'({{"type": "worker", "index": 0..{len(cluster.get("worker", [])) - 1}}}), got {task!r}')
+    return cfg
+
+
+def make_strategy(kind: Optional[str], timeout_s: float = 60.0):
+    """None (one device), or a tf.distribute strategy: 'mirrored' (every GPU of this machine, else
+    the CPU) or 'multiworker' (TF_CONFIG's cluster; a collective that waits more than
+    ``timeout_s`` for a worker fails).  Make it before TensorFlow runs anything else."""
+    if kind is None:
+        return None
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if kind != "multiworker":
+        raise ModelError(f"unknown strategy {kind!r} (choose from {', '.join(STRATEGIES)})")
+    parse_tf_config(os.environ.get("TF_CONFIG"))
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except (tf.errors.OpError, ValueError, RuntimeError) as e:
+        raise ModelError(f"cannot join the cluster in TF_CONFIG: {_first_line(e)}") from None
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes checkpoints: always without a multi-worker strategy; else the
+    "chief" task, or worker 0 of a cluster without one."""
+    resolver = getattr(strategy, "cluster_resolver", None) if strategy is not None else None
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().jobs
+
+
+def _first_line(e: BaseException) -> str:
+    text = (getattr(e, "message", None) or str(e) or type(e).__name__).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def cluster_errors():
+    """What a lost or unreachable worker raises from a step (TensorFlow's op errors)."""
+    return (tf.errors.OpError,)
 
 
 # ---------------------------------------------------------------------- run directory
@@ -386,9 +491,11 @@ def fine_tune(trainer: Trainer, train, val, run_dir, schedule: Schedule, seed: i
     on_disk = step if saved else None
     loss, mean = None, RunningMean()
 
+    chief = is_chief(trainer.strategy)
+
     def save():
         nonlocal on_disk
-        if on_disk != step:
+        if on_disk != step and chief:
             with _interrupts_held():
                 events.saved(step, save_run(trainer, run_dir, step, keep=schedule.keep))
             on_disk = step
@@ -397,7 +504,13 @@ def fine_tune(trainer: Trainer, train, val, run_dir, schedule: Schedule, seed: i
         while schedule.max_steps is None or step < schedule.max_steps:
             ids, lengths = train.batch(sampler.next(per_step))
             t0 = time.perf_counter()
-            loss = trainer.train_step(ids, lengths)
+            try:
+                loss = trainer.train_step(ids, lengths)
+            except cluster_errors() as e:
+                if trainer.strategy is None:
+                    raise
+                raise ModelError(f"training stopped at step {step + 1}: a worker was lost or cannot be reached "
+                                 f"({_first_line(e)}); the last checkpoint in {run_dir} is kept") from None
             seconds = time.perf_counter() - t0
             step += 1
             if not math.isfinite(loss):
