@@ -59,29 +59,27 @@ def parser() -> argparse.ArgumentParser:
               clean_text={"help": "with a directory of .txt files: clean the text as gpt2-encode.py --clean_text"})
     p.add_argument("--chunk", type=flags.positive_int, default=None,
                    help="tokens per chunk (default: the model's n_ctx, 1024)")
-    g = p.add_argument_group("LoRA (train a small adapter; the base model stays as it is)")
-    g.add_argument("--lora", dest="lora_rank", metavar="RANK", type=flags.positive_int, default=None,
+    p.add_argument("--lora", dest="lora_rank", metavar="RANK", type=flags.positive_int, default=None,
                    help="train a LoRA adapter of this rank instead of every weight; only the adapter is saved "
                         "(CHECKPOINT_DIR/RUN_NAME/adapter-N.npz, a few MB): use it with --model BASE "
                         "--lora CHECKPOINT_DIR/RUN_NAME in every tool, or merge it (python -m model merge)")
-    g.add_argument("--lora_alpha", metavar="ALPHA", type=flags.positive_float, default=None,
+    p.add_argument("--lora_alpha", metavar="ALPHA", type=flags.positive_float, default=None,
                    help="the adapter's scale is alpha/rank (default alpha = 2 x rank)")
-    g.add_argument("--lora_targets", metavar="LIST", default="attn/c_attn,attn/c_proj,mlp/c_fc,mlp/c_proj",
+    p.add_argument("--lora_targets", metavar="LIST", default="attn/c_attn,attn/c_proj,mlp/c_fc,mlp/c_proj",
                    help="block matrices that get an adapter, comma-separated (attn/c_attn, attn/c_proj, mlp/c_fc, "
                         "mlp/c_proj; or attn, mlp, all); default: all four in every block")
-    g.add_argument("--lora_dropout", metavar="P", type=flags.number, default=0.0,
+    p.add_argument("--lora_dropout", metavar="P", type=flags.number, default=0.0,
                    help="dropout on the adapter's input while training (default 0)")
     flags.add(p, "precision", precision={
         "help": "training's matrix products: fp32 (default) or bf16 (bfloat16 products with float32 "
                 "weights, gradients and optimizer state; on CPUs without AMX or AVX512_BF16 fp32 is used, "
                 "with a warning). With --lora the frozen base matrices are held in bfloat16"})
-    g = p.add_argument_group("several devices or machines (tf.distribute)")
-    g.add_argument("--strategy", choices=("mirrored", "multiworker"), default=None,
+    p.add_argument("--strategy", choices=("mirrored", "multiworker"), default=None,
                    help="mirrored: every GPU of this machine (else the CPU); multiworker: the machines of "
                         "TF_CONFIG (run the same command on each, with its own TF_CONFIG task). --batch_size is "
                         "the global batch, split across the replicas; the chief writes the checkpoints; "
                         "default: one device")
-    g.add_argument("--worker_timeout", metavar="S", type=flags.positive_float, default=120.0,
+    p.add_argument("--worker_timeout", metavar="S", type=flags.positive_float, default=120.0,
                    help="with multiworker: seconds to wait for a worker before giving up (default 120)")
     return p
 
