@@ -122,7 +122,8 @@ def main():
             continue
         res = results[config] = json.loads(r.stdout.strip().splitlines()[-1])
         tps = res["tokens"] / res["median_s"]
-        print(f"{config:9s}: {tps:6.0f} tokens/s ({tps / bound_tps:.2f} x bound), peak RSS {res['peak_rss_gib']:.2f} GiB, "
+        print(f"{config:9s}: {tps:6.0f} tokens/s ({tps / bound_tps:.2f} x bound), "
+              f"peak RSS {res['peak_rss_gib']:.2f} GiB, "
               f"{res['trained_params']:,} trained parameters; first step {res['to_first_step_s']:.1f} s after loading "
               f"(trainer {res['trainer_s']:.1f} + trace {res['trace_s']:.1f} + step {res['first_step_s']:.1f}; a later "
               f"step {res['median_s']:.1f}){'' if res['bf16_native'] or 'bf16' not in config else ' [bf16 emulated]'}")

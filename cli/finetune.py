@@ -116,10 +116,6 @@ def _load_model(args, enc, run_dir, resume):
             return common.load_model(base_args, enc)
         except ModelError as e:
             raise UsageError(f"cannot load the base model {args.model}: {e}") from None
-        try:
-            return common.load_model(args, enc)
-        except ModelError as e:
-            raise UsageError(f"cannot load the base model {args.model}: {e}") from None
     base = hub.model_path(args.model)
     run_hp = open_checkpoint(run_dir)[1]
     if base.is_dir():
@@ -271,15 +267,15 @@ def _train(args, run_dir, strategy) -> int:
                         "the optimizer starts afresh")
         trainer.step.assign(step)
         sys.stderr.write(f"resuming {run_dir} at step {step}\n")
-    chief = T.is_chief(strategy)
+    chief = T.is_chief(strategy)  # only the chief writes into the run directory
     if chief:
         os.makedirs(run_dir, exist_ok=True)
-    (T.write_settings if chief else (lambda *a: None))(run_dir, {"seed": seed, "base_model": str(args.model), "chunk": chunk, "optim": args.optim,
-                               "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-                               "accumulate": args.accumulate, "precision": args.precision,
-                               **({"lora": {"rank": adapter.rank, "alpha": adapter.alpha,
-                                            "targets": list(adapter.targets), "dropout": adapter.dropout}}
-                                  if adapter is not None else {})})
+        lora_settings = {} if adapter is None else {"lora": {"rank": adapter.rank, "alpha": adapter.alpha,
+                                                             "targets": list(adapter.targets),
+                                                             "dropout": adapter.dropout}}
+        T.write_settings(run_dir, {"seed": seed, "base_model": str(args.model), "chunk": chunk, "optim": args.optim,
+                                   "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+                                   "accumulate": args.accumulate, "precision": args.precision, **lora_settings})
     sys.stderr.write(f"{len(train)} training chunks ({train.n_tokens()} tokens)"
                      + (f", {len(val)} validation chunks" if val is not None else "") + "\n")
     if strategy is not None:

@@ -245,7 +245,8 @@ def parse_tf_config(text: Optional[str]) -> dict:
     ModelError (one line) saying what is wrong."""
     if not text or not text.strip():
         raise ModelError("--strategy multiworker needs TF_CONFIG, e.g. "
-                         '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}')
+                         '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                         '"task": {"type": "worker", "index": 0}}')
     try:
         cfg = json.loads(text)
     except ValueError as e:

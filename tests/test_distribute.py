@@ -5,7 +5,6 @@ Tolerances: a replica sums its share of the gradients and the shares are summed 
 order of float32 additions differs from one device's; the losses agree within rtol 1e-5 (mirrored, in
 process) and to the 4 decimals the tool prints (multi-worker)."""
 import json
-import os
 import re
 import signal
 import socket
@@ -163,7 +162,8 @@ def test_tf_config_errors_are_one_line(tiny_model_dir, text_file, tmp_path, env)
     from tasks import train as T
     for text, message in [("", "needs TF_CONFIG"), ("{bad", "not valid JSON"),
                           ('{"cluster": {}}', 'no "cluster" with a "worker" list'),
-                          ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}', "host:port"),
+                          ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}',
+                           "host:port"),
                           ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', '"task"')]:
         with pytest.raises(ModelError, match=message):
             T.parse_tf_config(text)
