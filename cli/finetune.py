@@ -80,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
                         "the global batch, split across the replicas; the chief writes the checkpoints; "
                         "default: one device")
     p.add_argument("--worker_timeout", metavar="S", type=flags.positive_float, default=120.0,
-                   help="with multiworker: seconds to wait for a worker before giving up (default 120)")
+                   help="with multiworker: seconds a step waits for a lost worker before the run ends with "
+                        "one line, the last checkpoint kept (default 120)")
     return p
 
 
