@@ -86,7 +86,9 @@ def parser() -> argparse.ArgumentParser:
 
 def _spec(args) -> dict:
     model = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
-    return {"model": model, "vocab": args.vocab, "gpu": args.gpu, "threads": args.threads,
+    lora = getattr(args, "lora", None)
+    lora = os.path.abspath(lora) if lora and os.path.exists(lora) else lora
+    return {"model": model, "lora": lora, "vocab": args.vocab, "gpu": args.gpu, "threads": args.threads,
             "verbose": args.verbose, "no_download": args.no_download}
 
 

@@ -62,7 +62,12 @@ def load_model(args, enc=None, quantize=None):
     import model
 
     t0 = time.perf_counter()
+    lora = getattr(args, "lora", None)
     if quantize is not None:
+        if lora is not None:
+            from .errors import UsageError
+            raise UsageError(f"--lora cannot be combined with --quantize {quantize}: merge the adapter first "
+                             f"(python -m model merge BASE ADAPTER OUT) and quantize OUT")
         threads = model.configure_threads(getattr(args, "threads", None), tensorflow=False)
         if model.parse_gpu(args.gpu) >= 0:
             log(args, f"note: {quantize} weights decode on the CPU (ONNX Runtime), not on GPU {args.gpu}")
@@ -73,7 +78,7 @@ def load_model(args, enc=None, quantize=None):
         where = model.select_device(str(args.gpu), verbose=args.verbose)
         # --precision bf16 (gpt2-transform.py, gpt2-score.py): the block matrices are read as bfloat16,
         # so the float32 ones are never all in memory
-        m = model.load(str(model_dir), device=where, precision=getattr(args, "precision", "fp32"))
+        m = model.load(str(model_dir), device=where, precision=getattr(args, "precision", "fp32"), lora=lora)
     if enc is not None:
         model.check_vocab(m.hparams, len(enc))
     log(args, f"model: {m.path} on {where}, {threads} thread(s); loaded in {time.perf_counter() - t0:.2f} s")

@@ -1,10 +1,11 @@
-"""python -m model: the model cache -- download, list, remove, quantize.
+"""python -m model: the model cache -- download, list, remove, quantize, export, merge.
 
     python -m model download gpt2ja-medium [gpt2ja-small ...]
     python -m model list
     python -m model remove gpt2ja-medium
     python -m model quantize gpt2ja-small q4     # or a model directory; q8 or q4
     python -m model export gpt2ja-small OUT --format hf   # a Hugging Face transformers folder
+    python -m model merge gpt2ja-small checkpoint/run merged/   # a LoRA adapter into a full checkpoint
 
 download: each model is downloaded (resuming a partial download), extracted,
 checked to be a loadable checkpoint and moved into the cache ($GPT2JA_HOME,
@@ -21,6 +22,8 @@ time (otherwise they are made on first use), and prints the cache file
 else under ``$GPT2JA_HOME/quantized``); a valid cache file is reused.
 export: writes a model (a directory or a released name) as a Hugging Face
 transformers folder (``model.export.export_hf``; docs/export.md) and prints it.
+merge: writes BASE with a LoRA adapter (gpt2-finetune.py --lora) merged into its
+weights as a checkpoint in the released layout, and prints its prefix.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ _NAMES = ", ".join(hub.RELEASED_MODELS)
 
 def _parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m model", description="The cache of released gpt2ja models.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{download,list,remove,quantize,export}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{download,list,remove,quantize,export,merge}")
     d = sub.add_parser(
         "download", help="fetch released models into the cache",
         description="Download released models into the cache, with resume, checks and safe extraction; "
@@ -73,6 +76,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--format", type=_export_format, default="hf", metavar="hf",
                    help="hf: a Hugging Face transformers folder (the one format; default)")
     flags.add(e, "vocab", "no_download", "verbose", "progress")
+    g = sub.add_parser(
+        "merge", help="merge a LoRA adapter into its base model: a full checkpoint",
+        description="Write BASE with the LoRA ADAPTER (gpt2-finetune.py --lora: its run directory or an "
+                    "adapter-N.npz) merged into its weights, as a checkpoint in the released layout in OUT "
+                    "(model-N.index/.data, checkpoint, hparams.json; N is the adapter's step) that every tool "
+                    "loads with --model OUT; print its prefix.",
+        epilog="example: python -m model merge gpt2ja-small checkpoint/novels models/novels")
+    g.add_argument("base", metavar="BASE", help="the base model: a directory or a released name: " + _NAMES)
+    g.add_argument("adapter", metavar="ADAPTER", help="the adapter: a run directory or an adapter-N.npz")
+    g.add_argument("out", metavar="OUT", help="the directory to write")
+    flags.add(g, "no_download", "verbose")
     return p
 
 
@@ -81,6 +95,22 @@ def _export_format(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown format {text!r}: the one format is hf (transformers; "
                                           "docs/export.md says why there is no GGUF)")
     return text
+
+
+def _merge(args) -> int:
+    from . import common
+
+    common.quiet_tensorflow(args.verbose)
+    model_dir = hub.resolve_model(args.base, download=not args.no_download)
+    import model
+    from model import lora
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"cannot write into {args.out}: it is not a directory")
+    saved = lora.read_adapter(args.adapter)
+    m = model.load(str(model_dir), lora=args.adapter)
+    print(model.save(m, args.out, step=saved.step), flush=True)
+    return 0
 
 
 def _export(args) -> int:
@@ -144,6 +174,8 @@ def main(argv=None) -> int:
         return _quantize(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "merge":
+        return _merge(args)
     for name in getattr(args, "names", ()):
         if not hub.is_released(name):
             raise UsageError(f"unknown model {name!r}; released models: {_NAMES}")

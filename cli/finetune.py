@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+import time
 
 from . import common, flags, io
 from .errors import ArgumentParser, Terminated, UsageError
@@ -22,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--base_model", "--model", dest="model", default="gpt2ja-small",
                    help="the model to start from: a model directory or a released name (default %(default)s, "
                         "as the original)")
-    flags.add(p, "vocab", "gpu", "verbose", "no_download")
+    flags.add(p, "vocab", "gpu", "threads", "verbose", "no_download")
     p.add_argument("--dataset", metavar="PATH", required=True,
                    help="an .npz written by gpt2-encode.py (or the original encode_bpe.py), "
                         "or a directory of .txt files / one .txt file (encoded on the fly)")
@@ -35,8 +37,8 @@ def parser() -> argparse.ArgumentParser:
                         "batch_size x N chunks, with the memory of one micro-batch (default 1)")
     p.add_argument("--optim", choices=("adam", "adagrad", "sgd"), default="adam",
                    help="optimizer (default adam: beta1 0.9, beta2 0.98, epsilon 1e-7)")
-    p.add_argument("--learning_rate", metavar="LR", type=flags.positive_float, default=5e-5,
-                   help="learning rate (default 5e-5)")
+    p.add_argument("--learning_rate", metavar="LR", type=flags.positive_float, default=None,
+                   help="learning rate (default 5e-5, as the original; 2e-4 with --lora)")
     p.add_argument("--warmup_steps", metavar="WR", type=flags.non_negative_int, default=0,
                    help="linear learning-rate warm-up steps (default 0)")
     p.add_argument("--save_every", metavar="N", type=flags.positive_int, default=1000,
@@ -57,6 +59,29 @@ def parser() -> argparse.ArgumentParser:
               clean_text={"help": "with a directory of .txt files: clean the text as gpt2-encode.py --clean_text"})
     p.add_argument("--chunk", type=flags.positive_int, default=None,
                    help="tokens per chunk (default: the model's n_ctx, 1024)")
+    p.add_argument("--lora", dest="lora_rank", metavar="RANK", type=flags.positive_int, default=None,
+                   help="train a LoRA adapter of this rank instead of every weight; only the adapter is saved "
+                        "(CHECKPOINT_DIR/RUN_NAME/adapter-N.npz, a few MB): use it with --model BASE "
+                        "--lora CHECKPOINT_DIR/RUN_NAME in every tool, or merge it (python -m model merge)")
+    p.add_argument("--lora_alpha", metavar="ALPHA", type=flags.positive_float, default=None,
+                   help="the adapter's scale is alpha/rank (default alpha = 2 x rank)")
+    p.add_argument("--lora_targets", metavar="LIST", default="attn/c_attn,attn/c_proj,mlp/c_fc,mlp/c_proj",
+                   help="block matrices that get an adapter, comma-separated (attn/c_attn, attn/c_proj, mlp/c_fc, "
+                        "mlp/c_proj; or attn, mlp, all); default: all four in every block")
+    p.add_argument("--lora_dropout", metavar="P", type=flags.number, default=0.0,
+                   help="dropout on the adapter's input while training (default 0)")
+    flags.add(p, "precision", precision={
+        "help": "training's matrix products: fp32 (default) or bf16 (bfloat16 products with float32 "
+                "weights, gradients and optimizer state; on CPUs without AMX or AVX512_BF16 fp32 is used, "
+                "with a warning). With --lora the frozen base matrices are held in bfloat16"})
+    p.add_argument("--strategy", choices=("mirrored", "multiworker"), default=None,
+                   help="mirrored: every GPU of this machine (else the CPU); multiworker: the machines of "
+                        "TF_CONFIG (run the same command on each, with its own TF_CONFIG task). --batch_size is "
+                        "the global batch, split across the replicas; the chief writes the checkpoints; "
+                        "default: one device")
+    p.add_argument("--worker_timeout", metavar="S", type=flags.positive_float, default=120.0,
+                   help="with multiworker: seconds a step waits for a lost worker before the run ends with "
+                        "one line, the last checkpoint kept (default 120)")
     return p
 
 
@@ -79,14 +104,17 @@ def _shape(hp) -> str:
 
 
 def _load_model(args, enc, run_dir, resume):
-    """The run's latest checkpoint when resuming (it must have the base model's shape), else the base model."""
+    """The run's latest checkpoint when resuming (it must have the base model's shape), else the base model
+    (with --lora: always the base model, in bfloat16 with --precision bf16)."""
     import hub
     from model import ModelError
     from model.checkpoint import open_checkpoint
 
-    if resume is None:
+    base_args = argparse.Namespace(**{**vars(args), "lora": None,
+                                      "precision": args.precision if args.lora_rank else "fp32"})
+    if resume is None or args.lora_rank:
         try:
-            return common.load_model(args, enc)
+            return common.load_model(base_args, enc)
         except ModelError as e:
             raise UsageError(f"cannot load the base model {args.model}: {e}") from None
     base = hub.model_path(args.model)
@@ -96,7 +124,25 @@ def _load_model(args, enc, run_dir, resume):
         if base_hp != run_hp:
             raise UsageError(f"{run_dir} holds a model of another shape ({_shape(run_hp)}) than "
                              f"--base_model {args.model} ({_shape(base_hp)}); use another --run_name")
-    return common.load_model(argparse.Namespace(**{**vars(args), "model": run_dir}), enc)
+    return common.load_model(argparse.Namespace(**{**vars(base_args), "model": run_dir}), enc)
+
+
+def _adapter(args, m, run_dir, resume, seed):
+    """The LoRA adapter to train: the run's latest (resuming; it must be made for this base) or a new one."""
+    from model import ModelError, lora
+
+    try:
+        if resume is not None:
+            saved = lora.read_adapter(run_dir)
+            if (saved.rank, tuple(saved.targets)) != (args.lora_rank, lora.parse_targets(args.lora_targets)):
+                common.warn(f"{run_dir} holds a rank-{saved.rank} adapter of {','.join(saved.targets)}: "
+                            "resuming with its settings")
+            return lora.attach(m, saved=saved)
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        return lora.attach(m, rank=args.lora_rank, alpha=alpha, targets=args.lora_targets,
+                           dropout=args.lora_dropout, seed=seed)
+    except ModelError as e:
+        raise UsageError(str(e)) from None
 
 
 class _Printer:
@@ -137,10 +183,50 @@ def main(argv=None) -> int:
     for path in (args.checkpoint_dir, run_dir):
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"cannot write checkpoints into {path}: it is not a directory")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UsageError(f"--lora_dropout must be at least 0 and below 1, got {args.lora_dropout}")
+    if args.lora_rank:
+        from model import ModelError, lora
+        try:
+            lora.parse_targets(args.lora_targets)
+        except ModelError as e:
+            raise UsageError(f"--lora_targets: {e}") from None
+    if args.learning_rate is None:
+        args.learning_rate = 2e-4 if args.lora_rank else 5e-5
+    from tasks import train as T
+    from model import ModelError
+
+    common.quiet_tensorflow(args.verbose)
+    if os.path.isdir(run_dir) and T.latest_step(run_dir) is not None:
+        if T.is_adapter_run(run_dir) and not args.lora_rank:
+            raise UsageError(f"{run_dir} holds a LoRA adapter run: resume it with --lora RANK, "
+                             "or use another --run_name")
+        if args.lora_rank and not T.is_adapter_run(run_dir):
+            raise UsageError(f"{run_dir} holds a full fine-tuning run, not a LoRA adapter: use another --run_name")
+    try:
+        strategy = T.make_strategy(args.strategy, timeout_s=args.worker_timeout)
+    except ModelError as e:
+        raise UsageError(str(e)) from None
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        try:
+            return _train(args, run_dir, strategy)
+        except T.cluster_errors() as e:
+            if strategy is None:
+                raise
+            raise UsageError(f"the cluster failed before training ({T._first_line(e)}): is every worker in "
+                             f"TF_CONFIG running and reachable?") from None
+
+
+def _train(args, run_dir, strategy) -> int:
     from tasks import dataset as D
     from tasks import train as T
 
-    common.quiet_tensorflow(args.verbose)
+    if args.precision == "bf16":
+        import model
+        if not model.bf16_native(model.select_device(str(args.gpu))):
+            common.warn("this CPU has no AMX or AVX512_BF16 (or TF_ENABLE_ONEDNN_OPTS=0): bfloat16 products "
+                        "would be emulated and slower, so training uses fp32")
+            args.precision = "fp32"
     enc = common.load_encoder(args)
     arrays = _load_dataset(args, enc)
     resume = T.latest_step(run_dir)
@@ -150,10 +236,16 @@ def main(argv=None) -> int:
     if chunk > hp.n_ctx:
         raise UsageError(f"--chunk {chunk} is longer than the model's context ({hp.n_ctx} tokens)")
     D.check_ids(arrays, hp.n_vocab)
-    T.check_memory(hp, args.batch_size, chunk)
+    T.check_memory(hp, args.batch_size, chunk, lora=bool(args.lora_rank))
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if args.batch_size % replicas:
+        raise UsageError(f"--batch_size {args.batch_size} does not split among {replicas} replicas: "
+                         f"give a multiple of {replicas} (the global batch)")
 
     settings = T.read_settings(run_dir) if resume is not None else {}
     seed = args.seed if args.seed is not None else settings.get("seed")
+    if seed is None and args.strategy == "multiworker":
+        raise UsageError("--strategy multiworker needs --seed (every worker draws the same batches)")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
     train, val = D.Chunks.from_arrays(arrays, chunk, enc.eos_id).split(args.val_fraction, seed)
@@ -167,21 +259,40 @@ def main(argv=None) -> int:
         sys.stderr.write(f"{run_dir} is already at step {step} (--max_steps/--epochs {max_steps})\n")
         return 0
 
-    trainer = T.Trainer(m, optim=args.optim, learning_rate=args.learning_rate,
-                        warmup_steps=args.warmup_steps, accumulate=args.accumulate)
+    adapter = _adapter(args, m, run_dir, resume, seed) if args.lora_rank else None
+    trainer = T.Trainer(m, optim=args.optim, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+                        accumulate=args.accumulate, adapter=adapter, precision=args.precision, strategy=strategy)
     if resume is not None:
         if not T.restore_optimizer(trainer, run_dir, step):
             common.warn(f"no optimizer state for step {step} in {run_dir} (or another --optim): "
                         "the optimizer starts afresh")
         trainer.step.assign(step)
         sys.stderr.write(f"resuming {run_dir} at step {step}\n")
-    os.makedirs(run_dir, exist_ok=True)
-    T.write_settings(run_dir, {"seed": seed, "base_model": str(args.model), "chunk": chunk, "optim": args.optim,
-                               "learning_rate": args.learning_rate, "batch_size": args.batch_size,
-                               "accumulate": args.accumulate})
+    chief = T.is_chief(strategy)  # only the chief writes into the run directory
+    if chief:
+        os.makedirs(run_dir, exist_ok=True)
+        lora_settings = {} if adapter is None else {"lora": {"rank": adapter.rank, "alpha": adapter.alpha,
+                                                             "targets": list(adapter.targets),
+                                                             "dropout": adapter.dropout}}
+        T.write_settings(run_dir, {"seed": seed, "base_model": str(args.model), "chunk": chunk, "optim": args.optim,
+                                   "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+                                   "accumulate": args.accumulate, "precision": args.precision, **lora_settings})
     sys.stderr.write(f"{len(train)} training chunks ({train.n_tokens()} tokens)"
                      + (f", {len(val)} validation chunks" if val is not None else "") + "\n")
+    if strategy is not None:
+        sys.stderr.write(f"{args.strategy}: {strategy.num_replicas_in_sync} replicas, each "
+                         f"{args.batch_size // strategy.num_replicas_in_sync} of the {args.batch_size} chunks "
+                         f"of a micro-batch{'' if chief else '; the chief writes the checkpoints'}\n")
+    if adapter is not None:
+        sys.stderr.write(f"LoRA rank {adapter.rank}, alpha {adapter.alpha:g} on {','.join(adapter.targets)}: "
+                         f"{adapter.n_params} trained parameters "
+                         f"({100.0 * adapter.n_params / hp.n_params:.2f}% of {hp.n_params})\n")
 
+    sys.stderr.write("tracing the training step…\n")
+    sys.stderr.flush()
+    t0 = time.perf_counter()
+    trainer.trace()
+    common.log(args, f"traced in {time.perf_counter() - t0:.1f} s")
     schedule = T.Schedule(batch_size=args.batch_size, max_steps=max_steps, save_every=args.save_every,
                           eval_every=args.eval_every, keep=args.keep)
     bar = io.progress(total=max_steps, desc="training", unit="step", force=args.progress)

@@ -234,6 +234,10 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
              "matrices in bfloat16, multiplied with float32 accumulation; faster on CPUs with AMX or AVX512_BF16 "
              "(emulated, slower, elsewhere), with slightly different numbers (vectors within cosine 0.999 of "
              "fp32's, log-probabilities within about 0.1%%)")),
+    "lora": (("--lora",), dict(
+        metavar="DIR", default=None,
+        help="a LoRA adapter made by gpt2-finetune.py --lora for this --model: its run directory "
+             "(checkpoint/RUN_NAME) or an adapter-N.npz; merged into the weights as they load")),
     "progress": (("--progress",), dict(action="store_true",
                                        help="show progress bars even when stderr is not a terminal")),
 }
@@ -278,5 +282,5 @@ def add(parser: argparse.ArgumentParser, *names: str, **overrides: dict) -> None
 
 
 def add_model_flags(parser: argparse.ArgumentParser, **overrides: dict) -> None:
-    """--model, --vocab, --gpu, --threads, --verbose, --no-download: the flags every model tool has."""
-    add(parser, "model", "vocab", "gpu", "threads", "verbose", "no_download", **overrides)
+    """--model, --lora, --vocab, --gpu, --threads, --verbose, --no-download: the flags every model tool has."""
+    add(parser, "model", "lora", "vocab", "gpu", "threads", "verbose", "no_download", **overrides)

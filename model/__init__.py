@@ -20,6 +20,7 @@
     model.save(m, "out_dir", step=1000)   # released layout, state file written last
     dev = model.select_device("-1")       # --gpu: '-1' CPU, 'N' -> '/GPU:N' if present
     m = model.load("gpt2ja-small", device=dev)
+    m = model.load(dir, lora="checkpoint/run")  # a LoRA adapter merged into the weights (model.lora)
     b = model.load("gpt2ja-small", precision="bf16")  # block matrices in bfloat16 (or
                                           # m.with_precision("bf16")): half the memory, faster
                                           # batched forward passes where model.bf16_native()
@@ -60,6 +61,7 @@ _LAZY = {
     "cpu_count": "threads",
     "OnnxDecoder": "ortdecode",
     "quantize": "quantize",
+    "lora": "lora",
     "load_quantized": "quantize",
     "QuantizedModel": "quantize",
 }

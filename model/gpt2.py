@@ -111,7 +111,11 @@ def _mask_scores(w, keep):
 def _matmul(x, w):
     """x [N, in] (float32) times a block matrix w [in, out]: a float32 w is one plain
     MatMul (the float32 graph); a bfloat16 w multiplies x rounded to bfloat16 (oneDNN
-    accumulates in float32) and returns the product as float32."""
+    accumulates in float32) and returns the product as float32.  A weight with a
+    ``weight_product`` method (``model.lora``: an adapter, a bfloat16 cast while
+    training) computes the product itself."""
+    if hasattr(w, "weight_product"):
+        return w.weight_product(x)
     if w.dtype == tf.float32:
         return tf.matmul(x, w)
     return tf.cast(tf.matmul(tf.cast(x, w.dtype), w), tf.float32)
@@ -600,7 +604,8 @@ def _precision_of(variables, hparams: HParams) -> str:
                      f"expected all float32 or all bfloat16")
 
 
-def load(model_dir: str | os.PathLike, device: Optional[str] = None, precision: str = "fp32") -> Model:
+def load(model_dir: str | os.PathLike, device: Optional[str] = None, precision: str = "fp32",
+         lora: Optional[str | os.PathLike] = None) -> Model:
     """Load a model directory (checkpoint + optional hparams.json) into a Model.
 
     The checkpoint is found as ``find_checkpoint`` says; hparams come from
@@ -613,21 +618,35 @@ def load(model_dir: str | os.PathLike, device: Optional[str] = None, precision: 
     are read (see ``Model.with_precision``), so the float32 weights are never all
     in memory.
 
+    ``lora``: a LoRA adapter (an ``adapter-N.npz``, or a run directory of
+    ``gpt2-finetune.py --lora``) made for this checkpoint, merged into the
+    float32 weights as they are read (``model.lora``); an adapter made for
+    another base is a ModelError.
+
     A released name (``gpt2ja-small``, ...) is resolved to a directory above
     this layer: ``hub.load(name)`` (or ``model.load(hub.resolve_model(name))``).
     """
     _check_precision(precision)
     device = device or CPU
     reader, hp = open_checkpoint(model_dir)
+    deltas = {}
+    if lora is not None:
+        from .lora import merge_deltas
+        deltas = merge_deltas(reader.prefix, hp, lora)
     variables = {}
     try:
         with tf.device(device):
             for name in variable_shapes(hp):
                 value = reader.get(name)
+                if name in deltas:
+                    value = value + deltas.pop(name)[None]
                 variables[name] = _make_variable(name, value, precision)
                 del value
     except ModelError:
         raise
     except read_errors() as e:
         raise ModelError(f"cannot load {reader.prefix}: {_tf_message(e)}") from None
-    return Model(hp, variables, device=device, path=reader.prefix)
+    m = Model(hp, variables, device=device, path=reader.prefix)
+    if lora is not None:
+        m.lora = str(lora)
+    return m

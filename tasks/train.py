@@ -43,9 +43,10 @@ from . import memory
 tf = import_tf()
 
 OPTIMIZERS = ("adam", "adagrad", "sgd")
+_BATCH_SPEC = (tf.TensorSpec([None, None], tf.int32), tf.TensorSpec([None], tf.int32))
 KEEP = 5  # checkpoints kept in a run directory, as the original's max_to_keep
 COUNTER_FILE = "counter"
-_CKPT_RE = re.compile(r"^model-(\d+)\.index$")
+_CKPT_RE = re.compile(r"^(?:model-(\d+)\.index|adapter-(\d+)\.npz)$")
 
 
 def learning_rate_at(step, base: float, warmup_steps: int):
@@ -60,16 +61,32 @@ class Trainer:
     """A training loop's state: the model's variables, optimizer slots, compiled steps."""
 
     def __init__(self, model, optim: str = "adam", learning_rate: float = 5e-5, warmup_steps: int = 0,
-                 accumulate: int = 1):
+                 accumulate: int = 1, adapter=None, precision: str = "fp32", strategy=None):
+        """``adapter`` (``model.lora.attach``): train its A/B matrices only, the model's weights
+        frozen, and save the adapter alone.  ``precision='bf16'``: the blocks' matrix products in
+        bfloat16 (float32 accumulation) while the weights, gradients and optimizer state stay
+        float32 (a bfloat16 model's frozen matrices, under an adapter, are used as they are).
+        ``strategy``: a ``tf.distribute`` strategy whose scope the model (and adapter) were made
+        in, and this Trainer is made in (``distributed``): each step's batch is split across its
+        replicas; the batch's rows (batch_size x accumulate) must divide among them."""
         if optim not in OPTIMIZERS:
             raise ModelError(f"unknown optimizer {optim!r} (choose from {', '.join(OPTIMIZERS)})")
+        if precision not in ("fp32", "bf16"):
+            raise ModelError(f"precision must be fp32 or bf16, got {precision!r}")
+        if adapter is None and model.precision != "fp32":
+            raise ModelError(f"full fine-tuning needs float32 weights, not {model.precision}: load the model "
+                             f"as fp32 and train with precision='bf16'")
         self.model = model
+        self.adapter = adapter
+        self.precision = precision
         self.optim = optim
         self.learning_rate = float(learning_rate)
         self.warmup_steps = int(warmup_steps)
         self.accumulate = int(accumulate)
-        self.names = sorted(model.variables)
-        self.vars = [model.variables[n] for n in self.names]
+        self.strategy = strategy
+        trained = model.variables if adapter is None else adapter.variables
+        self.names = sorted(trained)
+        self.vars = [trained[n] for n in self.names]
         with tf.device(model.device):
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.slots: Dict[str, tf.Variable] = {}
@@ -79,8 +96,26 @@ class Trainer:
                     self.slots[f"{n}/Adam_1"] = tf.Variable(tf.zeros_like(v), trainable=False)
                 elif optim == "adagrad":
                     self.slots[f"{n}/Adagrad"] = tf.Variable(tf.fill(v.shape, 0.1), trainable=False)
-        self._step_fn = tf.function(self._train_graph, reduce_retracing=True)
-        self._loss_fn = tf.function(self._loss_graph, reduce_retracing=True)
+        # one trace each, for every batch size and chunk length
+        self._step_fn = tf.function(self._traced(self._train_graph, training=True), input_signature=_BATCH_SPEC)
+        self._loss_fn = tf.function(self._traced(self._loss_graph, training=False), input_signature=_BATCH_SPEC)
+
+    def _traced(self, graph, training: bool):
+        """``graph`` traced with the blocks computing in ``precision`` (and the adapter's dropout on
+        while training); the model itself is left as it was."""
+        from model import lora
+
+        def fn(*args):
+            with lora.compute_context(self.model, self.precision, self.adapter if training else None):
+                return graph(*args)
+
+        fn.__name__ = graph.__name__
+        return fn
+
+    def trace(self) -> None:
+        """Trace the training step now (the first ``train_step`` does it otherwise)."""
+        with tf.device(self.model.device):
+            self._step_fn.get_concrete_function()
 
     # ------------------------------------------------------------------ graphs
 
@@ -115,12 +150,12 @@ class Trainer:
                 v.assign_sub(lr * g)
         self.step.assign_add(1)
 
-    def _train_graph(self, ids, lengths):
-        """One optimizer step over ``accumulate`` micro-batches stacked along the batch axis."""
+    def _gradients(self, ids, lengths, total_tokens):
+        """(sum of token losses, gradients of that sum / total_tokens) over ``accumulate``
+        micro-batches stacked along the batch axis of ids."""
         micro = tf.reshape(ids, [self.accumulate, -1, tf.shape(ids)[1]])
         micro_len = tf.reshape(lengths, [self.accumulate, -1])
-        total_tokens = tf.maximum(tf.reduce_sum(tf.cast(lengths - 1, tf.float32)), 1.0)
-        acc = [tf.zeros_like(v) for v in self.vars]
+        acc = [tf.zeros(v.shape, tf.float32) for v in self.vars]
         loss_sum = tf.constant(0.0)
         for i in range(self.accumulate):  # unrolled: accumulate is small
             with tf.GradientTape() as tape:
@@ -129,7 +164,40 @@ class Trainer:
             grads = tape.gradient(scaled, self.vars)
             acc = [a + tf.convert_to_tensor(g) for a, g in zip(acc, grads)]
             loss_sum += s
-        self._apply(acc)
+        return loss_sum, acc
+
+    def _train_graph(self, ids, lengths):
+        """One optimizer step over ``accumulate`` micro-batches stacked along the batch axis.
+
+        Under a ``strategy`` every replica takes its share of each micro-batch (the rows
+        ``replica_id * B/replicas ...`` of it), the gradients (each of the replica's loss over
+        the global batch's token count) are summed across replicas, and the one update is
+        applied to the (mirrored) variables: the same step as on one device."""
+        total_tokens = tf.maximum(tf.reduce_sum(tf.cast(lengths - 1, tf.float32)), 1.0)
+        if self.strategy is None:
+            loss_sum, grads = self._gradients(ids, lengths, total_tokens)
+        else:
+            replicas = self.strategy.num_replicas_in_sync
+            length = tf.shape(ids)[1]
+
+            def share(ids, lengths):
+                r = tf.distribute.get_replica_context().replica_id_in_sync_group
+                rows = tf.shape(ids)[0] // (self.accumulate * replicas)
+                mine = tf.reshape(ids, [self.accumulate, replicas, rows, length])[:, r]
+                mine_len = tf.reshape(lengths, [self.accumulate, replicas, rows])[:, r]
+                return self._gradients(tf.reshape(mine, [-1, length]), tf.reshape(mine_len, [-1]), total_tokens)
+
+            def flat_share(ids, lengths):  # one vector: a single all-reduce of every gradient and the loss
+                s, grads = share(ids, lengths)
+                return tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.reshape(s, [1])], axis=0)
+
+            total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, self.strategy.run(flat_share, args=(ids, lengths)),
+                                         axis=None)
+            sizes = [int(np.prod(v.shape)) for v in self.vars]
+            parts = tf.split(total, sizes + [1])
+            grads = [tf.reshape(g, v.shape) for g, v in zip(parts[:-1], self.vars)]
+            loss_sum = parts[-1][0]
+        self._apply(grads)
         return loss_sum / total_tokens
 
     # ------------------------------------------------------------------ API
@@ -167,6 +235,75 @@ class Trainer:
         return True
 
 
+# ---------------------------------------------------------------------- several devices, several machines
+
+STRATEGIES = ("mirrored", "multiworker")
+
+
+def parse_tf_config(text: Optional[str]) -> dict:
+    """TF_CONFIG checked: {"cluster": {"worker": ["host:port", ...], ("chief": [...])}, "task": {"type", "index"}};
+    ModelError (one line) saying what is wrong."""
+    if not text or not text.strip():
+        raise ModelError("--strategy multiworker needs TF_CONFIG, e.g. "
+                         '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                         '"task": {"type": "worker", "index": 0}}')
+    try:
+        cfg = json.loads(text)
+    except ValueError as e:
+        raise ModelError(f"TF_CONFIG is not valid JSON: {e}") from None
+    cluster = cfg.get("cluster") if isinstance(cfg, dict) else None
+    task = cfg.get("task") if isinstance(cfg, dict) else None
+    if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
+        raise ModelError('TF_CONFIG has no "cluster" with a "worker" list')
+    for kind, hosts in cluster.items():
+        if not isinstance(hosts, list) or not all(isinstance(h, str) and re.fullmatch(r"\S+:\d+", h) for h in hosts):
+            raise ModelError(f'TF_CONFIG: cluster "{kind}" must be a list of "host:port" strings, got {hosts!r}')
+    if not isinstance(task, dict) or task.get("type") not in cluster or not isinstance(task.get("index"), int) \
+            or not 0 <= task["index"] < len(cluster[task["type"]]):
+        raise ModelError(f'TF_CONFIG: "task" must name this process\'s place in the cluster '
+                         f'({{"type": "worker", "index": 0..{len(cluster.get("worker", [])) - 1}}}), got {task!r}')
+    return cfg
+
+
+def make_strategy(kind: Optional[str], timeout_s: float = 60.0):
+    """None (one device), or a tf.distribute strategy: 'mirrored' (every GPU of this machine, else
+    the CPU) or 'multiworker' (TF_CONFIG's cluster; a collective that waits more than
+    ``timeout_s`` for a worker fails).  Make it before TensorFlow runs anything else."""
+    if kind is None:
+        return None
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if kind != "multiworker":
+        raise ModelError(f"unknown strategy {kind!r} (choose from {', '.join(STRATEGIES)})")
+    parse_tf_config(os.environ.get("TF_CONFIG"))
+    options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except (tf.errors.OpError, ValueError, RuntimeError) as e:
+        raise ModelError(f"cannot join the cluster in TF_CONFIG: {_first_line(e)}") from None
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes checkpoints: always without a multi-worker strategy; else the
+    "chief" task, or worker 0 of a cluster without one."""
+    resolver = getattr(strategy, "cluster_resolver", None) if strategy is not None else None
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().jobs
+
+
+def _first_line(e: BaseException) -> str:
+    text = (getattr(e, "message", None) or str(e) or type(e).__name__).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def cluster_errors():
+    """What a lost or unreachable worker raises from a step (TensorFlow's op errors)."""
+    return (tf.errors.OpError,)
+
+
 # ---------------------------------------------------------------------- run directory
 
 def checkpoint_steps(run_dir) -> list:
@@ -174,13 +311,17 @@ def checkpoint_steps(run_dir) -> list:
     d = Path(run_dir)
     if not d.is_dir():
         return []
-    return sorted(int(m.group(1)) for m in map(_CKPT_RE.match, os.listdir(d)) if m)
+    return sorted({int(m.group(1) or m.group(2)) for m in map(_CKPT_RE.match, os.listdir(d)) if m})
 
 
 def latest_step(run_dir) -> Optional[int]:
-    """The step of the checkpoint the state file names (None when there is none)."""
+    """The step of the checkpoint (or LoRA adapter) the state file names (None when there is none)."""
     from model.checkpoint import find_checkpoint
+    from model import lora
     d = Path(run_dir)
+    if is_adapter_run(d):
+        m = re.search(r"-(\d+)\.npz$", lora.find_adapter(d).name)
+        return int(m.group(1)) if m else 0
     if not (d / "checkpoint").is_file():
         return None
     prefix = find_checkpoint(d)
@@ -188,9 +329,16 @@ def latest_step(run_dir) -> Optional[int]:
     return int(m.group(1)) if m else 0
 
 
+def is_adapter_run(run_dir) -> bool:
+    """Whether ``run_dir`` holds a LoRA run (its ``adapter`` state file) rather than full checkpoints."""
+    from model import lora
+    return (Path(run_dir) / lora.STATE_FILE).is_file()
+
+
 def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
     """Write ``optimizer-N.npz``, then the checkpoint (state file last, via ``model.save``),
-    then ``counter``; then keep only the newest ``keep`` checkpoints, and the optimizer
+    then ``counter`` (with an adapter: ``adapter-N.npz`` and its state file ``adapter``
+    instead of the checkpoint); then keep only the newest ``keep`` checkpoints, and the optimizer
     state of the newest alone (resuming needs no other).  A failure at any point (a full
     disk) leaves the previous checkpoint named by the state file intact, removes what
     was written of this one and raises ModelError("cannot save checkpoint ...")."""
@@ -200,7 +348,11 @@ def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
         d.mkdir(parents=True, exist_ok=True)
         state = trainer.optimizer_state()
         atomic_write(d / f"optimizer-{step}.npz", lambda f: np.savez(f, **state))
-        prefix = save(trainer.model, d, step=step)
+        if trainer.adapter is not None:
+            from model import lora
+            prefix = lora.save_adapter(trainer.adapter, d, step)
+        else:
+            prefix = save(trainer.model, d, step=step)
         atomic_write(d / COUNTER_FILE, lambda f: f.write(f"{step}\n".encode()))
     except (OSError, ModelError) as e:
         if latest_step(d) != step:
@@ -212,13 +364,13 @@ def save_run(trainer: Trainer, run_dir, step: int, keep: int = KEEP) -> str:
     dropped = older[:max(0, len(older) - (max(keep, 1) - 1))]
     for s in older:
         _remove_step(d, s, optimizer=True, model=s in dropped)
-    if dropped:
+    if dropped and trainer.adapter is None:
         write_state_file(d, f"model-{step}")
     return prefix
 
 
 def _remove_step(d: Path, step: int, optimizer: bool, model: bool = True) -> None:
-    files = list(d.glob(f"model-{step}.*")) if model else []
+    files = [*d.glob(f"model-{step}.*"), d / f"adapter-{step}.npz"] if model else []
     if optimizer:
         files.append(d / f"optimizer-{step}.npz")
     for f in files:
@@ -258,21 +410,22 @@ def write_settings(run_dir, settings: dict) -> None:
     atomic_write(Path(run_dir) / SETTINGS_FILE, lambda f: f.write(json.dumps(settings, indent=2)), mode="w")
 
 
-def memory_needed(hp, batch_size: int, chunk: int) -> int:
+def memory_needed(hp, batch_size: int, chunk: int, lora: bool = False) -> int:
     """A generous estimate of the bytes one training step takes: weights, gradients and
     two optimizer moments, plus what backpropagation keeps of one micro-batch
     (about 16 values per token and width per layer, the attention weights, and the
-    logits with their gradient)."""
+    logits with their gradient).  ``lora``: the weights once (frozen; the adapter's
+    own state is small)."""
     weights = 4 * hp.n_params
     tokens = batch_size * chunk
     per_layer = 4 * tokens * (16 * hp.n_embd + 2 * hp.n_head * chunk)
     logits = 4 * 3 * tokens * hp.n_vocab
-    return 4 * weights + hp.n_layer * per_layer + logits
+    return (1 if lora else 4) * weights + hp.n_layer * per_layer + logits
 
 
-def check_memory(hp, batch_size: int, chunk: int) -> None:
+def check_memory(hp, batch_size: int, chunk: int, lora: bool = False) -> None:
     """OptionError (batch_size) when a training step would need more memory than is available."""
-    memory.check("batch_size", batch_size, memory_needed(hp, batch_size, chunk),
+    memory.check("batch_size", batch_size, memory_needed(hp, batch_size, chunk, lora),
                  "one training step (use --accumulate to keep the effective batch)")
 
 
@@ -339,9 +492,11 @@ def fine_tune(trainer: Trainer, train, val, run_dir, schedule: Schedule, seed: i
     on_disk = step if saved else None
     loss, mean = None, RunningMean()
 
+    chief = is_chief(trainer.strategy)
+
     def save():
         nonlocal on_disk
-        if on_disk != step:
+        if on_disk != step and chief:
             with _interrupts_held():
                 events.saved(step, save_run(trainer, run_dir, step, keep=schedule.keep))
             on_disk = step
@@ -350,7 +505,13 @@ def fine_tune(trainer: Trainer, train, val, run_dir, schedule: Schedule, seed: i
         while schedule.max_steps is None or step < schedule.max_steps:
             ids, lengths = train.batch(sampler.next(per_step))
             t0 = time.perf_counter()
-            loss = trainer.train_step(ids, lengths)
+            try:
+                loss = trainer.train_step(ids, lengths)
+            except cluster_errors() as e:
+                if trainer.strategy is None:
+                    raise
+                raise ModelError(f"training stopped at step {step + 1}: a worker was lost or cannot be reached "
+                                 f"({_first_line(e)}); the last checkpoint in {run_dir} is kept") from None
             seconds = time.perf_counter() - t0
             step += 1
             if not math.isfinite(loss):
