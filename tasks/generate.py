@@ -51,7 +51,7 @@ from model import choose_engine, decoder as new_decoder
 
 from . import memory
 from .errors import OptionError
-from .sampling import DRY_BREAKERS, SamplingParams
+from .sampling import SamplingParams
 from .scheduler import RETRIES_FOR_EMPTY, GenerationStats, Job, SampleRequest, Scheduler
 from .text import TextAssembler, context_ids, cut_at_stop, held_back
 
@@ -60,40 +60,19 @@ __all__ = ["Generator", "GenerateOptions", "GenerationStats", "Sample", "TextAss
 
 
 @dataclass(frozen=True)
-class GenerateOptions:
-    """What to generate and how.  The sampling fields are ``SamplingParams``' (``sampling()`` gives
-    them; see ``tasks.sampling`` and docs/sampling.md for each control's meaning and neutral value);
-    ``top_k`` None is the original's default: 40, or no limit when top_p > 0."""
+class GenerateOptions(SamplingParams):
+    """What to generate and how: every sampling control of ``SamplingParams`` (see
+    ``tasks.sampling`` and docs/sampling.md for each control's meaning and neutral value; ``top_k``
+    None is the original's default: 40, or no limit when top_p > 0), and when a sample ends.
+    ``sampling()`` gives the sampling part alone (what the scheduler groups rows by)."""
 
-    top_k: Optional[int] = None
-    top_p: float = 0.0
-    temperature: float = 1.0
-    min_length: int = 0
     max_length: int = 500  # characters
     seed: Optional[int] = None
     max_tokens: Optional[int] = None  # tokens per sample at most (None: no limit)
     stop: Tuple[str, ...] = ()  # a sample ends before the first occurrence of any of these
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_last_n: int = -1
-    no_repeat_ngram_size: int = 0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    dry_multiplier: float = 0.0
-    dry_base: float = 1.75
-    dry_allowed_length: int = 2
-    dry_penalty_last_n: int = -1
-    dry_sequence_breakers: Tuple[str, ...] = DRY_BREAKERS
-    xtc_probability: float = 0.0
-    xtc_threshold: float = 0.1
-    logit_bias: Tuple[Tuple[int, float], ...] = ()  # or a {token id: bias} mapping
-    ban: Tuple[int, ...] = ()  # token ids
 
     def __post_init__(self):
-        params = self.sampling()  # validates every sampling field
-        for name in ("dry_sequence_breakers", "logit_bias", "ban"):  # normalised there (hashable)
-            object.__setattr__(self, name, getattr(params, name))
+        super().__post_init__()  # validates (and normalises) every sampling field
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, (int, np.integer)) \
                 or self.max_length < 0:
             raise OptionError("max_length", f"must not be negative, got {self.max_length!r}")

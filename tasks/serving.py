@@ -38,7 +38,6 @@ from typing import Callable, Deque, List, Optional, Sequence, Tuple
 from model import decoder as new_decoder
 
 from .batching import plan
-from .errors import OptionError
 from .scheduler import Job, SampleRequest, Scheduler
 from .text import context_ids, cut_at_stop
 
