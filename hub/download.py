@@ -200,11 +200,13 @@ def download_model(name: str, progress: Optional[bool] = None) -> Path:
         archive = work / f"{name}.tar.bz2"
         if not archive.is_file():
             size = ARCHIVE_SIZES.get(name)
+            first = None
             if size and not _size(archive.with_name(archive.name + ".part")):
-                _note(f"model {name} is not in the cache: downloading about {size} into {_home_text(cache_dir())} "
-                      f"(once; later runs start from there)")
+                # said once a server has answered, before the first byte is written
+                first = (f"model {name} is not in the cache: downloading about {size} into "
+                         f"{_home_text(cache_dir())} (once; later runs start from there)")
             try:
-                _download(model_urls(name), archive, f"model {name}", progress)
+                _download(model_urls(name), archive, f"model {name}", progress, first)
             except ModelError as e:
                 if name == "gpt2ja-large":
                     raise ModelError(f"{e}; {LARGE_SUSPENDED}") from None
@@ -483,14 +485,17 @@ class _Failed(Exception):
         self.transient = transient
 
 
-def _download(urls: Sequence[str], dest: Path, what: str, progress: Optional[bool]) -> None:
+def _download(urls: Sequence[str], dest: Path, what: str, progress: Optional[bool],
+              first: Optional[str] = None) -> None:
     """Fetch the first address that works into ``dest``: written as ``dest.part``
-    (resumed with HTTP Range when it exists), renamed when complete.  Raises
-    ModelError with one line naming every address tried and why it failed."""
+    (resumed with HTTP Range when it exists), renamed when complete.  ``first``, when
+    given, is said once, as soon as a server answers (nothing is said before an
+    address is known to be usable).  Raises ModelError with one line naming every
+    address tried and why it failed."""
     part = dest.with_name(dest.name + ".part")
     failures = []
     try:
-        if _try_addresses(urls, dest, part, what, progress, failures):
+        if _try_addresses(urls, dest, part, what, progress, failures, first):
             return
     except KeyboardInterrupt:
         if _size(part):
@@ -509,8 +514,10 @@ def _kept(part: Path) -> str:
     return f"{size} kept in {_home_text(part)}; the next try resumes from there"
 
 
-def _try_addresses(urls, dest: Path, part: Path, what: str, progress: Optional[bool], failures: list) -> bool:
+def _try_addresses(urls, dest: Path, part: Path, what: str, progress: Optional[bool], failures: list,
+                   first: Optional[str] = None) -> bool:
     """True when ``dest`` is complete; False when every address failed (each named in ``failures``)."""
+    said = [] if first else [True]
     for url in urls:
         stalls, delay = 0, RETRY_DELAY
         kept = _size(part)
@@ -518,6 +525,9 @@ def _try_addresses(urls, dest: Path, part: Path, what: str, progress: Optional[b
 
         def announce(url=url, kept=kept, told=told):
             # said once the server has answered: nothing before an address is known to be usable
+            if not said:
+                said.append(True)
+                _note(first)
             if not told:
                 told.append(True)
                 _note(f"downloading {what} from {url}" + (f", resuming at {_human(kept)}" if kept else ""))

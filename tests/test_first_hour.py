@@ -1,6 +1,6 @@
 """The first hour of a new user: what the tools say while they wait, and where they used to be silent.
 
---gpu naming a GPU TensorFlow cannot use, the download size said before a download, the
+--gpu naming a GPU TensorFlow cannot use, the download size said once a server answers, the
 extraction and check announced, gpt2ja-large's suspended publication, ``python -m model list``
 on an empty cache, ``python -m model quantize`` without TensorFlow once the file is cached,
 the project's LICENSE.
@@ -10,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -73,21 +75,51 @@ def test_gpu_beyond_the_visible_ones_names_them(monkeypatch, capsys):
 
 # ---------------------------------------------------------------------------- downloads
 
-def test_the_size_is_said_before_a_download_starts(cache_env):
-    r = _model_cli(["download", "gpt2ja-small"], cache_env)
+@pytest.fixture
+def mirror(tmp_path):
+    """A real HTTP server whose gpt2ja-small.tar.bz2 is not an archive: it answers, the install fails."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    (root / "gpt2ja-small.tar.bz2").write_bytes(b"not a bzip2 archive\n" * 1000)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_the_size_is_said_before_a_download_starts(cache_env, mirror):
+    r = _model_cli(["download", "gpt2ja-small"], {**cache_env, "GPT2JA_MODEL_URLS": mirror})
     assert r.returncode == 2
     lines = r.stderr.splitlines()
-    first = next(i for i, line in enumerate(lines) if "about 0.4 GB" in line)
-    assert first < len(lines) - 1  # said before anything else is tried
-    # no server answered here: no "downloading ... from" line (announced only once a server answers)
-    assert "downloading model gpt2ja-small from" not in r.stderr
+    size = next(i for i, line in enumerate(lines) if "about 0.4 GB" in line)
+    start = next(i for i, line in enumerate(lines) if "downloading model gpt2ja-small from" in line)
+    assert size < start  # said once the server answered, before its first byte is written
+    assert lines.count(lines[size]) == 1
     assert "suspended" not in r.stderr
-    assert lines[-1].startswith("python -m model: error: cannot download model gpt2ja-small")
+    assert lines[-1].startswith("python -m model: error:") and "gpt2ja-small" in lines[-1]
+
+
+def test_nothing_is_announced_when_no_server_answers(cache_env):
+    r = _model_cli(["download", "gpt2ja-small"], cache_env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr  # no size promised for a download that never starts
+    assert lines[0].startswith("python -m model: error: cannot download model gpt2ja-small")
 
 
 def test_a_failed_download_of_large_says_its_publication_is_suspended(cache_env):
     r = _model_cli(["download", "gpt2ja-large"], cache_env)
-    assert r.returncode == 2 and "about 2.9 GB" in r.stderr
+    assert r.returncode == 2 and "about 2.9 GB" not in r.stderr  # no server answered
     last = r.stderr.splitlines()[-1]
     assert last.startswith("python -m model: error: cannot download model gpt2ja-large")
     assert "publication of gpt2ja-large is suspended" in last and "on request" in last
