@@ -43,7 +43,21 @@ def load_encoder(args):
     return encoder.load(args.vocab)
 
 
-def load_model(args, enc=None, quantize=None):
+def _decodes_on_the_cpu(args, engine) -> bool:
+    """Whether this run decodes float32 weights on the CPU with numpy or ONNX Runtime (so needs no
+    TensorFlow once the checkpoint is trusted): --engine auto/numpy/onnx, no --lora, float32, and
+    --gpu -1 or no NVIDIA driver at all (a GPU that may be usable goes through TensorFlow)."""
+    import model
+    from model import device
+
+    if engine not in ("auto", "numpy", "onnx") or getattr(args, "lora", None) is not None:
+        return False
+    if getattr(args, "precision", "fp32") != "fp32":
+        return False
+    return model.parse_gpu(args.gpu) < 0 or not device.nvidia_present()
+
+
+def load_model(args, enc=None, quantize=None, engine=None):
     """Set the threads (--threads), select the device (--gpu), load --model (a
     directory, or a released name resolved to the cache and downloaded when
     missing), check it against the vocabulary.  With --verbose, say how long
@@ -52,7 +66,11 @@ def load_model(args, enc=None, quantize=None):
     ``quantize`` ('q8' or 'q4'): a model to decode with those weights only
     (``model.load_quantized``): read from the cache file without TensorFlow
     (which is loaded only to quantize the checkpoint the first time); it runs
-    on the CPU whatever --gpu says."""
+    on the CPU whatever --gpu says.
+
+    ``engine`` (gpt2-generate.py's --engine): when it decodes float32 weights on the CPU, the
+    checkpoint is memory-mapped without TensorFlow once TensorFlow has read it whole
+    (``model.load_for_decoding``)."""
     import time
 
     import hub
@@ -73,6 +91,12 @@ def load_model(args, enc=None, quantize=None):
             log(args, f"note: {quantize} weights decode on the CPU (ONNX Runtime), not on GPU {args.gpu}")
         m = model.load_quantized(str(model_dir), quantize)
         where = "the CPU"
+    elif _decodes_on_the_cpu(args, engine):
+        threads = model.configure_threads(getattr(args, "threads", None), tensorflow=False)
+        from model import device
+        device.say_cpu(model.parse_gpu(args.gpu), 0, verbose=args.verbose)  # no NVIDIA driver here
+        m = model.load_for_decoding(str(model_dir))
+        where = "the CPU" + ("" if hasattr(m, "start") else " (memory-mapped, without TensorFlow)")
     else:
         threads = model.configure_threads(getattr(args, "threads", None))
         where = model.select_device(str(args.gpu), verbose=args.verbose)

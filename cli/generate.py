@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
     enc = enc or common.load_encoder(args)
     quantize = None if args.quantize == "none" else args.quantize
-    m = common.load_model(args, enc, quantize=quantize)
+    m = common.load_model(args, enc, quantize=quantize, engine=args.engine)
     generator = Generator(m, enc, engine=args.engine, quantize=quantize)
     contexts = 1 if args.contexts is None else None
     dec = generator.engine(rows=Generator.planned_rows(num, args.batch_size, contexts))

@@ -16,6 +16,8 @@
                                           # made once and cached (model.quantize)
     qm = model.load_quantized(dir, "q4")  # the same weights from the cache alone: no
     dec = model.decoder(qm)               # TensorFlow, no float32 weights in memory
+    fm = model.load_for_decoding(dir)     # float32 for CPU decoding, memory-mapped without
+                                          # TensorFlow once TensorFlow has read it (model.arrays)
     arr, lens = model.as_batch([[1, 2], [3]], m.hparams)  # checked, right-padded int32 batch
     model.save(m, "out_dir", step=1000)   # released layout, state file written last
     dev = model.select_device("-1")       # --gpu: '-1' CPU, 'N' -> '/GPU:N' if present
@@ -64,6 +66,9 @@ _LAZY = {
     "lora": "lora",
     "load_quantized": "quantize",
     "QuantizedModel": "quantize",
+    "load_for_decoding": "arrays",
+    "ArrayModel": "arrays",
+    "bundle": "bundle",
 }
 
 __all__ = ["ModelError", "import_tf", "HParams", "RELEASED", "check_vocab", "variable_shapes", "LAYER_NAMES",

@@ -70,6 +70,9 @@ def choose_engine(m, engine: str = "auto", quantize: Optional[str] = None, rows:
         if engine not in ("auto", "onnx"):
             raise ValueError(f"quantized weights ({quantize}) decode with the onnx engine, not {engine!r}")
         return "onnx"
+    if engine == "tf" and not hasattr(m, "start"):
+        raise ValueError("this model holds no TensorFlow weights (model.load_for_decoding): "
+                         "load it with model.load for the tf engine")
     if engine == "auto":
         if "GPU" in str(getattr(m, "device", "")).upper():
             engine = "tf"

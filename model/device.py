@@ -34,6 +34,16 @@ def unusable_gpu_message(index: int, found: int) -> str:
     return f"{prog}: warning: GPU {index} (--gpu) cannot be used: {why}; running on the CPU"
 
 
+def say_cpu(index: int, found: int, verbose: bool = False) -> None:
+    """What ``--gpu index`` running on the CPU tells stderr, ``found`` GPUs being usable: one warning
+    line for a GPU that exists (or was named on purpose, index > 0) but cannot be used, a note with
+    ``verbose`` for the default --gpu 0 on a machine without one, nothing for --gpu -1."""
+    if index >= 0 and (found or index > 0 or nvidia_present()):
+        print(unusable_gpu_message(index, found), file=sys.stderr)
+    elif index >= 0 and verbose:
+        print(f"note: GPU {index} not available ({found} found); running on the CPU", file=sys.stderr)
+
+
 def select_device(gpu: str | int | None = "0", verbose: bool = False) -> str:
     """Map a ``--gpu`` value to a TensorFlow device string and prepare TF for it.
 
@@ -53,11 +63,7 @@ def select_device(gpu: str | int | None = "0", verbose: bool = False) -> str:
     except Exception:  # a broken CUDA set-up must not stop CPU use
         gpus = []
     if index < 0 or index >= len(gpus):
-        if index >= 0 and (gpus or index > 0 or nvidia_present()):
-            # a GPU that exists (or was named on purpose) but TensorFlow cannot use: one line, always
-            print(unusable_gpu_message(index, len(gpus)), file=sys.stderr)
-        elif index >= 0 and verbose:
-            print(f"note: GPU {index} not available ({len(gpus)} found); running on the CPU", file=sys.stderr)
+        say_cpu(index, len(gpus), verbose)
         if gpus:
             try:
                 tf.config.set_visible_devices([], "GPU")

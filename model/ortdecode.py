@@ -53,7 +53,6 @@ ACCURACY_LEVEL = 4
 
 def _import_ort():
     try:
-        import onnx  # noqa: F401
         import onnxruntime
     except ImportError as e:
         raise ModelError(f"the onnx engine (--quantize, --engine onnx) needs onnxruntime and onnx: "
@@ -92,10 +91,13 @@ class _GraphBuilder:
         self.external = {}  # name -> numpy array (kept alive by the session's owner)
         self._n = 0
 
-    def const(self, name: str, arr) -> str:
+    def const(self, name: str, arr, weight: bool = True) -> str:
+        """An initializer: a weight (``weight``, named as in the weights it was taken from) is
+        handed over at session creation, so the graph itself holds no model's numbers (and can
+        be kept and reused, see ``graph_for``); anything else is written into the graph."""
         import onnx
         arr = np.asarray(arr)
-        if arr.size > 1024:
+        if weight:
             arr = np.ascontiguousarray(arr)
             t = onnx.TensorProto()
             t.name = name
@@ -145,10 +147,10 @@ def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = Non
     g = _GraphBuilder()
     E, H, D, L, V = hp.n_embd, hp.n_head, hp.head_dim, hp.n_layer, hp.n_vocab
     eps = float(LAYER_NORM_EPSILON)
-    shape_e2 = g.const("shape_e2", np.array([-1, E], np.int64))
-    last_start = g.const("last_start", np.array([-1], np.int64))
-    last_end = g.const("last_end", np.array([1 << 62], np.int64))
-    axis1 = g.const("axis1", np.array([1], np.int64))
+    shape_e2 = g.const("shape_e2", np.array([-1, E], np.int64), weight=False)
+    last_start = g.const("last_start", np.array([-1], np.int64), weight=False)
+    last_end = g.const("last_end", np.array([1 << 62], np.int64), weight=False)
+    axis1 = g.const("axis1", np.array([1], np.int64), weight=False)
 
     def w(name):
         return g.const(name, weights[name])
@@ -156,7 +158,7 @@ def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = Non
     def matmul(x, name, k, n, bias=None):
         """x @ W (+ bias) for W [k, n] (checkpoint layout [in, out])."""
         if quantized is None:
-            y = g.node("MatMul", [x, g.const(name, weights[f"model/{name}"])])
+            y = g.node("MatMul", [x, w(f"model/{name}")])
             return y if bias is None else g.node("Add", [y, w(bias)])
         q = quantized[name + "/q"]  # [n, blocks, blob]: the bits follow from the blob size
         inputs = [x, g.const(name + "/q", q), g.const(name + "/s", quantized[name + "/s"])]
@@ -188,7 +190,7 @@ def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = Non
         normed, x = skip_norm(x, o, following, p + "mlp/c_proj/b", i)
     last = g.node("Reshape", [g.node("Slice", [normed, last_start, last_end, axis1]), shape_e2])  # [B, E]
     if quantized is None:
-        g.node("Gemm", [last, g.const("wte", weights["model/wte"])], "logits", transB=1)
+        g.node("Gemm", [last, w("model/wte")], "logits", transB=1)
     else:
         matmul(last, "wte", E, V)
         g.nodes[-1].output[0] = "logits"
@@ -205,6 +207,90 @@ def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = Non
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
     onnx_model.ir_version = 9
     return onnx_model, g.external
+
+
+#: The first line of a kept graph file.
+_GRAPH_MAGIC = b"gpt2-japanese onnx step graph 1\n"
+#: The largest kept graph read (they are tens of kB: every weight is outside the graph).
+_MAX_GRAPH = 1 << 24
+
+
+def _graph_key(hp: HParams, weights: dict, quantized: bool) -> str:
+    """What a step graph depends on: the hparams, whether the products are quantized, every weight
+    array's name, shape and dtype, and this module's source (a change to how graphs are built makes
+    a new key).  Not the weights' values: they are handed over at session creation."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    with open(__file__, "rb") as f:
+        h.update(f.read())
+    desc = {"hparams": hp.to_dict(), "quantized": quantized, "block": BLOCK, "accuracy": ACCURACY_LEVEL,
+            "weights": sorted([k, list(np.shape(a)), np.asarray(a).dtype.str] for k, a in weights.items())}
+    h.update(json.dumps(desc, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _graph_path(key: str):
+    from .quantize import SUBDIR, default_cache_root
+
+    return default_cache_root() / SUBDIR / "graphs" / f"step-{key[:32]}.onnx"
+
+
+def _read_graph(path):
+    """(graph bytes, weight names) of a kept graph file, or None when it is missing, not a regular
+    file (never through a symbolic link), or fails its own checksum."""
+    import hashlib
+    import json
+
+    from .quantize import _open_regular
+
+    f = _open_regular(path)
+    if f is None:
+        return None
+    try:
+        with f:
+            raw = f.read(_MAX_GRAPH + 1)
+        if len(raw) > _MAX_GRAPH or not raw.startswith(_GRAPH_MAGIC):
+            return None
+        digest, names, graph = raw[len(_GRAPH_MAGIC):].split(b"\n", 2)
+        if hashlib.sha256(names + b"\n" + graph).hexdigest().encode() != digest:
+            return None
+        return graph, json.loads(names.decode())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def graph_for(hp: HParams, weights: dict, quantized: Optional[dict] = None):
+    """(serialized step graph, the names of the weights it takes) for ``build_step_graph``'s
+    arguments: kept once built under the model cache (``quantize.default_cache_root()/quantized/
+    graphs``), so that later starts neither build it nor import ``onnx`` (about 0.4 s).  A kept
+    file is used only when its checksum holds; one that cannot be written is not an error."""
+    import hashlib
+    import json
+
+    from util import files
+
+    key = _graph_key(hp, weights, quantized is not None)
+    path = _graph_path(key)
+    found = _read_graph(path)
+    if found is not None and all(n in weights for n in found[1]):
+        return found
+    try:
+        import onnx  # noqa: F401  (building a graph needs it; a kept one does not)
+    except ImportError as e:
+        raise ModelError(f"the onnx engine (--quantize, --engine onnx) needs onnxruntime and onnx: "
+                         f"pip install onnxruntime onnx ({e})") from None
+    onnx_model, external = build_step_graph(hp, weights, quantized)
+    graph, names = onnx_model.SerializeToString(), list(external)
+    payload = json.dumps(names).encode() + b"\n" + graph
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.atomic_write(path, lambda f: f.write(_GRAPH_MAGIC + hashlib.sha256(payload).hexdigest().encode()
+                                                    + b"\n" + payload), follow_symlinks=False)
+    except OSError:
+        pass
+    return graph, names
 
 
 class OnnxDecoder(RowDecoder):
@@ -254,13 +340,14 @@ class OnnxDecoder(RowDecoder):
             raise ValueError("OnnxDecoder needs float32 weights or quantized ones")
         self.wte = weights["model/wte"]  # float16 with quantized weights: the input embedding only
         self.wpe = weights["model/wpe"]
-        onnx_model, external = build_step_graph(hp, weights, None if quantized is None else quantized.arrays)
+        graph, names = graph_for(hp, weights, None if quantized is None else quantized.arrays)
         so = session_options(threads, prepack)
+        external = {n: np.ascontiguousarray(weights[n]) for n in names}
         self._external = external  # the buffers must outlive the session
         if external:
             so.add_external_initializers(list(external),
                                          [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
-        self.session = ort.InferenceSession(onnx_model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
         self._K: Optional[np.ndarray] = None  # [L, slots, H, capacity, D]
         self._V: Optional[np.ndarray] = None
         self._binding = None

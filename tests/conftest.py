@@ -20,6 +20,17 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# The suite never writes into the user's model cache (kept graphs, quantized weights of
+# checkpoints in read-only places): a cache of its own unless one is given.
+if not os.environ.get("GPT2JA_HOME"):
+    import atexit
+    import shutil
+    import tempfile
+
+    _HOME = tempfile.mkdtemp(prefix="gpt2ja-tests-home-")
+    os.environ["GPT2JA_HOME"] = _HOME
+    atexit.register(shutil.rmtree, _HOME, True)
+
 DATA = ROOT / "tests" / "data"
 VOCAB_DIR = ROOT / "encoder"
 TINY_DIR = DATA / "gpt2ja-tiny"
