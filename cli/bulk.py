@@ -422,6 +422,12 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     from tasks import bulk
 
+    if getattr(args, "precision", "fp32") == "bf16":
+        import model
+        from model import device
+        # the workers' device, as they will select it (decided here, once, without TensorFlow)
+        gpu = model.parse_gpu(args.gpu) >= 0 and device.nvidia_present()
+        flags.settle_precision(args, "/GPU:0" if gpu else "/CPU:0")
     task = _task(args)
     inputs = args.contexts if args.command == "generate" else args.input
     try:

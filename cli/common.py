@@ -100,6 +100,8 @@ def load_model(args, enc=None, quantize=None, engine=None):
     else:
         threads = model.configure_threads(getattr(args, "threads", None))
         where = model.select_device(str(args.gpu), verbose=args.verbose)
+        from .flags import settle_precision
+        settle_precision(args, where)  # bf16 only where it is not emulated
         # --precision bf16 (gpt2-transform.py, gpt2-score.py): the block matrices are read as bfloat16,
         # so the float32 ones are never all in memory
         m = model.load(str(model_dir), device=where, precision=getattr(args, "precision", "fp32"), lora=lora)

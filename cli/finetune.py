@@ -223,10 +223,7 @@ def _train(args, run_dir, strategy) -> int:
 
     if args.precision == "bf16":
         import model
-        if not model.bf16_native(model.select_device(str(args.gpu))):
-            common.warn("this CPU has no AMX or AVX512_BF16 (or TF_ENABLE_ONEDNN_OPTS=0): bfloat16 products "
-                        "would be emulated and slower, so training uses fp32")
-            args.precision = "fp32"
+        flags.settle_precision(args, model.select_device(str(args.gpu)), "trains")
     enc = common.load_encoder(args)
     arrays = _load_dataset(args, enc)
     resume = T.latest_step(run_dir)

@@ -232,7 +232,8 @@ FLAGS: Dict[str, Tuple[Tuple[str, ...], dict]] = {
         choices=PRECISIONS, default="fp32",
         help="forward pass: fp32 (default, the exact float32 path) or bf16: the transformer blocks' weight "
              "matrices in bfloat16, multiplied with float32 accumulation; faster on CPUs with AMX or AVX512_BF16 "
-             "(emulated, slower, elsewhere), with slightly different numbers (vectors within cosine 0.999 of "
+             "(elsewhere, where it would be emulated and slower, fp32 with a warning unless GPT2JA_BF16_EMULATE=1), "
+             "with slightly different numbers (vectors within cosine 0.999 of "
              "fp32's, log-probabilities within about 0.1%%)")),
     "lora": (("--lora",), dict(
         metavar="DIR", default=None,
@@ -250,21 +251,37 @@ SAMPLING_FLAGS = ("repetition_penalty", "presence_penalty", "frequency_penalty",
                   "ban")
 
 
-def use_precision(m) -> None:
-    """Once the tool holds only ``m``, the model of its ``Vectorizer``/``Scorer`` made with
-    --precision: frees the float32 model it replaced, and with bf16 on a CPU without
-    bfloat16 instructions says on stderr (one warning line) that bf16 is emulated."""
-    import gc
+#: Set to 1 to run --precision bf16 even where bfloat16 products are emulated (slower than fp32).
+EMULATE_BF16 = "GPT2JA_BF16_EMULATE"
+
+
+def settle_precision(args, device: str = "/CPU:0", what: str = "runs") -> None:
+    """--precision bf16 on a device that would emulate bfloat16 products (a CPU without AMX or
+    AVX512_BF16, or TF_ENABLE_ONEDNN_OPTS=0: slower than float32) becomes fp32, with one warning
+    line, unless $GPT2JA_BF16_EMULATE=1 asks for the emulation (to check bf16's numbers anywhere).
+    ``what``: the verb of the warning ("runs", "trains")."""
+    import os
 
     import model
 
+    if getattr(args, "precision", "fp32") != "bf16" or model.bf16_native(device):
+        return
+    if os.environ.get(EMULATE_BF16, "").strip().lower() in ("1", "true", "yes"):
+        return
+    from .common import warn
+
+    warn(f"this CPU has no AMX or AVX512_BF16 (or TF_ENABLE_ONEDNN_OPTS=0): bfloat16 products would be "
+         f"emulated and slower than fp32, so --precision bf16 {what} as fp32 ({EMULATE_BF16}=1 emulates anyway)")
+    args.precision = "fp32"
+
+
+def use_precision(m) -> None:
+    """Once the tool holds only ``m``, the model of its ``Vectorizer``/``Scorer`` made with
+    --precision: frees the float32 model it replaced."""
+    import gc
+
     if m.precision != "fp32":
         gc.collect()  # the float32 model it replaced (reference cycles through its compiled functions)
-    if m.precision == "bf16" and not model.bf16_native(m.device):
-        from .common import warn
-
-        warn("bfloat16 products are emulated here (no AMX or AVX512_BF16 on this CPU, or "
-             "TF_ENABLE_ONEDNN_OPTS=0): --precision bf16 will be slower than fp32")
 
 
 def add(parser: argparse.ArgumentParser, *names: str, **overrides: dict) -> None:

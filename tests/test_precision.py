@@ -4,6 +4,7 @@ The float32 path is the one the goldens check (test_transform.py, test_score.py)
 here: bf16 stays close to it, fp32 stays exactly itself, and the flag works end to
 end in both tools.
 """
+import io
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 import model
 from cli import bulk as cli_bulk
+from cli import flags
 from cli import score as cli_score
 from cli import transform as cli_transform
 from tasks.errors import OptionError
@@ -36,6 +38,13 @@ MIN_COSINE = 0.999
 #: layer or a float32/bfloat16 mix-up gives (several nats per token).
 MAX_TOKEN_DIFF = 0.1
 MAX_LINE_REL_DIFF = 5e-3
+
+
+@pytest.fixture(autouse=True)
+def emulated_where_needed(monkeypatch):
+    """bf16's numbers are checked on every CPU: where its products would be emulated the tools
+    run fp32 unless asked (tested below without this), so the tests ask."""
+    monkeypatch.setenv(flags.EMULATE_BF16, "1")
 
 
 @pytest.fixture(scope="module")
@@ -270,12 +279,8 @@ def test_through_the_scripts(script, args, tiny_model_dir, env):
                        input="今日は良い天気です。\n".encode(), capture_output=True, env=env, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr
     assert len(p.stdout.decode().splitlines()) == 1
-    # nothing on stderr where the CPU multiplies bfloat16 itself; else the one warning line
-    expected = b"" if model.bf16_native() else None
-    if expected is not None:
-        assert p.stderr == expected
-    else:
-        assert len(p.stderr.decode().splitlines()) == 1 and b"emulated" in p.stderr
+    # nothing on stderr: the CPU multiplies bfloat16 itself, or the emulation was asked for
+    assert p.stderr == b""
 
 
 @pytest.mark.parametrize("script,args", [(TRANSFORM, ["--context", "x"]), (SCORE, ["-"])], ids=["transform", "score"])
@@ -291,16 +296,43 @@ def test_bad_value_is_one_line_and_status_2(script, args, value, tiny_model_dir,
                           f"'fp32', 'bf16')"), err
 
 
-def test_warning_where_bfloat16_is_emulated(records, tiny_model_dir, env, capsys, monkeypatch):
+@pytest.mark.parametrize("main,args", [(cli_transform.main, ["--context", "今日は"]),
+                                       (cli_score.main, ["--tokens", "-"])], ids=["transform", "score"])
+def test_where_bfloat16_is_emulated_the_tools_run_fp32(main, args, tiny_model_dir, env, capsys, monkeypatch):
     monkeypatch.setattr(model, "bf16_native", lambda device="/CPU:0": False)
-    base = _base(tiny_model_dir) + ["--context", records[0]["context"]]
-    assert cli_transform.main(base + ["--precision", "bf16"]) == 0
+    monkeypatch.delenv(flags.EMULATE_BF16)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("今日は\n".encode())))
+    base = _base(tiny_model_dir) + args
+    assert main(base) == 0
+    fp32 = capsys.readouterr()
+    assert fp32.err == ""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("今日は\n".encode())))
+    assert main(base + ["--precision", "bf16"]) == 0
     out = capsys.readouterr()
-    assert len(json.loads(out.out)) == 64  # still computed: a warning, not a refusal
+    assert out.out == fp32.out  # fp32's numbers exactly: the emulation is not run
     warning, = out.err.splitlines()
-    assert "warning: bfloat16 products are emulated here" in warning and "slower" in warning
-    assert cli_transform.main(base) == 0
-    assert capsys.readouterr().err == ""  # fp32: no warning
+    assert "warning:" in warning and "emulated and slower than fp32" in warning
+    assert "runs as fp32" in warning and "GPT2JA_BF16_EMULATE=1" in warning
+    # asked for: emulated, bf16's numbers, nothing said
+    monkeypatch.setenv(flags.EMULATE_BF16, "1")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("今日は\n".encode())))
+    assert main(base + ["--precision", "bf16"]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and out.out != fp32.out
+
+
+def test_bulk_settles_the_precision_before_the_job(monkeypatch, capsys):
+    from argparse import Namespace
+
+    monkeypatch.setattr(model, "bf16_native", lambda device="/CPU:0": False)
+    monkeypatch.delenv(flags.EMULATE_BF16)
+    args = Namespace(precision="bf16")
+    flags.settle_precision(args, "/CPU:0")
+    assert args.precision == "fp32" and "runs as fp32" in capsys.readouterr().err
+    monkeypatch.setattr(model, "bf16_native", lambda device="/CPU:0": True)
+    args = Namespace(precision="bf16")
+    flags.settle_precision(args, "/CPU:0")
+    assert args.precision == "bf16" and capsys.readouterr().err == ""
 
 
 def test_bf16_native_reads_the_cpu_flags(monkeypatch):
