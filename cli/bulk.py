@@ -500,10 +500,32 @@ def main(argv=None) -> int:
                          f"nodes: " + ", ".join(f"{node} ({n} rows)" for node, n in sorted(report.nodes.items())))
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            _shutdown_ray()
     return 0
+
+
+def _shutdown_ray() -> None:
+    """``ray.shutdown()``, not cut short by a SIGTERM: a shutdown interrupted half way leaves Ray's own
+    exit hook to run on a half torn-down core worker, which can end the process with status 1 and
+    nothing said.  A SIGTERM arriving meanwhile is taken up once the shutdown is done (exit 143)."""
+    import signal
+
+    import ray
+
+    from .errors import Terminated, _on_sigterm
+
+    got = []
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        ray.shutdown()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if got and previous is _on_sigterm:
+        raise Terminated()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -451,3 +451,29 @@ def test_sigterm_to_the_driver_exits_143_quietly(cluster, inputs, tiny_model_dir
     assert driver.returncode == 143, err[-3000:]
     assert err == "", err[-3000:]
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_a_sigterm_during_ray_shutdown_waits_for_it(monkeypatch):
+    """A SIGTERM that arrives while Ray shuts down does not cut the shutdown short (a half-done
+    shutdown once ended the driver with status 1 and nothing said); it is taken up after it."""
+    import ray
+
+    from cli import bulk as cli_bulk
+    from cli.errors import Terminated, _on_sigterm
+
+    finished = []
+
+    def shutdown():
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the main thread's handler right here
+        time.sleep(0)  # let the interpreter run pending handlers before the shutdown "finishes"
+        finished.append(True)
+
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with pytest.raises(Terminated):
+            cli_bulk._shutdown_ray()
+        assert finished == [True]
+        assert signal.getsignal(signal.SIGTERM) is _on_sigterm  # the tool's handler is back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
