@@ -138,6 +138,7 @@ def main(argv=None) -> int:
         server.run(sockets=[sock])
     finally:
         engine.stop(cancel=True)
+        app.state.server.encoder_pool.close()
     sys.stderr.write("gpt2-server.py: stopped\n")
     return 0
 

@@ -46,6 +46,9 @@ def create_app(model, enc, engine, config: ServerConfig, tf_lock: Optional[threa
     state = State(model=model, enc=enc, engine=engine, config=config, metrics=Metrics(engine),
                   # one batched forward pass (vectors, scores) at a time
                   tf_lock=tf_lock or threading.Lock())
+    from encoder.parallel import EncoderPool
+
+    state.encoder_pool = EncoderPool(enc)  # started on the first long input; closed with the engine
     app = FastAPI(title="gpt2-japanese", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.state.engine = engine

@@ -42,6 +42,8 @@ class State:
     #: monotonic time by which every request must have answered (set when shutting down)
     stop_by: Optional[float] = None
     channels: "weakref.WeakSet[Channel]" = field(default_factory=weakref.WeakSet)
+    #: encodes long texts in a process of its own (encoder.parallel); made by create_app
+    encoder_pool: Any = None
     _scorer: Any = None
     _last_fault: Optional[BaseException] = None  # logged once, not once per request it failed
 
@@ -205,9 +207,23 @@ class LoopDelivery:
             pass
 
 
-def acquire(lock: threading.Lock, until: float, cancelled: threading.Event) -> None:
+#: The nice value of TensorFlow's threads while decoding runs elsewhere (see ``acquire``).
+FORWARD_NICENESS = 10
+
+
+def acquire(lock: threading.Lock, until: float, cancelled: threading.Event, state: Optional[State] = None) -> None:
     """Take the lock of batched forward passes before ``until`` (monotonic) or give up: a scoring or
-    embeddings request never waits on another longer than its own deadline."""
+    embeddings request never waits on another longer than its own deadline.
+
+    With ``state`` whose decoding does not run on TensorFlow (ONNX Runtime or numpy on a CPU),
+    TensorFlow's compute threads (``tf_*``) get a lower CPU priority first (nice +10, Linux): batched
+    forward passes use what decoding leaves, so that a large embeddings or scoring request -- or a
+    client that sends one and hangs up -- does not slow the tokens of every stream (measured by
+    bench/bench_server_hostile.py)."""
+    if state is not None and getattr(state.engine.decoder, "engine", None) != "tf":
+        from util.system import lower_thread_priority
+
+        lower_thread_priority("tf_", FORWARD_NICENESS)
     if not lock.acquire(timeout=max(0.0, until - time.monotonic())):
         raise ApiError(504, "the request waited for other embeddings or scores past its deadline",
                        type="timeout", code="timeout")

@@ -118,13 +118,17 @@ def build(state: State, c: Completion, cancelled) -> Tuple[List[List[int]], List
     when ``cancelled`` is set)."""
     hp, enc = state.hparams, state.enc
     full, requests = [], []
+    try:  # long prompts: in the encoder's own process (state.encoder_pool), off this process's lock
+        encoded = state.encoder_pool.encode_many([p for p in c.prompts if not isinstance(p, list)], cancelled)
+    except ValueError as e:
+        raise rq.bad("prompt", str(e)) from None
+    if encoded is None:
+        return [], []
+    encoded = iter(encoded)
     for j, item in enumerate(c.prompts):
         if cancelled.is_set():
             return [], []
-        try:
-            ids = list(item) if isinstance(item, list) else enc.encode(item)
-        except ValueError as e:
-            raise rq.bad("prompt", str(e)) from None
+        ids = list(item) if isinstance(item, list) else next(encoded)
         full.append(ids)
         if not c.samples:
             continue
@@ -230,7 +234,7 @@ async def prompt_logprobs(state: State, full: List[List[int]], k: int, channel: 
     request ends early; it waits for other scores and embeddings only until then."""
 
     def compute(cancelled):
-        acquire(state.tf_lock, channel.until, cancelled)
+        acquire(state.tf_lock, channel.until, cancelled, state)
         try:
             out = [(np.zeros(0, np.float32), None)] * len(full)
             for i, lp in state.scorer.score_token_lists(full):

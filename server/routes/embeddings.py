@@ -41,17 +41,22 @@ async def embeddings(request: Request):
     channel = Channel(state, t0 + state.config.timeout, request.receive)
 
     def compute(cancelled):
+        # long texts are encoded in the encoder's own process (state.encoder_pool: off this process's
+        # lock, so that decoding keeps its pace); it stops as soon as the request ends
+        texts = [item for item in items if isinstance(item, str)]
+        try:
+            encoded = state.encoder_pool.encode_many(texts, cancelled)
+        except ValueError as e:
+            raise rq.bad("input", str(e)) from None
+        if encoded is None:
+            return None
+        encoded = iter(encoded)
         id_lists = []
-        for item in items:  # encoding long texts takes a while too: stop as soon as the request ends
-            if cancelled.is_set():
-                return None
-            try:
-                id_lists.append(vec.ids(item)[0] if isinstance(item, str) else
-                                (list(item[-hp.n_ctx:]) or [state.enc.eos_id]))
-            except ValueError as e:
-                raise rq.bad("input", str(e)) from None
+        for item in items:  # as Vectorizer.ids: empty -> <|endoftext|>, the last n_ctx tokens
+            ids = next(encoded) if isinstance(item, str) else list(item)
+            id_lists.append(ids[-hp.n_ctx:] or [state.enc.eos_id])
         out = np.empty((len(id_lists), hp.n_embd), np.float32)
-        acquire(state.tf_lock, channel.until, cancelled)
+        acquire(state.tf_lock, channel.until, cancelled, state)
         try:
             for rows in vector_batches([len(ids) for ids in id_lists], vec.max_tokens, vec.max_batch):
                 if cancelled.is_set():
