@@ -49,7 +49,7 @@ def _room_for_a_copy(m) -> bool:
 def choose_engine(m, engine: str = "auto", quantize: Optional[str] = None, rows: Optional[int] = None) -> str:
     """``engine`` ('auto', 'numpy', 'tf' or 'onnx') for model ``m``: 'auto' is tf on a GPU, onnx
     whenever ``quantize`` ('q8' or 'q4') is given, and on a CPU with float32 weights onnx (float32
-    ONNX Runtime) -- measured faster than numpy at 1 row and at 8 on both CPU families this runs on
+    ONNX Runtime) -- measured faster than numpy at 1 row and at 8 on the three CPU families this has run on
     (docs/performance.md), at the cost of ONNX Runtime's own copy of the weights -- while the
     available memory holds that copy twice over; numpy (the reference engine) when it does not, or
     when onnxruntime is not installed.  ``rows`` (how many rows will be decoded at once) no longer
