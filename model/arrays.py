@@ -36,7 +36,7 @@ from .bundle import BundleError, open_bundle
 from .checkpoint import check_shapes, find_checkpoint, model_hparams
 from .errors import ModelError
 from .hparams import HParams, variable_shapes
-from .quantize import SUBDIR, _open_regular, checkpoint_key, data_stamps, default_cache_root
+from .quantize import SUBDIR, checkpoint_key, data_stamps, default_cache_root
 
 #: The "format" of the record in the cache key (so that it never matches a quantized file's).
 FORMAT = "f32"
@@ -74,7 +74,7 @@ def trusted(prefix: str | os.PathLike, cache_root=None) -> bool:
     prefix = str(prefix)
     key = checkpoint_key(prefix, FORMAT)
     want = _record(key, prefix)
-    f = _open_regular(_record_path(prefix, key, cache_root))
+    f = _files.open_regular(_record_path(prefix, key, cache_root))
     if f is None:
         return False
     try:

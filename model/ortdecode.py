@@ -55,9 +55,13 @@ def _import_ort():
     try:
         import onnxruntime
     except ImportError as e:
-        raise ModelError(f"the onnx engine (--quantize, --engine onnx) needs onnxruntime and onnx: "
-                         f"pip install onnxruntime onnx ({e})") from None
+        raise _missing(e) from None
     return onnxruntime
+
+
+def _missing(e: ImportError) -> ModelError:
+    return ModelError(f"the onnx engine (--quantize, --engine onnx) needs onnxruntime and onnx: "
+                      f"pip install onnxruntime onnx ({e})")
 
 
 def session_options(threads: Optional[int] = None, prepack: bool = True):
@@ -243,9 +247,9 @@ def _read_graph(path):
     import hashlib
     import json
 
-    from .quantize import _open_regular
+    from util.files import open_regular
 
-    f = _open_regular(path)
+    f = open_regular(path)
     if f is None:
         return None
     try:
@@ -279,8 +283,7 @@ def graph_for(hp: HParams, weights: dict, quantized: Optional[dict] = None):
     try:
         import onnx  # noqa: F401  (building a graph needs it; a kept one does not)
     except ImportError as e:
-        raise ModelError(f"the onnx engine (--quantize, --engine onnx) needs onnxruntime and onnx: "
-                         f"pip install onnxruntime onnx ({e})") from None
+        raise _missing(e) from None
     onnx_model, external = build_step_graph(hp, weights, quantized)
     graph, names = onnx_model.SerializeToString(), list(external)
     payload = json.dumps(names).encode() + b"\n" + graph

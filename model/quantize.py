@@ -61,8 +61,6 @@ import glob
 import hashlib
 import json
 import os
-import stat
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -275,24 +273,6 @@ def _meta(key: str, fmt: str, hp: HParams, data: Optional[dict] = None) -> dict:
 _MAX_META = 1 << 20
 
 
-def _open_regular(path: Path):
-    """A binary file object for the regular file ``path``, never through a symbolic link at its
-    name (O_NOFOLLOW) and never blocking on a FIFO; None for anything else."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        return os.fdopen(fd, "rb")
-    except OSError:
-        os.close(fd)
-        return None
-
-
 def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, shape: Optional[tuple], dtype: str,
                  limit: int) -> Optional[np.ndarray]:
     """The array stored in member ``info`` (a ``.npy`` file), or None when its header is not a C-order
@@ -332,7 +312,7 @@ def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, shape: Optional[tupl
 def _read_cache(path: Path, hp: Optional[HParams], fmt: str, key: str):
     """(hparams, arrays, meta) of the cache file ``path`` when it is what ``key``/``fmt``/``hp`` ask
     for, structurally sound, with every array of the expected shape and type; else None."""
-    f = _open_regular(path)
+    f = _files.open_regular(path)
     if f is None:
         return None
     try:

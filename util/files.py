@@ -73,6 +73,24 @@ def check_writable(path: str | os.PathLike) -> None:
         raise PermissionError(13, "Permission denied", str(directory))
 
 
+def open_regular(path: str | os.PathLike):
+    """A binary file object for the regular file ``path``, never through a symbolic link at its
+    name (O_NOFOLLOW) and never blocking on a FIFO; None for anything else."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
+    except OSError:
+        os.close(fd)
+        return None
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8",
                 follow_symlinks: bool = True) -> Iterator:
