@@ -2,7 +2,8 @@
 """gpt2-sweep.py: what its own metrics cost next to its generation (target: at most 10%).
 
     python bench/bench_sweep.py [--shape small] [--model DIR] [--contexts 8] [--num 4] [--max_tokens 64]
-                                [--grid top_k=1,20,40] [--batch_size 16] [--reference 64] [--json FILE]
+                                [--grid top_k=1,20,40] [--batch_size 16] [--reference 64]
+                                [--relation_samples 1|N|all] [--json FILE]
 
 A sweep (``tasks.sweep.run.Sweep``) over --grid on the repository's contexts
 (tests/data/golden/contexts.txt, cycled to --contexts), with the first --reference texts of the encoder
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default="top_k=1,20,40")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--reference", type=int, default=64, help="reference texts (0: no reference, no MAUVE)")
+    p.add_argument("--relation_samples", default="1", help="as gpt2-sweep.py's (a count or 'all'; default 1)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -105,7 +107,9 @@ def main(argv=None) -> int:
     if args.reference:
         with open(os.path.join(golden, "encode.jsonl"), encoding="utf-8") as f:
             reference = [json.loads(line)["text"] for _, line in zip(range(args.reference), f)]
-    config = SweepConfig(num=args.num, seed=1, max_tokens=args.max_tokens, batch_size=args.batch_size)
+    relation = None if args.relation_samples == "all" else int(args.relation_samples)
+    config = SweepConfig(num=args.num, seed=1, max_tokens=args.max_tokens, batch_size=args.batch_size,
+                         relation_samples=relation)
     sweep = Sweep(m, enc, contexts, config, reference=reference, model_name=directory)
     chosen = settings([parse_axis(args.grid)], False, sweep.base)
     load_before = os.getloadavg()
@@ -149,7 +153,7 @@ def main(argv=None) -> int:
     met = sum(r["metrics_s"] for r in rows)
     per_token = details_per_token(m.hparams.n_vocab)
     details = per_token * sum(r["tokens"] for r in rows)
-    summary = {"model": directory, "shape": dict(vars(m.hparams)) if hasattr(m.hparams, "__dict__") else str(m.hparams),
+    summary = {"model": directory, "relation_samples": args.relation_samples, "shape": dict(vars(m.hparams)) if hasattr(m.hparams, "__dict__") else str(m.hparams),
                "contexts": args.contexts, "num": args.num, "max_tokens": args.max_tokens, "settings": rows,
                "generate_s": gen, "metrics_s": met, "ratio": met / gen, "aggregate_s": aggregate, "report_s": report,
                "details_per_token_s": per_token, "details_s": details,
@@ -171,6 +175,7 @@ def main(argv=None) -> int:
           f"{(met + aggregate) / gen:.1%}; once per sweep: the reference's own statistics {reference_s:.2f} s, "
           f"report {report:.2f} s ({(met + aggregate + reference_s + report) / gen:.1%} with everything)")
     print(f"{first['setting']} generated without details: {plain:.2f} s (with: {first['generate_s']:.2f} s)")
+    print(f"relation samples (PMI, cosine, MAUVE) per context: {args.relation_samples} of {args.num}")
     print(f"cpu: {summary['cpu']}")
     print("load average (1, 5, 15 min): before " + " ".join(f"{x:.2f}" for x in load_before)
           + ", after " + " ".join(f"{x:.2f}" for x in summary["load_after"]))

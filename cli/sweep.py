@@ -54,9 +54,25 @@ def parser() -> argparse.ArgumentParser:
                    help="context-length bucket edges in tokens (default %(default)s: 1-15, 16-63, 64-255, 256+)")
     p.add_argument("--resamples", type=flags.positive_int, default=1000, metavar="N",
                    help="bootstrap resamples for the intervals (default %(default)s)")
+    p.add_argument("--relation_samples", metavar="N|all", type=_relation_samples, default=1,
+                   help="samples of each context that PMI, cosine and MAUVE read (a second forward pass over each, "
+                        "about a quarter of its generation's cost): the first N that hold a token, or all "
+                        "(default %(default)s)")
     p.add_argument("--engine", choices=("auto", "numpy", "tf", "onnx"), default="auto",
                    help="decoding engine, as gpt2-generate.py's (default auto)")
     return p
+
+
+def _relation_samples(text: str):
+    if text.strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a count of samples or 'all', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or all), got {n}")
+    return n
 
 
 def _buckets(text: str):
@@ -90,7 +106,7 @@ def main(argv=None) -> int:
     axes = [parse_axis(spec) for spec in args.grid]
     config = SweepConfig(num=args.num_generate, seed=args.seed, max_tokens=args.max_tokens,
                          max_length=args.max_length, batch_size=args.batch_size, buckets=_buckets(args.buckets),
-                         resamples=args.resamples)
+                         resamples=args.resamples, relation_samples=args.relation_samples)
     base = with_fixed(GenerateOptions(top_k=40, seed=config.seed, max_tokens=config.max_tokens,
                                       max_length=config.max_length), args.fixed)
     chosen = make_settings(axes, args.cross, base)

@@ -405,24 +405,31 @@ def test_sweep_flags_take_both_spellings():
 # -- the metrics' cost: numbers taken from generation, one plan of forward passes -----------------------
 
 
-def _hand_metrics(m, enc, context_ids, ids):
-    """perplexity, pmi and cosine of one context's samples (token id lists) by their definitions, with
-    tasks.score and tasks.vectors one sequence at a time."""
-    from tasks.score import score_sequences
-    from tasks.vectors import Vectorizer
+def _read_after_eos(m, eos, ids, pooling="mean"):
+    """A text's sentence vector as the sweep defines it, from the model's hidden states one text at a time:
+    the final hidden states of its tokens read after <|endoftext|> (the <|endoftext|> position left out)."""
+    hidden = m.hidden([[eos] + list(ids)], layer=-1)[0, 1:]
+    return hidden.mean(axis=0) if pooling == "mean" else hidden[-1]
 
-    vec = Vectorizer(m, enc, pooling="mean")
-    ctx_vector = vec.vectors_of_ids([context_ids])[0]
+
+def _hand_metrics(m, enc, context_ids, ids, relation=None):
+    """perplexity (every sample), pmi and cosine (the first ``relation`` samples that hold a token; None:
+    all) of one context's samples (token id lists) by their definitions, with tasks.score and the model's
+    hidden states one sequence at a time."""
+    from tasks.score import score_sequences
+
+    ctx_vector = _read_after_eos(m, enc.eos_id, context_ids)
     lps, pmis, coss = [], [], []
     for x in ids:
         if not x:
             continue
         (_, given), = score_sequences(m, [context_ids + x])
-        (_, alone), = score_sequences(m, [[enc.eos_id] + x])
         lp = float(given[len(context_ids) - 1:].sum())
         lps.append((lp, len(x)))
-        pmis.append((lp - float(alone.sum())) / len(x))
-        coss.append(float(M.cosine(vec.vectors_of_ids([x]), ctx_vector[None])[0]))
+        if relation is None or len(pmis) < relation:
+            (_, alone), = score_sequences(m, [[enc.eos_id] + x])
+            pmis.append((lp - float(alone.sum())) / len(x))
+            coss.append(float(M.cosine(_read_after_eos(m, enc.eos_id, x)[None], ctx_vector[None])[0]))
     return {"perplexity": math.exp(-sum(lp for lp, _ in lps) / sum(n for _, n in lps)),
             "pmi": float(np.mean(pmis)), "cosine": float(np.mean(coss))}
 
@@ -446,10 +453,11 @@ def test_generate_many_details_gives_the_drawn_tokens_and_their_log_probability(
         assert s.logprob == pytest.approx(float(lp[len(ctx) - 1:].sum()), rel=1e-4, abs=1e-3)
 
 
-def test_sweep_metrics_from_generation_match_their_definitions(tiny, enc):
+@pytest.mark.parametrize("relation", [None, 1, 2])
+def test_sweep_metrics_from_generation_match_their_definitions(tiny, enc, relation):
     from tasks.sweep.run import Sweep, SweepConfig
 
-    sweep = Sweep(tiny, enc, _contexts()[:4], SweepConfig(num=3, seed=2, max_tokens=16))
+    sweep = Sweep(tiny, enc, _contexts()[:4], SweepConfig(num=3, seed=2, max_tokens=16, relation_samples=relation))
     setting = settings([parse_axis("top_k=40")], False, sweep.base)[0]
     samples = sweep.generate_samples(setting.options)
     drawn = sweep.drawn(samples, setting.options)
@@ -458,7 +466,7 @@ def test_sweep_metrics_from_generation_match_their_definitions(tiny, enc):
     for state in (sweep.measure(texts, drawn), sweep.measure(texts)):  # from generation; re-encoded and scored
         for c, item in enumerate(state["contexts"]):
             ids = [x["ids"] for x in item["samples"]]
-            expected = _hand_metrics(tiny, enc, sweep.context_ids[c], ids)
+            expected = _hand_metrics(tiny, enc, sweep.context_ids[c], ids, relation)
             for k, v in expected.items():
                 assert item["values"][k] == pytest.approx(v, rel=1e-4), (c, k)
     first = sweep.measure(texts, drawn)["contexts"]
@@ -491,11 +499,22 @@ def test_forward_rows_match_score_ids_and_the_vectorizer(tiny, enc):
     score_rows = [([enc.eos_id] + x, 1) for x in rows[:4]] + [(rows[4], 2)]
     for pooling in ("mean", "last"):
         scores, vectors = forward_rows(tiny, score_rows, rows, pooling=pooling, max_tokens=32)
-        for (ids, first), lp in zip(score_rows, scores):
+        assert vectors.shape == (len(score_rows) + len(rows), tiny.hparams.n_embd)
+        for (ids, first), lp, vector in zip(score_rows, scores, vectors):
             expected = score_ids(tiny, [ids], first=[first])[0][first - 1:]
             np.testing.assert_allclose(lp, expected, rtol=1e-4, atol=1e-5)
+            hidden = tiny.hidden([ids], layer=-1)[0, first:]  # pooled over the positions it scores
+            np.testing.assert_allclose(vector, hidden.mean(axis=0) if pooling == "mean" else hidden[-1],
+                                       rtol=1e-4, atol=1e-5)
         expected = Vectorizer(tiny, enc, pooling=pooling).vectors_of_ids(rows)
-        np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(vectors[len(score_rows):], expected, rtol=1e-4, atol=1e-5)
+        after = [[enc.eos_id] + x for x in rows]  # read after <|endoftext|>: pooled from position 1
+        _, read = forward_rows(tiny, (), after, pooling=pooling, vector_from=[1] * len(after))
+        for ids, vector in zip(after, read):
+            np.testing.assert_allclose(vector, _read_after_eos(tiny, enc.eos_id, ids[1:], pooling),
+                                       rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):
+        forward_rows(tiny, (), [[1, 2]], vector_from=[2])  # pools nothing
 
 
 def test_zipf_bootstrap_is_bootstrap_items_of_zipf_coefficient():

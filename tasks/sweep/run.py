@@ -19,11 +19,20 @@ stop string cut is re-encoded from the text.
   the log-probabilities generation computed as it drew the tokens, where they are exactly that: see
   ``Sweep.drawn``);
 - ``pmi``: per token, log p(continuation | context) - log p(continuation | <|endoftext|>), under the judge;
-- ``cosine``: of the context's and the continuation's sentence vectors (the generating model's, mean
-  pooling);
+- ``cosine``: of the context's and the continuation's sentence vectors: the generating model's final
+  hidden states averaged over the text's tokens, each text read after <|endoftext|> (as the model read
+  every document it learnt from: the position after <|endoftext|> is not the first one, whose hidden state
+  GPT-2 makes an outlier, and the same forward pass gives log p(continuation | <|endoftext|>));
+
+``pmi``, ``cosine`` and ``mauve`` need that second forward pass over a continuation, which costs about a
+quarter of what drawing its tokens costs; they are read from the first ``relation_samples`` samples of
+each context that hold a token (default 1; ``None``: all) -- a context's samples are drawn independently,
+so its first ones are a random subset and the mean over contexts is still an unbiased estimate; the
+bootstrap interval over contexts carries the extra spread.  Every other metric reads every sample.
 
 and over the setting's samples together: ``zipf`` (its interval from resampled contexts) and, with a
-reference, ``mauve`` (generated vs reference sentence vectors; no interval: one MAUVE costs a k-means).
+reference, ``mauve`` (generated vs reference sentence vectors, read as for ``cosine``; no interval: one MAUVE
+costs a k-means).
 Each per-context metric is reported as its mean over contexts with a percentile bootstrap interval over
 contexts, for all contexts and for each context-length bucket.  The reference's own statistics (those
 that need no context: rep-n, diversity, loop, length, zipf, perplexity given <|endoftext|>) are a row
@@ -67,7 +76,8 @@ METRICS = CONTEXT_METRICS + SET_METRICS
 #: Metrics that the reference text has by itself.
 REFERENCE_METRICS = ("rep2", "rep3", "rep4", "diversity", "loop", "length", "perplexity", "zipf")
 
-STATE_VERSION = 2  # 2: a sample's tokens are the ones drawn (1: its text re-encoded)
+STATE_VERSION = 3  # 3: vectors read after <|endoftext|>, relation_samples; 2: a sample's tokens are the
+                   # ones drawn (1: its text re-encoded)
 
 
 class SweepError(OptionError):
@@ -84,8 +94,11 @@ class SweepConfig:
     buckets: Tuple[int, ...] = (16, 64, 256)  # context-length bucket edges, in tokens
     resamples: int = 1000             # bootstrap resamples
     pooling: str = "mean"             # sentence vectors for cosine and MAUVE
+    relation_samples: Optional[int] = 1  # samples per context that pmi, cosine and MAUVE read (None: all)
 
     def __post_init__(self):
+        if self.relation_samples is not None and self.relation_samples < 1:
+            raise OptionError("relation_samples", f"must be at least 1 (or all), got {self.relation_samples}")
         if self.num < 1:
             raise OptionError("num_generate", f"must be at least 1, got {self.num}")
         if self.max_tokens is None or self.max_tokens < 1:
@@ -142,9 +155,8 @@ class Sweep:
         # the options every setting starts from (its seed, max_tokens and max_length are the config's)
         self.base = dataclasses.replace(base or GenerateOptions(top_k=40), seed=config.seed,
                                         max_tokens=config.max_tokens, max_length=config.max_length)
-        self._vectorizer = None
         self._context_vectors = None
-        self._reference_vectors = None
+        self._reference_pass = None
         self.timings = {"generate": 0.0, "metrics": 0.0}
         self._rows: Dict[tuple, List[dict]] = {}
 
@@ -290,8 +302,9 @@ class Sweep:
 
         ``drawn`` (optional, as ``drawn`` gives it): a sample's tokens and log p(tokens | context) from
         generation; a sample without them is re-encoded from its text and scored given its context.
-        Then one plan of forward passes (``passes.forward_rows``) scores every sample given
-        <|endoftext|> (and given its context where needed) and computes its sentence vector."""
+        Then one plan of forward passes (``passes.forward_rows``) reads the relation samples (the first
+        ``relation_samples`` of each context that hold a token) after <|endoftext|> -- their log-probability
+        given it and their sentence vector -- and scores given its context any sample that needs it."""
         enc, cfg = self.enc, self.config
         clock = _Clock()
         drawn = drawn or [[None] * len(group) for group in texts]
@@ -299,20 +312,24 @@ class Sweep:
                for group, ds in zip(texts, drawn)]
         flat = [(c, j) for c, group in enumerate(ids) for j in range(len(group))]
         clock.lap("encode")
-        lp, lp0, vectors = self._forward(flat, ids, drawn)
-        cos = M.cosine(vectors, self.context_vectors()[[c for c, _ in flat]])
+        related = self.relation_subset(ids)
+        lp, lp0, vectors = self._forward(flat, ids, drawn, related)
+        where = {cj: k for k, cj in enumerate(related)}
+        cos = (M.cosine(vectors, self.context_vectors()[[c for c, _ in related]]) if related
+               else np.zeros(0, np.float32))
         clock.lap("forward")
         per_sample: Dict[Tuple[int, int], dict] = {}
         for k, (c, j) in enumerate(flat):
             n = len(ids[c][j])
-            per_sample[c, j] = {"n": n, "lp": lp[k] if n else 0.0, "lp0": lp0[k] if n else 0.0,
-                                "cos": float(cos[k]) if n else None}
+            r = where.get((c, j))
+            per_sample[c, j] = {"n": n, "lp": lp[k] if n else 0.0, "lp0": lp0[r] if r is not None else None,
+                                "cos": float(cos[r]) if r is not None else None}
         contexts = []
         for c, group in enumerate(ids):
             samples = [per_sample[c, j] for j in range(len(group))]
             tokens = sum(s["n"] for s in samples)
             lp = sum(s["lp"] for s in samples)
-            scored = [s for s in samples if s["n"]]
+            scored = [s for s in samples if s["lp0"] is not None]
             values = {
                 "rep2": M.rep_n_pooled(group, 2), "rep3": M.rep_n_pooled(group, 3), "rep4": M.rep_n_pooled(group, 4),
                 "diversity": M.diversity(group),
@@ -332,8 +349,7 @@ class Sweep:
         clock.lap("text")
         state = {"contexts": contexts, "mauve": None}
         if self.reference is not None:
-            feats = vectors[[k for k, (c, j) in enumerate(flat) if ids[c][j]]]
-            state["mauve"] = self._mauve(feats)
+            state["mauve"] = self._mauve(vectors)
             clock.lap("mauve")
         state["metric_seconds"] = clock.laps
         return state
@@ -348,9 +364,7 @@ class Sweep:
                     return state
             except (OSError, ValueError):
                 pass
-        enc = self.enc
-        ids = [list(enc.encode(t)) for t in self.reference]
-        plain = self._score([[enc.eos_id] + x for x in ids], [len(x) for x in ids])
+        ids, plain, _ = self.reference_pass()
         items = []
         for k, x in enumerate(ids):
             n = len(x)
@@ -404,42 +418,71 @@ class Sweep:
 
     # -- models ------------------------------------------------------------------------------------
 
+    def relation_subset(self, ids: List[List[List[int]]]) -> List[Tuple[int, int]]:
+        """The samples (context, index) that pmi, cosine and MAUVE read: the first ``relation_samples`` of
+        each context that hold a token (all of them where it is None)."""
+        k = self.config.relation_samples
+        out = []
+        for c, group in enumerate(ids):
+            chosen = [(c, j) for j, x in enumerate(group) if x]
+            out += chosen if k is None else chosen[:k]
+        return out
+
     def _forward(self, flat: List[Tuple[int, int]], ids: List[List[List[int]]],
-                 drawn: List[List[Optional[Tuple[List[int], float]]]]) -> Tuple[List[float], List[float], np.ndarray]:
-        """Per sample of ``flat``: log p(tokens | context) (drawn, or scored under the judge), log p(tokens |
-        <|endoftext|>) under the judge, and the sentence vectors [len(flat), n_embd] under the model.
-        Rows that fit in n_ctx go into one plan of batches (with the vectors when the judge is the model);
-        longer ones are scored with ``tasks.score``'s sliding window, as before."""
+                 drawn: List[List[Optional[Tuple[List[int], float]]]],
+                 related: List[Tuple[int, int]]) -> Tuple[List[float], List[float], np.ndarray]:
+        """(per sample of ``flat``: log p(tokens | context), drawn or scored under the judge; per sample of
+        ``related``: log p(tokens | <|endoftext|>) under the judge and the sentence vector [len(related),
+        n_embd] under the model, read after <|endoftext|>).  Rows that fit in n_ctx go into one plan of
+        batches (when the judge is the model, a relation sample's score row gives its vector too); longer
+        ones are scored with ``tasks.score``'s sliding window."""
         eos, n_ctx = self.enc.eos_id, self.model.hparams.n_ctx
+        own = self.judge is self.model
         lp = [0.0] * len(flat)
-        lp0 = [0.0] * len(flat)
-        rows: List[Tuple[List[int], int]] = []   # score rows for forward_rows
-        where: List[Tuple[List[float], int]] = []  # where each row's sum goes
+        lp0 = [0.0] * len(related)
+        vectors = np.zeros((len(related), self.model.hparams.n_embd), np.float32)
+        rows: List[Tuple[List[int], int]] = []      # score rows under the judge
+        where: List[Tuple[List[float], int]] = []   # where each row's sum goes
+        vector_of: Dict[int, int] = {}              # score row -> related sample whose vector it gives
+        vector_rows: List[List[int]] = []           # read after <|endoftext|> under the model
+        vector_at: List[int] = []
         long_rows: List[Tuple[List[int], int, List[float], int]] = []  # (sequence, tail, target, k)
         for k, (c, j) in enumerate(flat):
             x = ids[c][j]
-            if not x:
+            if not x or drawn[c][j] is not None:
+                lp[k] = float(drawn[c][j][1]) if x else 0.0
                 continue
-            if drawn[c][j] is not None:
-                lp[k] = float(drawn[c][j][1])
+            ctx = self.context_ids[c]
+            if len(ctx) + len(x) <= n_ctx:
+                rows.append((ctx + x, len(ctx)))
+                where.append((lp, k))
             else:
-                ctx = self.context_ids[c]
-                if len(ctx) + len(x) <= n_ctx:
-                    rows.append((ctx + x, len(ctx)))
-                    where.append((lp, k))
-                else:
-                    long_rows.append((ctx + x, len(x), lp, k))
-            if 1 + len(x) <= n_ctx:
+                long_rows.append((ctx + x, len(x), lp, k))
+        for r, (c, j) in enumerate(related):
+            x = ids[c][j]
+            fits = 1 + len(x) <= n_ctx
+            if fits:
+                if own:
+                    vector_of[len(rows)] = r
                 rows.append(([eos] + x, 1))
-                where.append((lp0, k))
+                where.append((lp0, r))
             else:
-                long_rows.append(([eos] + x, len(x), lp0, k))
-        vector_rows = [(ids[c][j] or [eos])[:n_ctx] for c, j in flat]
-        if self.judge is self.model:
-            scores, vectors = forward_rows(self.model, rows, vector_rows, pooling=self.config.pooling)
+                long_rows.append(([eos] + x, len(x), lp0, r))
+            if not (own and fits):
+                vector_rows.append(([eos] + x)[:n_ctx])
+                vector_at.append(r)
+        pooling = self.config.pooling
+        if own:
+            scores, vecs = forward_rows(self.model, rows, vector_rows, pooling=pooling,
+                                        vector_from=[1] * len(vector_rows))
         else:
-            scores, _ = forward_rows(self.judge, rows)
-            _, vectors = forward_rows(self.model, (), vector_rows, pooling=self.config.pooling)
+            scores, _ = forward_rows(self.judge, rows) if rows else ([], None)
+            _, vecs = forward_rows(self.model, (), vector_rows, pooling=pooling, vector_from=[1] * len(vector_rows))
+            vecs = np.concatenate([np.zeros((len(rows), vectors.shape[1]), np.float32), vecs])
+        for i, r in vector_of.items():
+            vectors[r] = vecs[i]
+        for i, r in enumerate(vector_at):
+            vectors[r] = vecs[len(rows) + i]
         for (target, k), row in zip(where, scores):
             target[k] = float(np.sum(row, dtype=np.float64))
         if long_rows:
@@ -459,24 +502,37 @@ class Sweep:
             out[i] = lp[len(lp) - tails[i]:]
         return out
 
-    def vectorizer(self):
-        if self._vectorizer is None:
-            from ..vectors import Vectorizer
-
-            self._vectorizer = Vectorizer(self.model, self.enc, pooling=self.config.pooling)
-        return self._vectorizer
+    def _read_after_eos(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Sentence vectors [len(id_lists), n_embd] of texts read after <|endoftext|> (their first n_ctx - 1
+        tokens), as ``cosine`` and MAUVE read the samples."""
+        eos, n_ctx = self.enc.eos_id, self.model.hparams.n_ctx
+        rows = [([eos] + list(x or [eos]))[:n_ctx] for x in id_lists]
+        _, vectors = forward_rows(self.model, (), rows, pooling=self.config.pooling, vector_from=[1] * len(rows))
+        return vectors
 
     def context_vectors(self) -> np.ndarray:
         if self._context_vectors is None:
-            self._context_vectors = self.vectorizer().vectors_of_ids(self.context_ids)
+            self._context_vectors = self._read_after_eos(self.context_ids)
         return self._context_vectors
 
+    def reference_pass(self) -> Tuple[List[List[int]], List[np.ndarray], np.ndarray]:
+        """The reference texts' tokens, their log-probabilities given <|endoftext|> under the judge and
+        their sentence vectors under the model (read after <|endoftext|>): one plan of forward passes when
+        the judge is the model and every text fits in n_ctx, computed once."""
+        if self._reference_pass is None:
+            eos, n_ctx = self.enc.eos_id, self.model.hparams.n_ctx
+            ids = [list(self.enc.encode(t)) for t in self.reference]
+            if self.judge is self.model and all(0 < len(x) < n_ctx for x in ids):
+                plain, vectors = forward_rows(self.model, [([eos] + x, 1) for x in ids],
+                                              pooling=self.config.pooling)
+            else:
+                plain = self._score([[eos] + x for x in ids], [len(x) for x in ids])
+                vectors = self._read_after_eos(ids)
+            self._reference_pass = (ids, plain, vectors)
+        return self._reference_pass
+
     def reference_vectors(self) -> np.ndarray:
-        if self._reference_vectors is None:
-            n_ctx = self.model.hparams.n_ctx
-            ids = [(list(self.enc.encode(t)) or [self.enc.eos_id])[:n_ctx] for t in self.reference]
-            self._reference_vectors = self.vectorizer().vectors_of_ids(ids)
-        return self._reference_vectors
+        return self.reference_pass()[2]
 
     def _mauve(self, features: np.ndarray) -> Optional[float]:
         q = self.reference_vectors()
