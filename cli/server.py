@@ -39,8 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=flags.positive_float, default=600.0, metavar="SECONDS",
                    help="longest time one request may take; then it is cancelled (504) (default %(default)s)")
     p.add_argument("--read_timeout", type=flags.positive_float, default=30.0, metavar="SECONDS",
-                   help="longest time a client may take to send a request's headers, and again its body; then "
-                        "the connection is closed (headers) or answered 408 (body) (default %(default)s)")
+                   help="longest time a client may take to send a request's headers, and again its body, and to "
+                        "take each write of a stream; then the connection is closed (headers, a stream: its "
+                        "samples are cancelled) or answered 408 (body) (default %(default)s)")
     p.add_argument("--max_connections", type=flags.positive_int, default=512, metavar="N",
                    help="open connections (and requests in progress) at most; past it new requests get 503 "
                         "(default %(default)s)")
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
     if template is not None:
         config.chat_template = template
     app = create_app(m, enc, engine, config)
+    app.state.server.warm_up()
     sock.listen(2048)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
     finally:
         engine.stop(cancel=True)
         app.state.server.encoder_pool.close()
+        app.state.server.forward.close()
     sys.stderr.write("gpt2-server.py: stopped\n")
     return 0
 

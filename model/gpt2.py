@@ -40,6 +40,7 @@ from .checkpoint import _tf_message, open_checkpoint, read_errors
 from .device import CPU
 from .errors import ModelError
 from .hparams import LAYER_NORM_EPSILON, HParams, check_vocab, layer_weights, variable_shapes
+from .threads import naming_tensorflow_threads
 
 tf = import_tf()
 
@@ -627,7 +628,11 @@ def load(model_dir: str | os.PathLike, device: Optional[str] = None, precision: 
     this layer: ``hub.load(name)`` (or ``model.load(hub.resolve_model(name))``).
     """
     _check_precision(precision)
-    device = device or CPU
+    with naming_tensorflow_threads():  # (TensorFlow's pools start here the first time)
+        return _load(model_dir, device or CPU, precision, lora)
+
+
+def _load(model_dir, device: str, precision: str, lora) -> Model:
     reader, hp = open_checkpoint(model_dir)
     deltas = {}
     if lora is not None:

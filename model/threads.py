@@ -27,6 +27,7 @@ says so in one line on stderr (``cli.flags``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Dict, List, Optional
@@ -72,6 +73,23 @@ def configure_threads(threads: Optional[int] = None, tensorflow: bool = True) ->
     except RuntimeError:  # TensorFlow already started: its pools keep their sizes
         pass
     return count
+
+
+@contextlib.contextmanager
+def naming_tensorflow_threads(name: str = "tf_intra"):
+    """Around the first TensorFlow work of a process (``model.load``): the native threads TensorFlow
+    starts meanwhile -- its intra-op pool, which it leaves unnamed, while its inter-op threads are
+    ``tf_Compute`` -- are named ``name``, so that a server can lower the CPU priority of every thread
+    of its batched forward passes (``util.system.lower_thread_priority("tf_")``).  Nothing happens
+    where TensorFlow already runs, or off Linux."""
+    from util.system import name_new_native_threads, thread_ids
+
+    before = thread_ids()
+    try:
+        yield
+    finally:
+        if before:
+            name_new_native_threads(before, name)
 
 
 def fixed_threads() -> Optional[int]:

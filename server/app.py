@@ -7,7 +7,6 @@ Every error is OpenAI's object {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -21,7 +20,7 @@ from .requests import ApiError
 from .responses import json_response, orjson  # noqa: F401 - orjson: the encoder _json uses (tests swap it)
 from .chat import ChatTemplate
 from .routes import chat, completions, embeddings, metrics, page, tokens
-from .state import ClientGone, State
+from .state import ClientGone, ForwardWorker, State
 
 ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"}
 
@@ -41,11 +40,12 @@ class ServerConfig:
     chat_template: ChatTemplate = field(default_factory=ChatTemplate)
 
 
-def create_app(model, enc, engine, config: ServerConfig, tf_lock: Optional[threading.Lock] = None) -> FastAPI:
+def create_app(model, enc, engine, config: ServerConfig) -> FastAPI:
     """The ASGI app.  ``engine`` is a started ``tasks.serving.Engine`` over ``model``."""
-    state = State(model=model, enc=enc, engine=engine, config=config, metrics=Metrics(engine),
-                  # one batched forward pass (vectors, scores) at a time
-                  tf_lock=tf_lock or threading.Lock())
+    # one batched forward pass (vectors, scores) at a time, below decoding's priority where decoding
+    # does not run on TensorFlow
+    forward = ForwardWorker(lambda: getattr(getattr(engine, "decoder", None), "engine", None) != "tf")
+    state = State(model=model, enc=enc, engine=engine, config=config, metrics=Metrics(engine), forward=forward)
     from encoder.parallel import EncoderPool
 
     state.encoder_pool = EncoderPool(enc)  # started on the first long input; closed with the engine

@@ -35,18 +35,22 @@ def sse(obj) -> str:
 
 
 class EventStream(Response):
-    """A text/event-stream response whose every write must be taken by the client before ``until()``
-    (the request's deadline: --timeout, or the shutdown's) plus ``grace`` seconds.  A client that stops
-    reading fills the socket's buffers and then the write waits: past that time the connection is closed
-    (and ``on_close`` frees the request's samples) instead of holding its rows for as long as it likes."""
+    """A text/event-stream response whose every write must be taken by the client within ``stall`` seconds
+    (the server's --read_timeout) and before ``until()`` (the request's deadline: --timeout, or the
+    shutdown's) plus ``grace`` seconds.  A client that stops reading fills the socket's buffers and then
+    the write waits: past either limit the connection is closed (and ``on_close`` frees the request's
+    samples) instead of its rows being decoded for a reader that is not there -- as a client that stalls
+    while sending its request is cut off after --read_timeout.  A client that reads slowly but reads is
+    not: each write only has to make it through the buffers within ``stall``."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, chunks, until, on_close, grace: float = 0.5):
+    def __init__(self, chunks, until, on_close, grace: float = 0.5, stall: float = float("inf")):
         self.chunks = chunks
         self.until = until
         self.on_close = on_close
         self.grace = grace
+        self.stall = stall
         self.status_code = 200
         self.background = None
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -55,8 +59,10 @@ class EventStream(Response):
     async def __call__(self, scope, receive, send) -> None:
         from .state import ClientGone, log
 
+        loop = asyncio.get_running_loop()
+
         async def timed(message):
-            async with asyncio.timeout_at(self.until() + self.grace):
+            async with asyncio.timeout_at(min(self.until() + self.grace, loop.time() + self.stall)):
                 await send(message)
 
         try:
@@ -65,7 +71,8 @@ class EventStream(Response):
                 await timed({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
             await timed({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
-            log.warning("a client stopped reading its stream past the request's deadline: connection closed")
+            log.warning("a client stopped reading its stream (for --read_timeout, or past the request's deadline): "
+                        "connection closed")
             abort = (scope.get("extensions") or {}).get("gpt2ja.abort")
             if abort is not None:  # what is buffered for it is dropped too (see server.connections)
                 abort["abort"]()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 import weakref
@@ -37,7 +38,8 @@ class State:
     engine: Any
     config: Any
     metrics: Any
-    tf_lock: threading.Lock
+    #: batched forward passes (scores, embeddings), one at a time at a lower priority (ForwardWorker)
+    forward: "ForwardWorker"
     created: int = field(default_factory=lambda: int(time.time()))
     #: monotonic time by which every request must have answered (set when shutting down)
     stop_by: Optional[float] = None
@@ -50,6 +52,22 @@ class State:
     @property
     def hparams(self):
         return self.model.hparams
+
+    def warm_up(self) -> None:
+        """Build the batched forward passes (vectors, scores, the logits of prompt_top) once, on the forward
+        worker, before the server takes requests: building them holds the interpreter lock for a good part
+        of a second, which the first embeddings or scoring request would otherwise make every stream wait
+        for."""
+        if not hasattr(self.model, "hidden"):
+            return
+        eos = self.enc.eos_id
+
+        def work(cancelled):
+            self.model.hidden([[eos, eos]])
+            list(self.scorer.score_token_lists([[eos]]))
+            self.model.logits([[eos]])
+
+        self.forward.run(work, time.monotonic() + 3600, threading.Event())
 
     @property
     def scorer(self):
@@ -207,26 +225,96 @@ class LoopDelivery:
             pass
 
 
-#: The nice value of TensorFlow's threads while decoding runs elsewhere (see ``acquire``).
+#: The nice value of batched forward passes (their thread and TensorFlow's) while decoding runs elsewhere.
 FORWARD_NICENESS = 10
 
 
-def acquire(lock: threading.Lock, until: float, cancelled: threading.Event, state: Optional[State] = None) -> None:
-    """Take the lock of batched forward passes before ``until`` (monotonic) or give up: a scoring or
-    embeddings request never waits on another longer than its own deadline.
+class _Job:
+    __slots__ = ("work", "until", "cancelled", "done", "started", "abandoned", "result", "error", "lock")
 
-    With ``state`` whose decoding does not run on TensorFlow (ONNX Runtime or numpy on a CPU),
-    TensorFlow's compute threads (``tf_*``) get a lower CPU priority first (nice +10, Linux): batched
-    forward passes use what decoding leaves, so that a large embeddings or scoring request -- or a
-    client that sends one and hangs up -- does not slow the tokens of every stream (measured by
-    bench/bench_server_hostile.py)."""
-    if state is not None and getattr(state.engine.decoder, "engine", None) != "tf":
+    def __init__(self, work, until, cancelled):
+        self.work, self.until, self.cancelled = work, until, cancelled
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.started = self.abandoned = False
+        self.result = self.error = None
+
+
+class ForwardWorker:
+    """Batched forward passes (prompt scoring, embeddings) one at a time, on a thread of their own.
+
+    ``run(work, until, cancelled)`` (from a request's worker thread) queues ``work(cancelled)`` and returns
+    its result; a job that has not started by ``until`` (monotonic), or whose request was cancelled
+    meanwhile, never starts (504): a request never waits on another longer than its own deadline.
+
+    With ``lower()`` true (decoding does not run on TensorFlow: ONNX Runtime or numpy on a CPU), the
+    worker thread and TensorFlow's compute threads (``tf_*``: its inter-op ``tf_Compute`` and the intra-op
+    pool that ``model.load`` names ``tf_intra``) run at nice +10 (Linux): batched forward passes use what
+    decoding leaves, so that a large embeddings or scoring request -- or a client that sends one and hangs
+    up -- does not slow the tokens of every stream (bench/bench_server_hostile.py).  TensorFlow runs a
+    part of each op on the thread that calls it, so that thread must be a low-priority one too: a
+    thread's nice value cannot be lowered again without privileges, hence one thread kept for this."""
+
+    def __init__(self, lower: Callable[[], bool] = lambda: False):
+        self._lower = lower
+        self._jobs: "queue.SimpleQueue[Optional[_Job]]" = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._start = threading.Lock()
+
+    def _ensure(self) -> None:
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="forward", daemon=True)
+                self._thread.start()
+
+    def _serve(self) -> None:
+        import os
+
         from util.system import lower_thread_priority
 
-        lower_thread_priority("tf_", FORWARD_NICENESS)
-    if not lock.acquire(timeout=max(0.0, until - time.monotonic())):
-        raise ApiError(504, "the request waited for other embeddings or scores past its deadline",
-                       type="timeout", code="timeout")
-    if cancelled.is_set():
-        lock.release()
-        raise ApiError(504, "the request was cancelled", type="timeout", code="timeout")
+        lowered = False
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if not lowered and self._lower():
+                try:
+                    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FORWARD_NICENESS)
+                except (OSError, AttributeError):
+                    pass
+                lowered = True
+            if lowered:
+                lower_thread_priority("tf_", FORWARD_NICENESS)  # (pools TensorFlow started since)
+            with job.lock:
+                if job.abandoned or job.cancelled.is_set() or time.monotonic() > job.until:
+                    job.abandoned = True
+                else:
+                    job.started = True
+            if job.started:
+                try:
+                    job.result = job.work(job.cancelled)
+                except BaseException as e:  # noqa: BLE001 - handed to the request
+                    job.error = e
+            job.done.set()
+
+    def run(self, work: Callable[[threading.Event], Any], until: float, cancelled: threading.Event) -> Any:
+        job = _Job(work, until, cancelled)
+        self._ensure()
+        self._jobs.put(job)
+        if not job.done.wait(timeout=max(0.0, until - time.monotonic())):
+            with job.lock:
+                if not job.started:
+                    job.abandoned = True  # the worker skips it
+            if job.abandoned:
+                raise ApiError(504, "the request waited for other embeddings or scores past its deadline",
+                               type="timeout", code="timeout")
+            job.done.wait()  # started: it stops at its next check of ``cancelled`` (set as its request ends)
+        if job.abandoned:
+            raise ApiError(504, "the request was cancelled", type="timeout", code="timeout")
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def close(self) -> None:
+        """The worker ends after the job in progress (the queued ones never start)."""
+        self._jobs.put(None)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -148,14 +148,16 @@ def _check_memory(m, widths: Sequence[int], max_tokens: int) -> None:
 
 
 def score_sequences(m, sequences: Sequence[Sequence[int]], stride: Optional[int] = None,
-                    max_tokens: int = DEFAULT_MAX_TOKENS,
-                    max_batch: int = DEFAULT_MAX_BATCH) -> Iterator[Tuple[int, np.ndarray]]:
+                    max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH,
+                    stop: Optional[Callable[[], bool]] = None) -> Iterator[Tuple[int, np.ndarray]]:
     """(index, log-probabilities float32 [len(seq) - 1]) for each sequence, in input order.
 
     Entry i-1 is log p(seq[i] | the tokens before it), the context being
     limited by the sliding window (see ``windows``) when the sequence is
     longer than n_ctx.  A result is yielded as soon as its sequence and every
-    sequence before it are done.
+    sequence before it are done.  ``stop`` (optional) is asked before every
+    batch of windows: once it says True nothing more is computed or yielded
+    (a server's request that ended while one long text was being scored).
     """
     n_ctx = m.hparams.n_ctx
     seqs = [list(s) for s in sequences]
@@ -171,6 +173,8 @@ def score_sequences(m, sequences: Sequence[Sequence[int]], stride: Optional[int]
         yield emitted, out[emitted]
         emitted += 1
     for batch in _plan([r[2] - r[1] for r in rows], max_tokens, max_batch):
+        if stop is not None and stop():
+            return
         _check_memory(m, [rows[i][2] - rows[i][1] for i in batch], max_tokens)
         picked = [rows[i] for i in batch]
         lp = score_ids(m, [seqs[k][start:end] for k, start, end, _ in picked],
@@ -242,11 +246,13 @@ class Scorer:
             ids.append(self.enc.eos_id)
         return ids
 
-    def score_token_lists(self, id_lists: Sequence[Sequence[int]]) -> Iterator[Tuple[int, np.ndarray]]:
-        """(index, log-probabilities) of each token list, each scored after <|endoftext|>."""
+    def score_token_lists(self, id_lists: Sequence[Sequence[int]],
+                          stop: Optional[Callable[[], bool]] = None) -> Iterator[Tuple[int, np.ndarray]]:
+        """(index, log-probabilities) of each token list, each scored after <|endoftext|>; ``stop``: as
+        ``score_sequences``'."""
         eos = self.enc.eos_id
         return score_sequences(self.model, [[eos, *ids] for ids in id_lists], stride=self.stride,
-                               max_tokens=self.max_tokens, max_batch=self.max_batch)
+                               max_tokens=self.max_tokens, max_batch=self.max_batch, stop=stop)
 
     def score(self, texts: Iterable[str]) -> List[TextScore]:
         """A TextScore per text, in order."""

@@ -130,6 +130,53 @@ def test_a_huge_n_times_prompts_body_never_stalls_health(server):
 LONG_TEXTS = [f"{k} " + "the quick brown fox jumps over the lazy dog. " * 22 for k in range(400)]
 
 
+@pytest.fixture(scope="module")
+def patient_server():
+    """A long --timeout: what ends a stream nobody reads is --read_timeout, not the request's deadline."""
+    s = Server("--batch_size", "4", "--max_queue", "12", "--timeout", "120", "--read_timeout", "2",
+               "--max_body", "4000000")
+    yield s
+    assert s.stop() == 0
+    no_tracebacks(s)
+
+
+ECHOED = json.dumps({**ENDLESS, "prompt": "あ" * 300_000, "echo": True, "n": 2, "stream": True},
+                    ensure_ascii=False).encode()
+
+
+def test_a_stream_nobody_reads_is_cut_after_the_read_timeout_not_the_request_timeout(patient_server):
+    sock = raw_request(patient_server.port, ECHOED, rcvbuf=4096)
+    t0 = time.monotonic()
+    wait_for(lambda: rows(patient_server) == 2, 30, "the samples never started")
+    # its rows are decoded for a reader that is not there only until a write has waited --read_timeout (2 s),
+    # not until --timeout (120 s)
+    freed = wait_for(lambda: rows(patient_server) == 0, 20, "a stream nobody reads held its rows past --read_timeout")
+    assert freed - t0 < 2 + 8
+    read_to_end(sock, 30)
+    sock.close()
+    assert any("stopped reading its stream" in line for line in patient_server.stderr)
+
+
+def test_a_stream_read_slowly_is_not_cut(patient_server):
+    # the same large first events, read in small bites with pauses shorter than --read_timeout: every write
+    # gets through within it, so the stream runs to its end
+    body = json.dumps({"prompt": "あ" * 100_000, "echo": True, "max_tokens": 8, "stream": True},
+                      ensure_ascii=False).encode()
+    sock = raw_request(patient_server.port, body, rcvbuf=4096)
+    sock.settimeout(30)
+    data, end, pauses = b"", time.monotonic() + 90, 0
+    while b"data: [DONE]" not in data:
+        assert time.monotonic() < end, "the slowly read stream never ended"
+        chunk = sock.recv(32 << 10)
+        assert chunk, f"the server closed a stream that was being read ({len(data)} bytes in)"
+        data += chunk
+        if pauses < 6:
+            time.sleep(0.5)  # a reader that pauses, less than --read_timeout each time
+            pauses += 1
+    sock.close()
+    assert pauses == 6 and b'"finish_reason": "length"' in data.replace(b'":"', b'": "')
+
+
 def test_scoring_and_embeddings_end_at_the_timeout_and_free_the_model(server):
     # 400 texts of ~1,000 tokens to embed and to score: far more work than --timeout 4 allows on any CPU
     # (about 14 s of embeddings and 60 s of scoring on the 2-core reference machine)
@@ -145,6 +192,34 @@ def test_scoring_and_embeddings_end_at_the_timeout_and_free_the_model(server):
         t0 = time.monotonic()
         assert server.request("POST", "/v1/embeddings", {"input": "小さい"})[0] == 200
         assert time.monotonic() - t0 < 2, path
+
+
+def test_one_long_prompt_is_scored_only_until_the_timeout(server):
+    # one prompt of 600,000 characters (about 470,000 tokens: some 40 s of windows on the 2-core reference
+    # machine): the scorer stops between its windows, not only between prompts
+    prompt = "".join(chr(0x3042 + (i * 7) % 80) for i in range(600_000))
+    t0 = time.monotonic()
+    status, _, answer = server.request("POST", "/v1/completions",
+                                       {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert status == 504 and answer["error"]["code"] == "timeout", (status, answer)
+    assert time.monotonic() - t0 < 4 + 2
+    t0 = time.monotonic()
+    assert server.request("POST", "/v1/embeddings", {"input": "小さい"})[0] == 200  # the model is free
+    assert time.monotonic() - t0 < 2
+
+
+def test_prompt_top_stops_between_windows(tiny):
+    from server.routes.completions import prompt_top
+
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 1  # the first window runs, then the request has ended
+
+    ids = list(range(1, 3 * tiny.hparams.n_ctx))
+    assert prompt_top(tiny, 0, ids, 2, stop=stop) is None and len(asked) == 2
+    assert len(prompt_top(tiny, 0, ids[:10], 2)) == 10
 
 
 def test_embeddings_stop_when_the_client_hangs_up(server):

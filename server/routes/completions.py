@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import AsyncIterator, Callable, List, Optional, Tuple
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -26,7 +26,7 @@ from ..body import read_json
 from ..controls import sampling_params
 from ..requests import ApiError
 from ..responses import EventStream, sse
-from ..state import DISCONNECT, SHUTDOWN, TIMEOUT, Channel, State, acquire
+from ..state import DISCONNECT, SHUTDOWN, TIMEOUT, Channel, State
 from . import check_model, state_of
 
 DEFAULT_MAX_TOKENS = 16
@@ -219,7 +219,7 @@ async def serve(request: Request, state: State, c: Completion, t0: float, route:
                 channel.close()
                 state.metrics.latency(route, time.monotonic() - t0)
 
-            return EventStream(answer.stream(channel), lambda: channel.until, close)
+            return EventStream(answer.stream(channel), lambda: channel.until, close, stall=state.config.read_timeout)
         result = await answer.collect(channel)
         state.metrics.latency(route, time.monotonic() - t0)
         return result
@@ -230,37 +230,38 @@ async def serve(request: Request, state: State, c: Completion, t0: float, route:
 
 async def prompt_logprobs(state: State, full: List[List[int]], k: int, channel: Channel) -> list:
     """For each prompt: (its tokens' log-probabilities, gpt2-score.py's; the k most likely (id, log-probability)
-    at each of its positions, or None when k is 0), on a worker thread that stops between prompts when the
-    request ends early; it waits for other scores and embeddings only until then."""
+    at each of its positions, or None when k is 0), on the server's forward worker, which stops between
+    prompts when the request ends early; it waits for other scores and embeddings only until then."""
 
-    def compute(cancelled):
-        acquire(state.tf_lock, channel.until, cancelled, state)
-        try:
-            out = [(np.zeros(0, np.float32), None)] * len(full)
-            for i, lp in state.scorer.score_token_lists(full):
-                out[i] = (lp, None)
-                if cancelled.is_set():
+    def forward(cancelled):  # on the server's forward worker (state.ForwardWorker)
+        out = [(np.zeros(0, np.float32), None)] * len(full)
+        for i, lp in state.scorer.score_token_lists(full, stop=cancelled.is_set):
+            out[i] = (lp, None)
+        if cancelled.is_set():  # (a long prompt stops between its windows)
+            return None
+        if k > 0:
+            for i, ids in enumerate(full):
+                top = prompt_top(state.model, state.enc.eos_id, ids, k, stop=cancelled.is_set)
+                if top is None:
                     return None
-            if k > 0:
-                for i, ids in enumerate(full):
-                    out[i] = (out[i][0], prompt_top(state.model, state.enc.eos_id, ids, k))
-                    if cancelled.is_set():
-                        return None
-            return out
-        finally:
-            state.tf_lock.release()
+                out[i] = (out[i][0], top)
+        return out
 
-    return await channel.in_worker(compute)
+    return await channel.in_worker(lambda cancelled: state.forward.run(forward, channel.until, cancelled))
 
 
-def prompt_top(m, eos: int, ids: List[int], k: int) -> List[List[Tuple[int, float]]]:
+def prompt_top(m, eos: int, ids: List[int], k: int,
+               stop: Optional[Callable[[], bool]] = None) -> Optional[List[List[Tuple[int, float]]]]:
     """The k most likely (id, log-probability) before each token of ``ids`` (after <|endoftext|>, over the
-    scorer's sliding windows when the prompt is longer than the context)."""
+    scorer's sliding windows when the prompt is longer than the context); None as soon as ``stop()``
+    says so (asked before each window)."""
     from tasks.score import windows  # TensorFlow: only when asked
 
     seq = [eos, *ids]
     out: List[List[Tuple[int, float]]] = []
     for start, end, first in windows(len(seq), m.hparams.n_ctx):
+        if stop is not None and stop():
+            return None
         logits = m.logits([seq[start:end]])[0]
         for pos in range(first, end):
             out.append(top_logprobs(logits[pos - start - 1], k))

@@ -1,5 +1,6 @@
-"""POST /v1/embeddings: the vectors of gpt2-transform.py, in least-padding batches, on a worker thread that
-stops between batches when the request times out, the client hangs up or the server shuts down."""
+"""POST /v1/embeddings: the vectors of gpt2-transform.py, in least-padding batches, on the server's forward
+worker (below decoding's priority), which stops between batches when the request times out, the client
+hangs up or the server shuts down."""
 import base64
 import time
 
@@ -12,7 +13,7 @@ from tasks.serving import vector_batches
 from .. import requests as rq
 from ..body import read_json
 from ..responses import json_response
-from ..state import Channel, acquire
+from ..state import Channel
 from . import check_model, state_of
 
 router = APIRouter()
@@ -56,14 +57,16 @@ async def embeddings(request: Request):
             ids = next(encoded) if isinstance(item, str) else list(item)
             id_lists.append(ids[-hp.n_ctx:] or [state.enc.eos_id])
         out = np.empty((len(id_lists), hp.n_embd), np.float32)
-        acquire(state.tf_lock, channel.until, cancelled, state)
-        try:
+
+        def forward(cancelled):  # on the server's forward worker (state.ForwardWorker)
             for rows in vector_batches([len(ids) for ids in id_lists], vec.max_tokens, vec.max_batch):
                 if cancelled.is_set():
                     return None
                 out[rows] = vec.batch_vectors([id_lists[i] for i in rows])
-        finally:
-            state.tf_lock.release()
+            return out
+
+        if state.forward.run(forward, channel.until, cancelled) is None:
+            return None
         return out, sum(len(ids) for ids in id_lists)
 
     try:
