@@ -30,6 +30,14 @@ def _blocker():
     return work, started, release
 
 
+def _busy(worker):
+    """``worker`` running a job of another request until the returned event is set."""
+    work, started, release = _blocker()
+    threading.Thread(target=worker.run, args=(work, time.monotonic() + 30, threading.Event()), daemon=True).start()
+    assert started.wait(10)
+    return release
+
+
 def test_jobs_run_one_at_a_time_in_order_and_return_their_results():
     worker = ForwardWorker()
     work, started, release = _blocker()
@@ -52,9 +60,7 @@ def test_jobs_run_one_at_a_time_in_order_and_return_their_results():
 
 def test_a_job_that_cannot_start_before_its_deadline_never_starts():
     worker = ForwardWorker()
-    work, started, release = _blocker()
-    threading.Thread(target=worker.run, args=(work, time.monotonic() + 30, threading.Event()), daemon=True).start()
-    assert started.wait(10)
+    release = _busy(worker)
     ran = []
     t0 = time.monotonic()
     with pytest.raises(ApiError) as e:
@@ -70,9 +76,7 @@ def test_a_job_that_cannot_start_before_its_deadline_never_starts():
 
 def test_a_job_whose_request_ended_before_it_started_never_starts():
     worker = ForwardWorker()
-    work, started, release = _blocker()
-    threading.Thread(target=worker.run, args=(work, time.monotonic() + 30, threading.Event()), daemon=True).start()
-    assert started.wait(10)
+    release = _busy(worker)
     cancelled, ran, errors = threading.Event(), [], []
 
     def waiting():

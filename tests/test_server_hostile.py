@@ -66,13 +66,17 @@ def no_tracebacks(s):
     assert "Traceback" not in text and "Exception in ASGI" not in text, text[-3000:]
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server("--batch_size", "4", "--max_queue", "12", "--timeout", "4", "--read_timeout", "2",
-               "--max_body", "4000000")
+def _serving(*flags):
+    """A server for a module's tests; it must stop cleanly and have written no traceback."""
+    s = Server("--batch_size", "4", "--max_queue", "12", "--read_timeout", "2", "--max_body", "4000000", *flags)
     yield s
     assert s.stop() == 0
     no_tracebacks(s)
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from _serving("--timeout", "4")
 
 
 # -- A. cheap requests that tied the server up ----------------------------------------------------
@@ -133,11 +137,7 @@ LONG_TEXTS = [f"{k} " + "the quick brown fox jumps over the lazy dog. " * 22 for
 @pytest.fixture(scope="module")
 def patient_server():
     """A long --timeout: what ends a stream nobody reads is --read_timeout, not the request's deadline."""
-    s = Server("--batch_size", "4", "--max_queue", "12", "--timeout", "120", "--read_timeout", "2",
-               "--max_body", "4000000")
-    yield s
-    assert s.stop() == 0
-    no_tracebacks(s)
+    yield from _serving("--timeout", "120")
 
 
 ECHOED = json.dumps({**ENDLESS, "prompt": "あ" * 300_000, "echo": True, "n": 2, "stream": True},

@@ -471,18 +471,18 @@ class Sweep:
             if not (own and fits):
                 vector_rows.append(([eos] + x)[:n_ctx])
                 vector_at.append(r)
-        pooling = self.config.pooling
-        if own:
-            scores, vecs = forward_rows(self.model, rows, vector_rows, pooling=pooling,
-                                        vector_from=[1] * len(vector_rows))
+        pooling, starts = self.config.pooling, [1] * len(vector_rows)
+        if own:  # one plan: the score rows' vectors first, then the vector rows'
+            scores, vecs = forward_rows(self.model, rows, vector_rows, pooling=pooling, vector_from=starts)
+            first = len(rows)
         else:
-            scores, _ = forward_rows(self.judge, rows) if rows else ([], None)
-            _, vecs = forward_rows(self.model, (), vector_rows, pooling=pooling, vector_from=[1] * len(vector_rows))
-            vecs = np.concatenate([np.zeros((len(rows), vectors.shape[1]), np.float32), vecs])
+            scores, _ = forward_rows(self.judge, rows)
+            _, vecs = forward_rows(self.model, (), vector_rows, pooling=pooling, vector_from=starts)
+            first = 0
         for i, r in vector_of.items():
             vectors[r] = vecs[i]
         for i, r in enumerate(vector_at):
-            vectors[r] = vecs[len(rows) + i]
+            vectors[r] = vecs[first + i]
         for (target, k), row in zip(where, scores):
             target[k] = float(np.sum(row, dtype=np.float64))
         if long_rows:
