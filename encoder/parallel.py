@@ -123,12 +123,15 @@ class EncoderPool:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Stop the worker (chunks not started are dropped); later calls encode in the calling thread."""
+        """Stop the worker (chunks not started are dropped; the one in progress, at most ``chunk``
+        characters, is waited for); later calls encode in the calling thread.  Waiting matters: an executor
+        left to stop on its own races the interpreter's exit, which may wake its closing pipe and print an
+        OSError traceback on the way out."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 __all__ = ["EncoderPool"]

@@ -54,3 +54,16 @@ def test_chunks_keep_the_order():
     assert _chunks(["aa", "bbb", "c", "dddd"], 4) == [[0], [1, 2], [3]]
     assert _chunks(["x" * 10], 4) == [[0]]
     assert _chunks([], 4) == []
+
+
+def test_close_waits_for_the_worker_to_end(enc, corpus_lines):
+    """Nothing of the pool outlives close(): an executor left to stop on its own raced the interpreter's
+    exit (an OSError traceback from concurrent.futures on a server's way out, now and then)."""
+    p = EncoderPool(enc, threshold=2_000, chunk=3_000)
+    p.encode_many(corpus_lines[:400])
+    executor = p._pool
+    processes = list(executor._processes.values())
+    p.close()
+    assert not any(proc.is_alive() for proc in processes)
+    manager = executor._executor_manager_thread
+    assert manager is None or not manager.is_alive()
