@@ -114,9 +114,13 @@ def tiny(tiny_model_dir):
 @pytest.fixture
 def env(vocab_dir, monkeypatch):
     """GPT2JA_VOCAB pointing at the vocabulary, in this process and as an
-    environment for subprocesses."""
+    environment for subprocesses.
+
+    The log-level variables this process's own imports set (``model.import_tf`` sets
+    TF_CPP_MIN_LOG_LEVEL=2, the tools' ``quiet_tensorflow`` 3) are left out, so a tool
+    started with it chooses them as it does from a user's shell, whatever tests ran first."""
     monkeypatch.setenv("GPT2JA_VOCAB", str(vocab_dir))
-    return dict(os.environ)
+    return {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "ABSL_MIN_LOG_LEVEL")}
 
 
 #: The signals tests send to the tools they start.
