@@ -13,7 +13,10 @@ prefills it.  Weight products are ``MatMul`` (float32, over the model's own
 weight buffers, no copy) or ``MatMulNBits`` (block 32, ``accuracy_level`` 4:
 int8 arithmetic on the activations, the bias inside) over weights quantized
 by ``model.quantize`` (made once per checkpoint and cached; the input
-embedding is then a float16 table).
+embedding is then a float16 table).  Quantized weights are read by ONNX
+Runtime from the cache file itself (external data at each array's offset in
+it), so that each matrix is let go once ``MatMulNBits`` has packed it: the
+weights are in memory once, in the packed layout.
 
 The row table (``model.rows``, shared with every engine) keeps the sequences'
 bookkeeping: rows of any lengths decode together, join and leave at any step,
@@ -87,18 +90,20 @@ class _GraphBuilder:
     """Nodes and initializers of one graph; large initializers are handed to ONNX Runtime as
     OrtValues over numpy buffers (no copy into the model proto)."""
 
-    def __init__(self):
+    def __init__(self, stored=None):
         from onnx import helper, numpy_helper
         self.helper, self.numpy_helper = helper, numpy_helper
         self.nodes = []
         self.inits = []
         self.external = {}  # name -> numpy array (kept alive by the session's owner)
+        self.stored = stored  # (file name, {name: (offset, length)}): weights read from that file
         self._n = 0
 
     def const(self, name: str, arr, weight: bool = True) -> str:
         """An initializer: a weight (``weight``, named as in the weights it was taken from) is
-        handed over at session creation, so the graph itself holds no model's numbers (and can
-        be kept and reused, see ``graph_for``); anything else is written into the graph."""
+        read by ONNX Runtime from the file ``stored`` names when it is there, else handed over
+        at session creation, so the graph itself holds no model's numbers (and can be kept and
+        reused, see ``graph_for``); anything else is written into the graph."""
         import onnx
         arr = np.asarray(arr)
         if weight:
@@ -108,11 +113,16 @@ class _GraphBuilder:
             t.data_type = self.helper.np_dtype_to_tensor_dtype(arr.dtype)
             t.dims.extend(arr.shape)
             t.data_location = onnx.TensorProto.EXTERNAL
-            for k, v in (("location", "in_memory"), ("offset", "0"), ("length", str(arr.nbytes))):
+            if self.stored is not None and name in self.stored[1]:
+                offset, length = self.stored[1][name]
+                where = (("location", self.stored[0]), ("offset", str(offset)), ("length", str(length)))
+            else:
+                where = (("location", "in_memory"), ("offset", "0"), ("length", str(arr.nbytes)))
+                self.external[name] = arr
+            for k, v in where:
                 e = t.external_data.add()
                 e.key, e.value = k, v
             self.inits.append(t)
-            self.external[name] = arr
         else:
             self.inits.append(self.numpy_helper.from_array(arr, name))
         return name
@@ -127,7 +137,7 @@ class _GraphBuilder:
         return outputs[0] if len(outputs) == 1 else outputs
 
 
-def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = None):
+def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = None, stored=None):
     """The ONNX model of one decoding step (or a prefill) and its external initializers.
 
     Inputs: ``x`` [B, S, E] (embeddings of S new tokens per row), ``seqlens`` int32 [B] (each
@@ -144,11 +154,13 @@ def build_step_graph(hp: HParams, weights: dict, quantized: Optional[dict] = Non
     first product with ``FastGelu`` (bias inside); its second product, whose residual and bias the
     next block's (or the final) ``SkipLayerNormalization`` adds.  About 7 nodes a block.
     ``quantized``: arrays of ``model.quantize`` (``name/q``, ``name/s``; 8 or 4 bits, matrix by
-    matrix); None: float32.
+    matrix); None: float32.  ``stored``: (file name, {weight name: (offset, length)}): the weights
+    ONNX Runtime reads from that file (in the folder named at session creation) rather than takes
+    from memory.
     """
     from onnx import TensorProto, helper
 
-    g = _GraphBuilder()
+    g = _GraphBuilder(stored)
     E, H, D, L, V = hp.n_embd, hp.n_head, hp.head_dim, hp.n_layer, hp.n_vocab
     eps = float(LAYER_NORM_EPSILON)
     shape_e2 = g.const("shape_e2", np.array([-1, E], np.int64), weight=False)
@@ -219,10 +231,11 @@ _GRAPH_MAGIC = b"gpt2-japanese onnx step graph 1\n"
 _MAX_GRAPH = 1 << 24
 
 
-def _graph_key(hp: HParams, weights: dict, quantized: bool) -> str:
+def _graph_key(hp: HParams, weights: dict, quantized: bool, stored=None) -> str:
     """What a step graph depends on: the hparams, whether the products are quantized, every weight
-    array's name, shape and dtype, and this module's source (a change to how graphs are built makes
-    a new key).  Not the weights' values: they are handed over at session creation."""
+    array's name, shape and dtype, the file the weights are read from and where each lies in it
+    (``stored``), and this module's source (a change to how graphs are built makes a new key).
+    Not the weights' values: they are read or handed over at session creation."""
     import hashlib
     import json
 
@@ -231,6 +244,8 @@ def _graph_key(hp: HParams, weights: dict, quantized: bool) -> str:
         h.update(f.read())
     desc = {"hparams": hp.to_dict(), "quantized": quantized, "block": BLOCK, "accuracy": ACCURACY_LEVEL,
             "weights": sorted([k, list(np.shape(a)), np.asarray(a).dtype.str] for k, a in weights.items())}
+    if stored is not None:
+        desc["stored"] = [stored[0], sorted([k, list(v)] for k, v in stored[1].items())]
     h.update(json.dumps(desc, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -265,17 +280,18 @@ def _read_graph(path):
         return None
 
 
-def graph_for(hp: HParams, weights: dict, quantized: Optional[dict] = None):
-    """(serialized step graph, the names of the weights it takes) for ``build_step_graph``'s
-    arguments: kept once built under the model cache (``quantize.default_cache_root()/quantized/
-    graphs``), so that later starts neither build it nor import ``onnx`` (about 0.4 s).  A kept
-    file is used only when its checksum holds; one that cannot be written is not an error."""
+def graph_for(hp: HParams, weights: dict, quantized: Optional[dict] = None, stored=None):
+    """(serialized step graph, the names of the weights it takes from memory) for
+    ``build_step_graph``'s arguments: kept once built under the model cache
+    (``quantize.default_cache_root()/quantized/graphs``), so that later starts neither build it nor
+    import ``onnx`` (about 0.4 s).  A kept file is used only when its checksum holds; one that
+    cannot be written is not an error."""
     import hashlib
     import json
 
     from util import files
 
-    key = _graph_key(hp, weights, quantized is not None)
+    key = _graph_key(hp, weights, quantized is not None, stored)
     path = _graph_path(key)
     found = _read_graph(path)
     if found is not None and all(n in weights for n in found[1]):
@@ -284,7 +300,7 @@ def graph_for(hp: HParams, weights: dict, quantized: Optional[dict] = None):
         import onnx  # noqa: F401  (building a graph needs it; a kept one does not)
     except ImportError as e:
         raise _missing(e) from None
-    onnx_model, external = build_step_graph(hp, weights, quantized)
+    onnx_model, external = build_step_graph(hp, weights, quantized, stored)
     graph, names = onnx_model.SerializeToString(), list(external)
     payload = json.dumps(names).encode() + b"\n" + graph
     try:
@@ -343,18 +359,50 @@ class OnnxDecoder(RowDecoder):
             raise ValueError("OnnxDecoder needs float32 weights or quantized ones")
         self.wte = weights["model/wte"]  # float16 with quantized weights: the input embedding only
         self.wpe = weights["model/wpe"]
-        graph, names = graph_for(hp, weights, None if quantized is None else quantized.arrays)
-        so = session_options(threads, prepack)
-        external = {n: np.ascontiguousarray(weights[n]) for n in names}
-        self._external = external  # the buffers must outlive the session
-        if external:
-            so.add_external_initializers(list(external),
-                                         [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
-        self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        #: The file ONNX Runtime read the weights from (the quantized cache file), or None: they
+        #: were handed over from memory.
+        self.weights_file = None
+        self._external = {}
+        self.session = None
+        if quantized is not None and quantized.stored is not None and quantized.path is not None:
+            self.session = self._session_over_file(quantized, threads, prepack)
+        if self.session is None:
+            graph, names = graph_for(hp, weights, None if quantized is None else quantized.arrays)
+            so = session_options(threads, prepack)
+            external = {n: np.ascontiguousarray(weights[n]) for n in names}
+            self._external = external  # the buffers must outlive the session
+            if external:
+                so.add_external_initializers(list(external),
+                                             [ort.OrtValue.ortvalue_from_numpy(a) for a in external.values()])
+            self.session = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
         self._K: Optional[np.ndarray] = None  # [L, slots, H, capacity, D]
         self._V: Optional[np.ndarray] = None
         self._binding = None
         self._binding_key = None
+
+    def _session_over_file(self, quantized, threads: Optional[int], prepack: bool):
+        """A session whose weights ONNX Runtime reads from the checked cache file itself, or None
+        when that file is no longer the one checked (``quantize.still_there``, before and after)
+        or the session cannot be made so.  Read so, a weight that a kernel packs into its own
+        layout (``MatMulNBits``'s) is let go once packed: it is never in memory twice, as it is
+        when handed over from memory (where the session also copies every buffer not aligned to
+        64 bytes)."""
+        from .quantize import still_there
+
+        path, stored = quantized.path, quantized.stored
+        graph, names = graph_for(self.hparams, quantized.arrays, quantized.arrays, (path.name, stored.members))
+        if names or not still_there(path, stored):
+            return None
+        so = session_options(threads, prepack)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        try:
+            session = self._ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 (an ONNX Runtime without that option, a file gone)
+            return None
+        if not still_there(path, stored):
+            return None
+        self.weights_file = path
+        return session
 
     # -- the engine's side of the row table ---------------------------------------------------
 

@@ -42,6 +42,18 @@ the zip checksums are verified on reading.  Anything else -- a truncated or
 corrupted file, one made for another checkpoint -- is made again and replaced,
 never trusted.
 
+A valid cache file is not read into memory: once its members' checksums are
+verified (read through, nothing kept), the file is mapped read-only and its
+arrays are views of the mapping (``Quantized.stored`` says where each lies),
+so that only the pages looked up cost memory (a few rows of the input
+embedding per token); ONNX Runtime reads the weights of its graph from the
+file itself (``model.ortdecode``) and lets each matrix go once it has packed
+it.  The file is checked to be the same one -- a regular file, not a link,
+same device, inode, size and times -- before and after ONNX Runtime reads it.
+Like any mapped file it must not be rewritten in place while a process
+decodes from it; this package never does (it writes a new file and renames it
+over the name).
+
 The data files' contents: the key reads their size and modification time
 only, which a file rewritten in place with both restored would pass.  So the
 cache file also records each data file's stamp -- size, modification *and
@@ -60,7 +72,9 @@ import contextlib
 import glob
 import hashlib
 import json
+import mmap
 import os
+import stat as _stat
 import zipfile
 from pathlib import Path
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -222,14 +236,27 @@ def cache_candidates(prefix: str | os.PathLike, fmt: str, key: str,
     return Path(os.path.dirname(os.path.abspath(str(prefix)))) / SUBDIR / name, root / SUBDIR / name
 
 
+class Stored(NamedTuple):
+    """Where a checked cache file holds its arrays: ``members`` name -> (offset, length) of each
+    array's bytes in the file, and ``ident`` the file's (device, inode, size, modification and
+    change time) when it was checked (see ``still_there``).  What lets ONNX Runtime read the
+    weights from the file itself (``model.ortdecode``)."""
+
+    members: Dict[str, Tuple[int, int]]
+    ident: Tuple[int, ...]
+
+
 class Quantized(NamedTuple):
     """Quantized weights: ``arrays`` (``name/q``, ``name/s``), the cache ``path`` they were read from
-    or written to (None when not cached), and ``made`` (True when they were quantized now)."""
+    or written to (None when not cached), ``made`` (True when they were quantized now), and
+    ``stored`` (``Stored``: where the arrays lie in the file at ``path``, whose mapping they are; None
+    when they are in memory)."""
 
     fmt: str
     arrays: Dict[str, np.ndarray]
     path: Optional[Path]
     made: bool
+    stored: Optional[Stored] = None
 
 
 def data_stamps(prefix: str | os.PathLike) -> list:
@@ -273,28 +300,39 @@ def _meta(key: str, fmt: str, hp: HParams, data: Optional[dict] = None) -> dict:
 _MAX_META = 1 << 20
 
 
+def _member_header(f, shape: Optional[tuple], dtype: str, limit: int, size: int):
+    """(shape, dtype, bytes) of the ``.npy`` array whose stream ``f`` is at its start (a member of
+    ``size`` bytes), the stream then at the array's first byte; None when the header is not a
+    C-order array of ``dtype`` (and of ``shape``, unless None) whose bytes fill the member exactly,
+    or when it holds more than ``limit`` bytes."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        hshape, fortran, hdtype = np.lib.format.read_array_header_1_0(f)
+    elif version in ((2, 0), (3, 0)):
+        hshape, fortran, hdtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        return None
+    if fortran or hdtype != np.dtype(dtype) or (shape is not None and tuple(hshape) != tuple(shape)):
+        return None
+    count = 1
+    for d in hshape:
+        count *= int(d)
+    nbytes = count * hdtype.itemsize
+    if nbytes > limit or f.tell() + nbytes != size:
+        return None
+    return tuple(hshape), hdtype, nbytes
+
+
 def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, shape: Optional[tuple], dtype: str,
                  limit: int) -> Optional[np.ndarray]:
-    """The array stored in member ``info`` (a ``.npy`` file), or None when its header is not a C-order
-    array of ``dtype`` (and of ``shape``, unless None) whose bytes fill the member exactly, or when
-    it holds more than ``limit`` bytes.  Nothing is allocated before the sizes are known to agree;
-    reading to the end verifies the member's CRC (BadZipFile otherwise)."""
+    """The array stored in member ``info`` (a ``.npy`` file), read into memory, or None (see
+    ``_member_header``).  Nothing is allocated before the sizes are known to agree; reading to the
+    end verifies the member's CRC (BadZipFile otherwise)."""
     with z.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            hshape, fortran, hdtype = np.lib.format.read_array_header_1_0(f)
-        elif version in ((2, 0), (3, 0)):
-            hshape, fortran, hdtype = np.lib.format.read_array_header_2_0(f)
-        else:
+        header = _member_header(f, shape, dtype, limit, info.file_size)
+        if header is None:
             return None
-        if fortran or hdtype != np.dtype(dtype) or (shape is not None and tuple(hshape) != tuple(shape)):
-            return None
-        count = 1
-        for d in hshape:
-            count *= int(d)
-        nbytes = count * hdtype.itemsize
-        if nbytes > limit or f.tell() + nbytes != info.file_size:
-            return None
+        hshape, hdtype, nbytes = header
         buf = bytearray(nbytes)
         view = memoryview(buf)
         got = 0
@@ -309,15 +347,61 @@ def _read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, shape: Optional[tupl
         return np.frombuffer(buf, dtype=hdtype).reshape(hshape)
 
 
+#: The bytes read at a time to check a member's CRC.
+_CHUNK = 1 << 20
+
+
+def _check_member(f, z: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple, dtype: str,
+                  size: int) -> Optional[Tuple[int, int]]:
+    """(offset in the file, length) of the bytes of the array stored in member ``info``, after
+    reading it through (its CRC checked, nothing kept), or None (see ``_member_header``).  The
+    member is stored (not compressed), so its bytes lie in the file as they are: after its local
+    header (read from ``f``, the zip file), its name and extra field, and the ``.npy`` header."""
+    with z.open(info) as m:
+        header = _member_header(m, shape, dtype, size, info.file_size)
+        if header is None:
+            return None
+        start, nbytes = m.tell(), header[2]
+        buf = bytearray(min(_CHUNK, max(nbytes, 1)))
+        while m.readinto(buf):  # to the end, where the CRC is checked
+            pass
+    f.seek(info.header_offset)  # (the zip file object seeks to each member itself)
+    local = f.read(30)
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":  # a local file header
+        return None
+    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+    offset = info.header_offset + 30 + name_len + extra_len + start
+    if offset + nbytes > size:
+        return None
+    return offset, nbytes
+
+
+def _file_ident(st: os.stat_result) -> Tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def still_there(path: str | os.PathLike, stored: "Stored") -> bool:
+    """Whether ``path`` is still the very regular file (not a symbolic link) whose arrays were
+    checked and mapped: same device, inode, size, modification and change times."""
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    return _stat.S_ISREG(st.st_mode) and _file_ident(st) == stored.ident
+
+
 def _read_cache(path: Path, hp: Optional[HParams], fmt: str, key: str):
-    """(hparams, arrays, meta) of the cache file ``path`` when it is what ``key``/``fmt``/``hp`` ask
-    for, structurally sound, with every array of the expected shape and type; else None."""
+    """(hparams, arrays, meta, stored) of the cache file ``path`` when it is what ``key``/``fmt``/``hp``
+    ask for, structurally sound, with every array of the expected shape and type (and its CRC
+    right); else None.  The arrays are read-only views of the file mapped into memory (``stored``
+    says where each lies in it): only the pages read cost memory."""
     f = _files.open_regular(path)
     if f is None:
         return None
     try:
         with f, zipfile.ZipFile(f) as z:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
             infos = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i for i in z.infolist()}
             if len(infos) != len(z.infolist()) or _META not in infos:
                 return None
@@ -346,13 +430,18 @@ def _read_cache(path: Path, hp: Optional[HParams], fmt: str, key: str):
             want = expected_shapes(stored, fmt)
             if set(infos) != set(want) | {_META}:
                 return None
-            arrays = {}
+            members = {}
             for name, (shape, dtype) in want.items():
-                a = _read_member(z, infos[name], shape, dtype, size)
-                if a is None:
+                where = _check_member(f, z, infos[name], shape, dtype, size)
+                if where is None:
                     return None
-                arrays[name] = a
-            return stored, arrays, meta
+                members[name] = where
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # outlives the descriptor
+            arrays = {name: np.frombuffer(mapped, dtype=want[name][1], count=members[name][1]
+                                          // np.dtype(want[name][1]).itemsize,
+                                          offset=members[name][0]).reshape(want[name][0])
+                      for name in want}
+            return stored, arrays, meta, Stored(members, _file_ident(st))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError):
         return None
 
@@ -389,7 +478,7 @@ def _read_any(candidates, hp: Optional[HParams], fmt: str, key: str, prefix) -> 
         found = _read_cache(path, hp, fmt, key)
         if found is None:
             continue
-        stored, arrays, meta = found
+        stored, arrays, meta, where = found
         same = _same_data(meta, prefix)
         if same is False:
             continue
@@ -397,7 +486,10 @@ def _read_any(candidates, hp: Optional[HParams], fmt: str, key: str, prefix) -> 
             data = {"stamps": data_stamps(prefix), "sha256": meta["data"]["sha256"]}
             with contextlib.suppress(OSError):
                 _write_cache(path, arrays, _meta(key, fmt, stored, data))
-        return stored, Quantized(fmt, arrays, path, False)
+                again = _read_cache(path, stored, fmt, key)  # the new file's layout
+                if again is not None:
+                    arrays, where = again[1], again[3]
+        return stored, Quantized(fmt, arrays, path, False, where)
     return None
 
 
@@ -448,6 +540,9 @@ def load_or_make(weights, prefix: Optional[str | os.PathLike], fmt: str, hp: HPa
             continue
         if path == candidates[0]:
             _remove_stale(path, prefix, fmt)
+        written = _read_cache(path, hp, fmt, key)  # the file's mapping, as a later start has it
+        if written is not None:
+            return Quantized(fmt, written[1], path, True, written[3])
         return Quantized(fmt, arrays, path, True)
     return Quantized(fmt, arrays, None, True)
 
@@ -501,6 +596,7 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-__all__ = ["FORMATS", "BLOCK", "VERSION", "Quantized", "QuantizedModel", "load_quantized", "quantize_matrix", "dequantize_matrix", "quantize_weights",
+__all__ = ["FORMATS", "BLOCK", "VERSION", "Quantized", "Stored", "still_there", "QuantizedModel", "load_quantized",
+           "quantize_matrix", "dequantize_matrix", "quantize_weights",
            "load_or_make", "ensure", "checkpoint_key", "data_stamps", "data_digest", "default_cache_root", "read_cache",
            "relative_error"]
