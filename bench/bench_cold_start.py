@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cold start of gpt2-generate.py: seconds from launch to exit for one generated token, and peak RSS.
 
-    python bench/bench_cold_start.py [MODEL_DIR] [--runs 5] [--formats fp32,q8,q4]
+    python bench/bench_cold_start.py [MODEL_DIR] [--runs 5] [--formats fp32,q8,q4] [--rss-runs 3]
 
 For each weight format, in a model cache of its own (a fresh ``$GPT2JA_HOME``):
 the first run (float32: the checkpoint read by TensorFlow, which checks it, then
@@ -12,6 +12,13 @@ checkpoint (made by a first run when missing, not timed).  The bound, measured i
 the same run: a Python that imports numpy and onnxruntime and exits -- the floor
 of any Python tool decoding with ONNX Runtime.  Rounds are interleaved.  The CPU's
 model name and ISA flags are printed with the figures.
+
+Peak RSS of quantized decoding (the formats q8 and q4 among --formats): the child's
+peak resident set (``ru_maxrss`` of ``os.wait4``: its VmHWM at exit) for one sample
+of 64 tokens and for ``--num_generate 8`` samples of 64 tokens, cache and graph
+present (later runs), the median of ``--rss-runs`` interleaved runs, beside the
+bound ``import numpy, onnxruntime`` and issue 26's targets: llama.cpp's peak
+(q8_0 / q4_0, small shape: 136 MB at batch 1, 202 MB at 8 sequences) + 150 MB.
 """
 import argparse
 import os
@@ -25,6 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from bench_engines import machine  # noqa: E402
+
+
+#: Tokens decoded by the peak-RSS runs.
+DECODE_TOKENS = 64
+#: Issue 26's peak-RSS targets, small shape, by samples: llama.cpp's q8_0/q4_0 peak (136 MB at batch 1,
+#: 202 MB with 8 sequences) + 150 MB.
+TARGET_MB = {1: 286, 8: 352}
 
 
 def _run(cmd, env):
@@ -46,17 +60,22 @@ def main(argv=None) -> int:
     ap.add_argument("model_dir", nargs="?", default=os.path.join(ROOT, "bench", "out", "small"))
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--formats", default="fp32,q8,q4")
+    ap.add_argument("--rss-runs", type=int, default=3,
+                    help="runs of each quantized decoding whose peak RSS is reported (0: none)")
     args = ap.parse_args(argv)
     formats = args.formats.split(",")
-    gen = [sys.executable, os.path.join(ROOT, "gpt2-generate.py"), "--model", args.model_dir, "--gpu", "-1",
-           "--num_generate", "1", "--max_length", "1", "--top_k", "1", "--context", "今日は"]
+    def gen(fmt, samples=1, tokens=1):
+        return ([sys.executable, os.path.join(ROOT, "gpt2-generate.py"), "--model", args.model_dir, "--gpu", "-1",
+                 "--num_generate", str(samples), "--max_length", str(tokens), "--top_k", "1", "--context", "今日は"]
+                + ([] if fmt == "fp32" else ["--quantize", fmt]))
+
     bound_cmd = [sys.executable, "-c", "import numpy, onnxruntime"]
     base_env = {k: v for k, v in os.environ.items() if k != "GPT2JA_HOME"}
     info = machine()
     print(f"CPU: {info.get('cpu', '?')}; {' '.join(info.get('isa', []))}; load {info['load'][0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
         homes = {f: os.path.join(tmp, f) for f in formats}
-        cmds = {f: gen + ([] if f == "fp32" else ["--quantize", f]) for f in formats}
+        cmds = {f: gen(f) for f in formats}
         for f in formats:  # the quantized weights beside the checkpoint, made once if missing (not timed)
             if f != "fp32":
                 _run(cmds[f], {**base_env, "GPT2JA_HOME": os.path.join(tmp, "prepare")})
@@ -64,16 +83,31 @@ def main(argv=None) -> int:
         later = {f: [] for f in formats}
         bound = []
         for _ in range(args.runs):
-            bound.append(_run(bound_cmd, base_env)[0])
+            bound.append(_run(bound_cmd, base_env))
             for f in formats:
                 later[f].append(_run(cmds[f], {**base_env, "GPT2JA_HOME": homes[f]}))
-    b = statistics.median(bound)
-    print(f"bound (python -c 'import numpy, onnxruntime'): {b:.2f} s (median of {args.runs})")
+        quantized = [f for f in formats if f != "fp32"]
+        decode = {(f, n): gen(f, n, DECODE_TOKENS) for f in quantized for n in (1, 8)}
+        rss = {k: [] for k in decode}
+        for _ in range(args.rss_runs):
+            for (f, n), cmd in decode.items():
+                rss[f, n].append(_run(cmd, {**base_env, "GPT2JA_HOME": homes[f]})[1])
+    b = statistics.median(w for w, _ in bound)
+    b_rss = statistics.median(r for _, r in bound)
+    print(f"bound (python -c 'import numpy, onnxruntime'): {b:.2f} s, peak RSS {b_rss:.0f} MB "
+          f"(median of {args.runs})")
     print("format  first run s  later runs s (median)  x bound  peak RSS later MB  first MB")
     for f in formats:
         wall = statistics.median(w for w, _ in later[f])
-        rss = statistics.median(r for _, r in later[f])
-        print(f"{f:6}  {first[f][0]:11.2f}  {wall:21.2f}  {wall / b:7.2f}  {rss:17.0f}  {first[f][1]:8.0f}")
+        peak = statistics.median(r for _, r in later[f])
+        print(f"{f:6}  {first[f][0]:11.2f}  {wall:21.2f}  {wall / b:7.2f}  {peak:17.0f}  {first[f][1]:8.0f}")
+    if args.rss_runs and quantized:
+        print(f"peak RSS (VmHWM) of quantized decoding, {DECODE_TOKENS} tokens, MB (median of {args.rss_runs}); "
+              f"target: llama.cpp's + 150 MB")
+        print("format  1 sample  target  8 samples  target")
+        for f in quantized:
+            one, eight = (statistics.median(rss[f, n]) for n in (1, 8))
+            print(f"{f:6}  {one:8.0f}  {TARGET_MB[1]:6}  {eight:9.0f}  {TARGET_MB[8]:6}")
     print(f"load average: {os.getloadavg()[0]:.1f}")
     return 0
 
