@@ -22,6 +22,8 @@ class Metrics:
         Gauge("gpt2ja_queue_length", "samples waiting for a place in the batch",
               registry=r).set_function(lambda: engine.queue_length)
         Gauge("gpt2ja_batch_rows", "samples being decoded", registry=r).set_function(lambda: engine.active_rows)
+        Gauge("gpt2ja_batch_rows_held", "samples whose stream's client is behind: nothing drawn until it reads",
+              registry=r).set_function(lambda: engine.held_rows)
         Gauge("gpt2ja_tokens_per_second", "tokens drawn per second over the last 5 seconds",
               registry=r).set_function(engine.tokens_per_second)
         engine.on_step = self.tokens.inc

@@ -102,9 +102,18 @@ class State:
                         code="generation_failed")
 
 
+#: A sample whose text events wait unread this many deep in its request's queue is held (its row draws
+#: nothing) until the request reads them: the reader -- a stream's client -- is behind.
+HOLD_AFTER = 16
+
+
 class Channel:
     """One request's events on the event loop, with its deadline (--timeout), the shutdown deadline and
-    the client's disconnection as events of their own.  ``close()`` when the request ends."""
+    the client's disconnection as events of their own.  ``close()`` when the request ends.
+
+    Backpressure: a sample whose text piles up unread (``HOLD_AFTER`` events: a streaming client that
+    stopped reading, so the response's writes wait) is held by the engine -- its row draws nothing and
+    costs nothing -- until the request next reads its events."""
 
     def __init__(self, state: State, deadline: float, receive: Optional[Callable] = None):
         self.state = state
@@ -114,6 +123,8 @@ class Channel:
         self._timer: Optional[asyncio.TimerHandle] = None
         self._watch: Optional[asyncio.Task] = None
         self.closed = False
+        self._unread: dict = {}   # id(job) -> text events queued since the last read
+        self._held: list = []
         state.channels.add(self)
         self.arm()
         if receive is not None:
@@ -152,6 +163,11 @@ class Channel:
     def on_event(self, job, kind: str, data) -> None:
         """The engine's ``on_event`` (called on the event loop, see ``LoopDelivery``)."""
         self.queue.put_nowait((job, kind, data))
+        if kind == "text":
+            unread = self._unread[id(job)] = self._unread.get(id(job), 0) + 1
+            if unread == HOLD_AFTER:
+                self.state.engine.hold(job)
+                self._held.append(job)
 
     def put_threadsafe(self, kind: str, data) -> None:
         try:
@@ -164,6 +180,10 @@ class Channel:
         events = [await self.queue.get()]
         while not self.queue.empty():
             events.append(self.queue.get_nowait())
+        self._unread.clear()
+        if self._held:
+            self.state.engine.release(self._held)
+            self._held = []
         return events
 
     def ended(self, kind: str) -> ApiError:

@@ -11,14 +11,17 @@ server from its decoding thread (``tasks.serving``): every policy of generation 
 One ``step()``:
 
 1. samples whose client went away (``Job.cancel``) leave;
-2. one token is drawn for every row through the sampler chain (``tasks.sampling``; rows with the
-   same settings are drawn together);
+2. one token is drawn for every row but the held ones (``Job.held``: a reader that has fallen behind,
+   see ``tasks.serving.Engine.hold``) through the sampler chain (``tasks.sampling``; rows with the
+   same settings are drawn together).  A held row keeps its place, its key/value cache and the logits
+   of its next token, and draws nothing: released, it goes on as if it had never waited (its random
+   generator untouched);
 3. the text is assembled (byte tokens held until their character is complete) and each sample's
    end is decided: <|endoftext|> (never during its first ``min_length`` tokens), a stop string,
    ``max_length`` characters, ``max_tokens`` tokens;
 4. a sample that ends empty is drawn again (as the original, up to ``RETRIES_FOR_EMPTY`` times);
    the others are done (event ``done``) and leave;
-5. every remaining row takes its token.  After the ``min_length``-th token a row is cut back to its
+5. every remaining row that drew takes its token.  After the ``min_length``-th token a row is cut back to its
    context without its last token and continues with the token drawn (the original's quirk, see
    ``tasks.generate``); a row whose window of n_ctx tokens is full continues from its most recent
    n_ctx/2 tokens (the sliding window).
@@ -70,6 +73,7 @@ class Job:
         self.tag = tag
         self.rng = request.rng if request.rng is not None else np.random.default_rng()
         self.cancelled = False
+        self.held = False   # a front end's reader is behind: draw nothing for now (see the module)
         self.done = False
         self.attempt = 0
         self.text = ""
@@ -156,6 +160,12 @@ class Scheduler:
     def busy(self) -> bool:
         return bool(self.active or self.retrying)
 
+    @property
+    def ready(self) -> bool:
+        """Whether ``step`` has work: a row to draw for or to drop, or a sample to draw again (with
+        every row held it has none)."""
+        return bool(self.retrying) or any(not row.job.held or row.job.cancelled for row in self.active)
+
     def admit(self, jobs: Sequence[Job] = ()) -> None:
         """Start these samples now (after any that are drawn again); at most ``free`` of them."""
         if len(jobs) > self.free:
@@ -184,36 +194,48 @@ class Scheduler:
         return jobs
 
     def step(self) -> List[Event]:
-        """One token for every row; the events it produced (see the module)."""
+        """One token for every row that is not held; the events it produced (see the module)."""
         events: List[Event] = []
         if self.retrying:
             self.admit([])
         self._drop_cancelled(events)
-        if not self.active:
+        moving = [b for b, row in enumerate(self.active) if not row.job.held]
+        if not moving:
             return events
         t0 = time.perf_counter()
-        logits = self._logits
-        tokens = self._draw(logits)
-        self.stats.tokens += len(self.active)
+        every = len(moving) == len(self.active)
+        rows = self.active if every else [self.active[b] for b in moving]
+        logits = self._logits if every else self._logits[moving]
+        tokens = self._draw(rows, logits)
+        self.stats.tokens += len(rows)
         self.stats.steps += 1
         finished: Dict[int, Tuple[str, str]] = {}
-        for b, row in enumerate(self.active):
-            end = self._take(row, int(tokens[b]), logits[b], events)
+        for i, row in enumerate(rows):
+            end = self._take(row, int(tokens[i]), logits[i], events)
             if end is not None:
-                finished[b] = end
+                finished[i] = end
         if finished:
-            for b, (text, reason) in finished.items():
-                row = self.active[b]
+            for i, (text, reason) in finished.items():
+                row = rows[i]
                 if text == "" and row.job.attempt < RETRIES_FOR_EMPTY:
                     row.job.attempt += 1  # the original draws an empty sample again
                     self.retrying.append(row.job)
                 else:
                     self._finish(row, row.job, text, reason, events)
-            self.decoder.remove([id(self.active[b].job) for b in finished])
-            keep = [b for b in range(len(self.active)) if b not in finished]
+            self.decoder.remove([id(rows[i].job) for i in finished])
+            ended = {id(rows[i]) for i in finished}
+            keep = [b for b, row in enumerate(self.active) if id(row) not in ended]
             self.active = [self.active[b] for b in keep]
-            tokens = tokens[keep]
-        self._logits = self._feed(tokens) if self.active else np.empty((0, logits.shape[1]), np.float32)
+            if not every:
+                self._logits = self._logits[keep]
+            left = [i for i in range(len(rows)) if i not in finished]
+            rows = [rows[i] for i in left]
+            tokens = tokens[left]
+        if len(rows) == len(self.active):  # every row drew (or none is left)
+            self._logits = self._feed(rows, tokens) if rows else np.empty((0, logits.shape[1]), np.float32)
+        elif rows:
+            place = {id(row): b for b, row in enumerate(self.active)}
+            self._logits[[place[id(row)] for row in rows]] = self._feed(rows, tokens)
         self.stats.decode_seconds += time.perf_counter() - t0
         return events
 
@@ -231,16 +253,17 @@ class Scheduler:
         self.active = [self.active[b] for b in keep]
         self._logits = self._logits[keep]
 
-    def _draw(self, logits: np.ndarray) -> np.ndarray:
-        """One token per row through the sampler chain, rows with the same settings together."""
+    def _draw(self, rows: List[_Row], logits: np.ndarray) -> np.ndarray:
+        """One token for each of ``rows`` (``logits`` theirs) through the sampler chain, rows with the same
+        settings together."""
         groups: Dict[SamplingParams, List[int]] = {}
-        for b, row in enumerate(self.active):
+        for b, row in enumerate(rows):
             groups.setdefault(row.job.request.params, []).append(b)
-        tokens = np.empty(len(self.active), np.int64)
+        tokens = np.empty(len(rows), np.int64)
         for params, idx in groups.items():
-            rows = [self.active[b] for b in idx]
-            view = Rows(logits[idx], [r.history for r in rows], [r.steps for r in rows],
-                        [r.job.rng for r in rows], self.enc.eos_id, enc=self.enc)
+            group = [rows[b] for b in idx]
+            view = Rows(logits[idx], [r.history for r in group], [r.steps for r in group],
+                        [r.job.rng for r in group], self.enc.eos_id, enc=self.enc)
             tokens[idx] = sample(view, params)
         return tokens
 
@@ -299,12 +322,12 @@ class Scheduler:
             events.append((job, "text", text[sent:]))
         events.append((job, "done", None))
 
-    def _feed(self, tokens: np.ndarray) -> np.ndarray:
-        """Every row takes its token; the logits that follow [rows, n_vocab]."""
+    def _feed(self, rows: List[_Row], tokens: np.ndarray) -> np.ndarray:
+        """Each of ``rows`` takes its token; the logits that follow [len(rows), n_vocab]."""
         dec = self.decoder
         half = self.n_ctx // 2
         stepping, stepped, restarting = [], [], []
-        for b, row in enumerate(self.active):
+        for b, row in enumerate(rows):
             token = int(tokens[b])
             key = id(row.job)
             min_length = row.job.request.params.min_length
@@ -322,11 +345,11 @@ class Scheduler:
             else:
                 stepping.append(b)
                 stepped.append(token)
-        logits = np.empty((len(self.active), self._logits.shape[1]), np.float32)
+        logits = np.empty((len(rows), self._logits.shape[1]), np.float32)
         if stepping:
-            logits[stepping] = dec.step([id(self.active[b].job) for b in stepping], stepped)
+            logits[stepping] = dec.step([id(rows[b].job) for b in stepping], stepped)
         for b in restarting:
-            row = self.active[b]
+            row = rows[b]
             logits[b] = dec.replace(id(row.job), row.window)
         return logits
 

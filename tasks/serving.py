@@ -5,7 +5,7 @@
     engine.start()
     job = engine.submit(SampleRequest(ids, params, max_tokens=16, stop=("。",), rng=rng), on_event)
     ...                       # on_event(job, "text", piece) ... on_event(job, "done", None), see ``deliver``
-    job.cancel()              # the row is freed at the next step
+    engine.cancel([job])      # the row is freed at the next step
     engine.stop()
 
 The thread drives ``tasks.scheduler.Scheduler`` -- the loop ``gpt2-generate.py`` runs too: at
@@ -22,6 +22,10 @@ Events are handed over once per step: the loop gathers every (job, kind, data) o
 calls each job's ``on_event`` on the loop thread).  A server sets ``deliver`` to one
 ``loop.call_soon_threadsafe`` per step: its event loop then wakes once per step, not once per
 token per client, and takes the GIL from the decoding thread that much less often.
+
+A front end whose reader falls behind (a stream's client that does not read) ``hold``s its jobs:
+their rows draw nothing, cost nothing and keep their place until ``release`` (the server's
+--read_timeout bounds the wait); while every row is held the thread sleeps.
 
 A step that fails (out of memory, a bug) fails the samples of that step -- each gets an
 ``("error", exception)`` event -- is logged as one line on stderr, and the engine goes on serving
@@ -121,6 +125,27 @@ class Engine:
             self._cv.notify()
         return jobs
 
+    def hold(self, job: Job) -> None:
+        """Draw nothing more for ``job`` until ``release``: its reader is behind (a stream whose client
+        does not take what it is sent).  The row keeps its place and goes on as if it had never waited."""
+        job.held = True
+
+    def release(self, jobs: Sequence[Job]) -> None:
+        """Let held jobs draw again."""
+        with self._cv:
+            for job in jobs:
+                job.held = False
+            self._cv.notify()
+
+    def cancel(self, jobs: Sequence[Optional[Job]]) -> None:
+        """Cancel these jobs (None entries are skipped): they leave at the loop's next step, which runs
+        even while every other row is held."""
+        with self._cv:
+            for job in jobs:
+                if job is not None:
+                    job.cancel()
+            self._cv.notify()
+
     @property
     def queue_length(self) -> int:
         return len(self._waiting)
@@ -128,6 +153,11 @@ class Engine:
     @property
     def active_rows(self) -> int:
         return len(self.scheduler.active)
+
+    @property
+    def held_rows(self) -> int:
+        """Rows held because their reader is behind (see ``hold``)."""
+        return sum(row.job.held for row in list(self.scheduler.active))
 
     def tokens_per_second(self, span: float = 5.0) -> float:
         """Tokens drawn per second over the last ``span`` seconds."""
@@ -161,8 +191,9 @@ class Engine:
                     return
                 try:
                     sch.admit(joining)
-                    drawn = len(sch.active)
+                    before = sch.stats.tokens
                     events = sch.step()
+                    drawn = sch.stats.tokens - before
                 except Exception as e:  # out of memory, a bug: fail this step's samples, keep serving
                     self.faults += 1
                     failed = [j for j in dict.fromkeys(sch.abort() + joining) if not j.done]
@@ -208,7 +239,7 @@ class Engine:
                     job = self._waiting.popleft()
                     if not job.cancelled:
                         joining.append(job)
-                if joining or sch.busy:
+                if joining or sch.ready:
                     return joining
                 if self._stopping:
                     return None

@@ -157,6 +157,30 @@ def test_a_stream_nobody_reads_is_cut_after_the_read_timeout_not_the_request_tim
     assert any("stopped reading its stream" in line for line in patient_server.stderr)
 
 
+def _tokens_drawn(s) -> float:
+    text = s.request("GET", "/metrics", timeout=10)[2]
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("gpt2ja_tokens_generated_total")))
+
+
+def test_a_stream_nobody_reads_is_held_and_goes_on_once_read(patient_server):
+    sock = raw_request(patient_server.port, ECHOED, rcvbuf=4096)
+    health = lambda: patient_server.request("GET", "/health", timeout=10)[2]  # noqa: E731
+    # its writes wait on the full socket: its text piles up unread and its 2 rows are held, drawing nothing
+    wait_for(lambda: health()["held"] == 2, 30, "the rows of a stream nobody reads were not held")
+    drawn = _tokens_drawn(patient_server)
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:  # a span in which nothing may be drawn (well inside --read_timeout's 2 s)
+        assert _tokens_drawn(patient_server) == drawn and health()["held"] == 2
+    # the client reads: the writes go through, the rows are released and decoding goes on
+    sock.settimeout(10)
+    end = time.monotonic() + 30
+    while _tokens_drawn(patient_server) < drawn + 20:
+        assert time.monotonic() < end, "a stream read again did not go on"
+        assert sock.recv(1 << 20), "the server closed a stream that was being read"
+    sock.close()
+    wait_for(lambda: rows(patient_server) == 0, 20, "a closed stream kept its rows")
+
+
 def test_a_stream_read_slowly_is_not_cut(patient_server):
     # the same large first events, read in small bites with pauses shorter than --read_timeout: every write
     # gets through within it, so the stream runs to its end
@@ -370,7 +394,7 @@ class _FaultyEngine:
     """Stands in for tasks.serving.Engine: every sample of a prompt containing "故障" fails (as the engine
     fails the jobs of a faulty step, on_event(job, "error", exc)); other samples end at once with "ok"."""
 
-    batch_size, max_queue, queue_length, active_rows, failure = 4, 4, 0, 0, None
+    batch_size, max_queue, queue_length, active_rows, held_rows, failure = 4, 4, 0, 0, 0, None
 
     def __init__(self, enc):
         from tasks.serving import deliver_each
@@ -401,6 +425,18 @@ class _FaultyEngine:
 
         threading.Thread(target=step).start()
         return jobs
+
+    def hold(self, job):
+        job.held = True
+
+    def release(self, jobs):
+        for job in jobs:
+            job.held = False
+
+    def cancel(self, jobs):
+        for job in jobs:
+            if job is not None:
+                job.cancel()
 
 
 def test_an_engine_fault_is_a_500_and_one_log_line(caplog):

@@ -1,4 +1,5 @@
 """tasks/serving.py: the server's engine decodes every sample as gpt2-generate.py does."""
+import os
 import threading
 import time
 
@@ -230,5 +231,76 @@ def test_a_failed_step_fails_its_samples_and_the_engine_goes_on(tiny, enc, capfd
         assert e.failure is None and e.faults == 1
         err = capfd.readouterr().err
         assert err.count("\n") == 1 and "a decoding step failed (MemoryError: injected)" in err
+    finally:
+        e.stop()
+
+
+def test_a_held_row_draws_nothing_and_goes_on_as_if_it_had_never_waited(tiny, enc):
+    from tasks.scheduler import Job, Scheduler
+
+    gen = Generator(tiny, enc, engine="numpy")
+    params = SamplingParams(40, 0.0, 1.0)
+
+    def run(held_steps):
+        sch = Scheduler(gen.engine(2), enc, 2)
+        a, b = (Job(SampleRequest(gen.context_ids(c), params, rng=np.random.default_rng(seed), max_tokens=24))
+                for c, seed in (("今日は良い天気です。", 1), ("吾輩は猫である", 2)))
+        sch.admit([a, b])
+        steps = 0
+        while sch.busy:
+            a.held = steps in held_steps
+            b.held = steps == 20  # both held: nothing to do
+            assert sch.ready == (not (a.held and b.held))
+            before = (len(a.tokens), len(b.tokens), sch.stats.tokens)
+            events = sch.step()
+            if a.held:
+                assert len(a.tokens) == before[0] and all(job is not a for job, _, _ in events)
+            if a.held and b.held:
+                assert events == [] and (len(b.tokens), sch.stats.tokens) == before[1:]
+            steps += 1
+        return a, b, steps
+
+    a0, b0, steps0 = run(())
+    a1, b1, steps1 = run(range(3, 11))
+    assert (a1.tokens, a1.text, b1.tokens, b1.text) == (a0.tokens, a0.text, b0.tokens, b0.text)
+    assert len(a1.tokens) == len(b1.tokens) == 24 and (a1.drawn, b1.drawn) == (a0.drawn, b0.drawn)
+    assert steps1 > steps0
+
+
+def _thread_cpu(thread) -> float:
+    """CPU seconds a thread has used (Linux: /proc)."""
+    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_the_engine_sleeps_while_every_row_is_held_and_wakes_to_cancel_or_release(tiny, enc):
+    e = Engine(tiny, enc, batch_size=2, max_queue=2).start()
+    try:
+        endless = SampleRequest(e.context_ids("今日は"), SamplingParams(0, 0.0, 1.0, min_length=500),
+                                rng=np.random.default_rng(0), max_tokens=10 ** 6)
+        job = e.submit(endless, lambda *a: None)
+        end = time.monotonic() + 60
+        while len(job.tokens) < 3:
+            assert time.monotonic() < end, "the sample never started"
+            time.sleep(0.01)
+        e.hold(job)
+        end = time.monotonic() + 10
+        while e.held_rows != 1:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        steps, drawn, cpu = e.steps, len(job.tokens), _thread_cpu(e._thread)
+        time.sleep(0.3)  # a span in which nothing may happen: not a wait for something to happen
+        assert (e.steps, len(job.tokens)) == (steps, drawn), "a held row drew tokens"
+        assert _thread_cpu(e._thread) - cpu < 0.05, "the decoding thread spun while every row was held"
+        e.release([job])
+        end = time.monotonic() + 30
+        while len(job.tokens) < drawn + 3:
+            assert time.monotonic() < end, "a released row did not go on"
+            time.sleep(0.01)
+        e.hold(job)
+        e.cancel([job])  # the loop sleeps with every row held: cancel wakes it, the row leaves
+        _wait([job], timeout=30)
+        assert job.finish_reason == "cancelled" and e.active_rows == 0
     finally:
         e.stop()

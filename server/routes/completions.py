@@ -185,9 +185,7 @@ async def step_events(state: State, jobs: list, channel: Channel) -> AsyncIterat
             if out:
                 yield out
     finally:
-        for job in jobs:
-            if job is not None:
-                job.cancel()
+        state.engine.cancel(jobs)
 
 
 @router.post("/v1/completions")

@@ -16,7 +16,7 @@ async def health(request: Request):
     if state.stop_by is not None:
         return JSONResponse({"status": "shutting down"}, status_code=503)
     return {"status": "ok", "model": state.config.model_name, "queue": engine.queue_length,
-            "rows": engine.active_rows}
+            "rows": engine.active_rows, "held": engine.held_rows}
 
 
 @router.get("/v1/models")
