@@ -158,7 +158,8 @@ def misbehaving_process(port, stop, only, pause, out):
     stop.wait()
     for t in threads:
         t.join(30)
-    out.put(counts)
+    cpu = os.times()
+    out.put({**counts, "cpu_s": round(cpu.user + cpu.system, 2)})
 
 
 def phase(server, seconds, clients, hostile, only=None, pause=0.25):
