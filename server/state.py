@@ -112,8 +112,9 @@ class Channel:
     the client's disconnection as events of their own.  ``close()`` when the request ends.
 
     Backpressure: a sample whose text piles up unread (``HOLD_AFTER`` events: a streaming client that
-    stopped reading, so the response's writes wait) is held by the engine -- its row draws nothing and
-    costs nothing -- until the request next reads its events."""
+    stopped reading, so the response's writes wait) is held by the engine -- its row draws nothing: no
+    sampling, text or events, and no step at all while every row is held -- until the request next reads
+    its events."""
 
     def __init__(self, state: State, deadline: float, receive: Optional[Callable] = None):
         self.state = state

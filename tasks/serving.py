@@ -24,8 +24,9 @@ calls each job's ``on_event`` on the loop thread).  A server sets ``deliver`` to
 token per client, and takes the GIL from the decoding thread that much less often.
 
 A front end whose reader falls behind (a stream's client that does not read) ``hold``s its jobs:
-their rows draw nothing, cost nothing and keep their place until ``release`` (the server's
---read_timeout bounds the wait); while every row is held the thread sleeps.
+their rows draw nothing (no sampling, text or events; a decoder that runs every slot in use, as
+ONNX Runtime's, still computes theirs beside the others) and keep their place until ``release`` (the
+server's --read_timeout bounds the wait); while every row is held the thread sleeps.
 
 A step that fails (out of memory, a bug) fails the samples of that step -- each gets an
 ``("error", exception)`` event -- is logged as one line on stderr, and the engine goes on serving

@@ -167,6 +167,7 @@ def test_a_stream_nobody_reads_is_held_and_goes_on_once_read(patient_server):
     health = lambda: patient_server.request("GET", "/health", timeout=10)[2]  # noqa: E731
     # its writes wait on the full socket: its text piles up unread and its 2 rows are held, drawing nothing
     wait_for(lambda: health()["held"] == 2, 30, "the rows of a stream nobody reads were not held")
+    time.sleep(0.1)  # the step under way when they were held may still end
     drawn = _tokens_drawn(patient_server)
     end = time.monotonic() + 0.3
     while time.monotonic() < end:  # a span in which nothing may be drawn (well inside --read_timeout's 2 s)
