@@ -120,7 +120,20 @@ def env(vocab_dir, monkeypatch):
     TF_CPP_MIN_LOG_LEVEL=2, the tools' ``quiet_tensorflow`` 3) are left out, so a tool
     started with it chooses them as it does from a user's shell, whatever tests ran first."""
     monkeypatch.setenv("GPT2JA_VOCAB", str(vocab_dir))
-    return {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "ABSL_MIN_LOG_LEVEL")}
+    return user_env()
+
+
+#: Set by this process's own imports (``model.import_tf``: 2, the tools' ``quiet_tensorflow``: 3).
+_LOG_LEVEL_VARS = ("TF_CPP_MIN_LOG_LEVEL", "ABSL_MIN_LOG_LEVEL")
+
+
+def user_env(**extra) -> dict:
+    """An environment for a tool started by a test: this process's, less the log-level variables its
+    own imports set -- so the tool chooses them as it does from a user's shell, whatever tests ran
+    first -- plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _LOG_LEVEL_VARS}
+    env.update(extra)
+    return env
 
 
 #: The signals tests send to the tools they start.

@@ -1,13 +1,12 @@
 """The server's sampling controls, top log-probabilities (streaming too, and for an echoed prompt) and
 /v1/chat/completions, end to end with the official openai client against one tiny-model server."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, TINY_DIR, VOCAB_DIR
+from conftest import ROOT, TINY_DIR, VOCAB_DIR, user_env
 from test_server import MODEL, Server, stream_events
 
 openai = pytest.importorskip("openai")
@@ -248,7 +247,7 @@ def test_chat_template_file(tmp_path):
     path.write_text(json.dumps({"user": "{oops}"}), encoding="utf-8")
     p = subprocess.run([sys.executable, str(ROOT / "gpt2-server.py"), "--model", str(TINY_DIR), "--gpu", "-1",
                         "--chat_template", str(path)], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, GPT2JA_VOCAB=str(VOCAB_DIR)), cwd=ROOT)
+                       env=user_env(GPT2JA_VOCAB=str(VOCAB_DIR)), cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.startswith("gpt2-server.py: error: --chat_template:") and len(p.stderr.splitlines()) == 1
 

@@ -19,7 +19,7 @@ import model
 import hub
 from hub import download as hub_download
 
-from conftest import ROOT
+from conftest import ROOT, user_env
 
 NAME = "gpt2ja-small"
 ARCHIVE = f"/{NAME}.tar.bz2"
@@ -429,7 +429,7 @@ def test_offline_never_touches_the_network(home, server, monkeypatch):
 
 
 def _env(home, server):
-    env = {k: v for k, v in os.environ.items() if k not in ("GPT2JA_VOCAB", "GPT2JA_OFFLINE", *PROXY_VARS)}
+    env = {k: v for k, v in user_env().items() if k not in ("GPT2JA_VOCAB", "GPT2JA_OFFLINE", *PROXY_VARS)}
     env.update(GPT2JA_HOME=str(home), GPT2JA_MODEL_URLS=f"{server.url}/a/,{server.url}/b/")
     return env
 

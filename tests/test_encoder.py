@@ -1,6 +1,5 @@
 """The encoder against the original's outputs, and properties that must hold."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from hypothesis import strategies as st
 import encoder
 from encoder import Encoder, VocabError
 
-from conftest import ROOT
+from conftest import ROOT, user_env
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +307,7 @@ def test_cli_errors_keep_earlier_lines(command, stdin, message, vocab_dir):
 
 
 def test_cli_finds_the_vocabulary_as_encoder_load_does(enc, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "GPT2JA_VOCAB"}
+    env = {k: v for k, v in user_env().items() if k != "GPT2JA_VOCAB"}
     env["GPT2JA_HOME"] = str(tmp_path)  # nothing cached there, nothing downloaded
     r = subprocess.run([sys.executable, "-m", "encoder", "encode"], input="吾輩は猫である。\n".encode(),
                        capture_output=True, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, timeout=60)

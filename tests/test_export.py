@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, user_env
 
 MODEL_CLI = [sys.executable, "-m", "model"]
 
@@ -39,10 +39,9 @@ _EXPORT_AND_REPORT = (
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model_dir, vocab_dir):
-    import os
 
     out = tmp_path_factory.mktemp("export") / "tiny-hf"
-    env = dict(os.environ, GPT2JA_VOCAB=str(vocab_dir))
+    env = user_env(GPT2JA_VOCAB=str(vocab_dir))
     r = _run([sys.executable, "-c", _EXPORT_AND_REPORT,
               json.dumps(["export", str(tiny_model_dir), str(out), "--format", "hf"])], env)
     assert r.returncode == 0, r.stderr
@@ -208,14 +207,13 @@ def test_greedy_generate_gives_the_text_of_gpt2_generate_top_k_1(hf_model, hf_to
 
 
 def test_a_finetuned_checkpoint_exports_the_same_way(tiny_model_dir, tmp_path, corpus_lines, vocab_dir):
-    import os
 
     import torch
     from transformers import AutoModelForCausalLM
 
     import model
 
-    env = dict(os.environ, GPT2JA_VOCAB=str(vocab_dir))
+    env = user_env(GPT2JA_VOCAB=str(vocab_dir))
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("\n".join(corpus_lines[:120]), encoding="utf-8")
@@ -240,9 +238,8 @@ def test_a_finetuned_checkpoint_exports_the_same_way(tiny_model_dir, tmp_path, c
 # ---------------------------------------------------------------------------- errors and layering
 
 def test_export_errors_are_one_line(tmp_path, vocab_dir):
-    import os
 
-    env = dict(os.environ, GPT2JA_VOCAB=str(vocab_dir))
+    env = user_env(GPT2JA_VOCAB=str(vocab_dir))
     r = _run([*MODEL_CLI, "export", str(tmp_path / "missing"), str(tmp_path / "out"), "--no-download"], env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "error:" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()

@@ -5,7 +5,6 @@ extraction and check announced, gpt2ja-large's suspended publication, ``python -
 on an empty cache, ``python -m model quantize`` without TensorFlow once the file is cached,
 the project's LICENSE.
 """
-import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, user_env
 
 import model
 from model import device
@@ -31,7 +30,7 @@ def _closed_address():
 
 @pytest.fixture
 def cache_env(tmp_path, vocab_dir):
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env = {k: v for k, v in user_env().items() if not k.lower().endswith("_proxy")}
     env.update(GPT2JA_HOME=str(tmp_path / "cache"), GPT2JA_VOCAB=str(vocab_dir),
                GPT2JA_MODEL_URLS=_closed_address())
     env.pop("GPT2JA_OFFLINE", None)

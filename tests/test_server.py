@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_DIR, ROOT, TINY_DIR, VOCAB_DIR
+from conftest import GOLDEN_DIR, ROOT, TINY_DIR, VOCAB_DIR, user_env
 
 openai = pytest.importorskip("openai")
 
@@ -26,7 +26,7 @@ class Server:
     """gpt2-server.py in a subprocess, listening on a free port of 127.0.0.1."""
 
     def __init__(self, *args, env_extra=None, timeout=180):
-        env = dict(os.environ, GPT2JA_VOCAB=str(VOCAB_DIR), CUDA_VISIBLE_DEVICES="-1")
+        env = user_env(GPT2JA_VOCAB=str(VOCAB_DIR), CUDA_VISIBLE_DEVICES="-1")
         env.pop("GPT2JA_API_KEY", None)
         env.update(env_extra or {})
         self.proc = subprocess.Popen(

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY_DIR, VOCAB_DIR
+from conftest import ROOT, TINY_DIR, VOCAB_DIR, user_env
 from test_server import Server, stream_events
 
 # greedy: this prompt's continuation never draws <|endoftext|> (tests/test_server.py relies on it too)
@@ -382,9 +382,8 @@ def test_refused_at_start_in_one_line(env_base, args, env, says):
 
 @pytest.fixture
 def env_base():
-    import os
 
-    env = dict(os.environ, GPT2JA_VOCAB=str(VOCAB_DIR), CUDA_VISIBLE_DEVICES="-1")
+    env = user_env(GPT2JA_VOCAB=str(VOCAB_DIR), CUDA_VISIBLE_DEVICES="-1")
     env.pop("GPT2JA_API_KEY", None)
     return env
 
