@@ -9,6 +9,20 @@ from .errors import ModelError
 from .hparams import HParams
 
 
+def _row(r) -> np.ndarray:
+    """One sequence of a batch as a 1-D array of integers (a list, tuple, array or other iterable of ints;
+    bools count as ints, as in Python); ModelError for anything else."""
+    try:
+        a = np.asarray(r if isinstance(r, (list, tuple, np.ndarray)) else list(r))
+    except (TypeError, ValueError, OverflowError):  # not iterable, ragged
+        raise ModelError("token ids must be integers") from None
+    if a.size == 0:
+        return np.zeros(0, np.int64)
+    if a.ndim != 1 or not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
+        raise ModelError("token ids must be integers")
+    return a
+
+
 def as_batch(ids, hparams: HParams, lengths=None, advice: str = "") -> Tuple[np.ndarray, np.ndarray]:
     """(ids [B, T] int32 right-padded with 0, lengths [B] int32) from a batch, checked for ``hparams``.
 
@@ -26,14 +40,12 @@ def as_batch(ids, hparams: HParams, lengths=None, advice: str = "") -> Tuple[np.
             raise ModelError(f"expected a batch of token id sequences (2-D), got shape {list(arr.shape)}")
         rows = None
     else:
-        rows = [list(r) if not isinstance(r, np.ndarray) else r.tolist() for r in ids]
+        rows = [_row(r) for r in ids]  # checked as arrays: no Python work per token
         if not rows:
             raise ModelError("empty batch")
         width = max(len(r) for r in rows)
         arr = np.zeros((len(rows), width), dtype=np.int64)
         for i, r in enumerate(rows):
-            if r and not all(isinstance(t, (int, np.integer)) for t in r):
-                raise ModelError("token ids must be integers")
             arr[i, : len(r)] = r
     if arr.shape[0] == 0:
         raise ModelError("empty batch")

@@ -14,10 +14,11 @@ def context_ids(enc, context: str, n_ctx: int) -> List[int]:
 
 
 def cut_context(ids: Sequence[int], n_ctx: int, eos_id: int) -> List[int]:
-    """The context cut, for token ids (the one place it is written): the last n_ctx/2 tokens;
-    nothing at all means <|endoftext|>."""
-    ids = list(ids)[-(n_ctx // 2):]
-    return ids if ids else [eos_id]
+    """The context cut, for token ids (a list, or an array of them; the one place it is written): the
+    last n_ctx/2 tokens, as a list; nothing at all means <|endoftext|>.  Only the tail is converted."""
+    tail = ids[-(n_ctx // 2):]
+    tail = tail.tolist() if hasattr(tail, "tolist") else list(tail)
+    return tail if tail else [eos_id]
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> Tuple[str, bool]:

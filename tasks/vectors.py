@@ -80,9 +80,10 @@ class Vectorizer:
         return out
 
     def batch_vectors(self, batch: Sequence[Sequence[int]]) -> np.ndarray:
-        """Vectors [len(batch), n_embd] of id lists, computed as one padded batch."""
+        """Vectors [len(batch), n_embd] of id sequences (lists or integer arrays), computed as one padded
+        batch."""
         lengths = [len(ids) for ids in batch]
-        hidden = self.model.hidden([list(ids) for ids in batch], layer=self.layer)
+        hidden = self.model.hidden(list(batch), layer=self.layer)
         return self._pool(hidden, lengths)
 
     def vectors_of_ids(self, id_lists: Sequence[Sequence[int]]) -> np.ndarray:

@@ -2,6 +2,7 @@
 and a request that ends early stops there."""
 import threading
 
+import numpy as np
 import pytest
 
 from encoder.parallel import EncoderPool, _chunks
@@ -23,6 +24,13 @@ def test_long_texts_are_encoded_elsewhere_with_the_same_ids(pool, enc, corpus_li
     assert sum(map(len, short)) < pool.threshold
     assert pool.encode_many(short) == [enc.encode(t) for t in short]
     assert pool.encode_many([]) == []
+
+
+def test_arrays_hold_the_same_ids_on_either_path(pool, enc, corpus_lines):
+    for texts in (corpus_lines[:400], corpus_lines[:2]):  # in the worker, and in the calling thread
+        got = pool.encode_many(texts, arrays=True)
+        assert all(isinstance(a, np.ndarray) and a.dtype == np.int32 for a in got)
+        assert [a.tolist() for a in got] == [enc.encode(t) for t in texts]
 
 
 def test_a_cancelled_request_gets_none(pool, corpus_lines):

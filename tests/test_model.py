@@ -157,6 +157,18 @@ def test_bad_inputs(tiny):
         tiny.logits([[1, 2], []])
 
 
+def test_a_batch_of_lists_tuples_arrays_or_iterables_is_the_same_batch():
+    from model.batch import as_batch
+
+    hp = HParams(n_vocab=20573, n_ctx=16, n_embd=8, n_head=2, n_layer=1)
+    want = (np.array([[1, 2, 3], [4, 0, 0], [5, 6, 0], [1, 0, 0]], np.int32), np.array([3, 1, 2, 2], np.int32))
+    got = as_batch([[1, 2, 3], (4,), np.array([5, 6], np.int16), iter([True, False])], hp)
+    assert all((g == w).all() and g.dtype == w.dtype for g, w in zip(got, want))
+    for bad in ([[1, 2.0]], [[1, "2"]], [[1, None]], [[1, [2]]], [5, 6], [[10 ** 30]], [np.zeros((2, 2), int)]):
+        with pytest.raises(ModelError, match="integers"):
+            as_batch(bad, hp)
+
+
 def test_forward_is_not_retraced(tiny):
     tiny.hidden([[1, 2, 3]])
     count = tiny.tracing_count()

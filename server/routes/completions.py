@@ -113,13 +113,16 @@ def busy(state: State, why: str) -> ApiError:
                     code="rate_limit_exceeded", headers={"Retry-After": str(state.config.retry_after)})
 
 
-def build(state: State, c: Completion, cancelled) -> Tuple[List[List[int]], List[SampleRequest]]:
-    """Each prompt's token ids, and the samples: requests[prompt * n + i] (on a worker thread, which stops
-    when ``cancelled`` is set)."""
+def build(state: State, c: Completion, cancelled) -> Tuple[list, List[SampleRequest]]:
+    """Each prompt's token ids (a list when they are scored, else a list or an int32 array), and the
+    samples: requests[prompt * n + i] (on a worker thread, which stops when ``cancelled`` is set)."""
     hp, enc = state.hparams, state.enc
     full, requests = [], []
-    try:  # long prompts: in the encoder's own process (state.encoder_pool), off this process's lock
-        encoded = state.encoder_pool.encode_many([p for p in c.prompts if not isinstance(p, list)], cancelled)
+    scored = c.echo and c.logprobs is not None  # the prompts' tokens are scored and listed one by one
+    try:  # long prompts: in the encoder's own process (state.encoder_pool), off this process's lock; as
+        # arrays, so that only what is used becomes Python ints (the context's tail, or a scored prompt)
+        encoded = state.encoder_pool.encode_many([p for p in c.prompts if not isinstance(p, list)], cancelled,
+                                                 arrays=True)
     except ValueError as e:
         raise rq.bad("prompt", str(e)) from None
     if encoded is None:
@@ -129,7 +132,7 @@ def build(state: State, c: Completion, cancelled) -> Tuple[List[List[int]], List
         if cancelled.is_set():
             return [], []
         ids = list(item) if isinstance(item, list) else next(encoded)
-        full.append(ids)
+        full.append(ids.tolist() if scored and not isinstance(ids, list) else ids)
         if not c.samples:
             continue
         context = cut_context(ids, hp.n_ctx, enc.eos_id)  # as gpt2-generate.py: the last n_ctx/2 tokens

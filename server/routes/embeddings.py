@@ -46,7 +46,7 @@ async def embeddings(request: Request):
         # lock, so that decoding keeps its pace); it stops as soon as the request ends
         texts = [item for item in items if isinstance(item, str)]
         try:
-            encoded = state.encoder_pool.encode_many(texts, cancelled)
+            encoded = state.encoder_pool.encode_many(texts, cancelled, arrays=True)
         except ValueError as e:
             raise rq.bad("input", str(e)) from None
         if encoded is None:
@@ -54,8 +54,8 @@ async def embeddings(request: Request):
         encoded = iter(encoded)
         id_lists = []
         for item in items:  # as Vectorizer.ids: empty -> <|endoftext|>, the last n_ctx tokens
-            ids = next(encoded) if isinstance(item, str) else list(item)
-            id_lists.append(ids[-hp.n_ctx:] or [state.enc.eos_id])
+            ids = next(encoded)[-hp.n_ctx:] if isinstance(item, str) else list(item)[-hp.n_ctx:]
+            id_lists.append(ids if len(ids) else [state.enc.eos_id])
         out = np.empty((len(id_lists), hp.n_embd), np.float32)
 
         def forward(cancelled):  # on the server's forward worker (state.ForwardWorker)
