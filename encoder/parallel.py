@@ -13,8 +13,9 @@ encodes small inputs in the calling thread (no round trip) and larger ones (``th
 in all) in one worker process started on first need (``spawn``: nothing of this process's threads is
 inherited), in chunks of about ``chunk`` characters, so that a request that ends early stops after
 the chunk in progress.  The worker runs at a lower CPU priority (``niceness``, default +10): on a
-machine whose cores are all decoding, it takes what decoding leaves.  The numbers are the encoder's own (the worker holds a copy of it).  A worker
-that dies is replaced on the next call; meanwhile that call encodes in the calling thread.
+machine whose cores are all decoding, it takes what decoding leaves.  The numbers are the encoder's
+own (the worker holds a copy of it).  A worker that dies is replaced on the next call; meanwhile
+that call encodes in the calling thread.
 
 ``arrays=True`` gives each text's ids as an int32 array: the worker's answer then crosses over as
 buffers, which this process takes in a fraction of a millisecond, where lists of ints are rebuilt one

@@ -27,8 +27,8 @@ One ``step()``:
    n_ctx/2 tokens (the sliding window).
 
 Every sample that ends (but a cancelled one) gives a ``done`` event; ``text`` events come only for
-jobs with an ``on_event``, and carry only text that is final: never past ``max_length``, never text that may still
-become the start of a stop string; their pieces concatenate to the finished text.
+jobs with an ``on_event``, and carry only text that is final: never past ``max_length``, never text
+that may still become the start of a stop string; their pieces concatenate to the finished text.
 """
 from __future__ import annotations
 
