@@ -144,6 +144,31 @@ def test_hidden_layers(tiny, gold):
             tiny.hidden(ids, layer=bad)
 
 
+
+def test_attention_in_parts_gives_the_same_numbers(tiny_model_dir, monkeypatch):
+    """Beyond 2 x QUERIES positions a forward pass computes the attention scores of QUERIES query
+    positions at a time: the same numbers, bit for bit, as all at once -- a ragged batch whose
+    lengths are not multiples of QUERIES, final states, a block's residual, logits, and a task's own
+    graph (graph_hidden with in_parts, as scoring uses it)."""
+    import tensorflow as tf
+    from model import gpt2
+
+    assert 2 * gpt2.QUERIES < 700
+    rng = np.random.default_rng(5)
+    rows = [rng.integers(0, 20572, n).tolist() for n in (1000, 700, 257, 40)]
+    monkeypatch.setattr(gpt2, "QUERIES", None)  # read when a forward pass is traced: all at once
+    whole = model.load(tiny_model_dir)
+    expected = (whole.hidden(rows), whole.hidden(rows, layer=0), whole.logits(rows[1:3]))
+    monkeypatch.undo()
+    parts = model.load(tiny_model_dir)
+    got = (parts.hidden(rows), parts.hidden(rows, layer=0), parts.logits(rows[1:3]))
+    for e, g in zip(expected, got):
+        assert e.shape == g.shape and np.array_equal(e, g)
+    ids = tf.constant(np.array([rows[0]], np.int32))
+    in_parts = tf.function(lambda x: parts.graph_hidden(x, in_parts=True))(ids).numpy()
+    at_once = tf.function(lambda x: parts.graph_hidden(x))(ids).numpy()
+    assert np.array_equal(in_parts, at_once) and np.array_equal(in_parts, expected[0][:1])
+
 def test_bad_inputs(tiny):
     with pytest.raises(ModelError, match="outside the vocabulary"):
         tiny.logits([[1, 20573]])
