@@ -94,12 +94,14 @@ def _gelu(x):
     return 0.5 * x * (1.0 + tf.tanh(_GELU_C * (x + 0.044715 * (x * x * x))))
 
 
-#: Query positions whose attention scores an inference forward pass computes at a time: the scores of a
-#: batch of 4 rows of 1,024 tokens are [4, H, 1024, 1024] floats (256 MiB per layer at medium's 16 heads)
-#: computed all at once, an eighth of that in parts of 128 -- the same numbers, bit for bit (each
-#: position's softmax is its own row), a lower peak of memory (medium, 4 x 1,024 tokens: 2,602 ->
-#: 2,406 MB) at the same speed (small, medium) or faster (the tiny test model, 57 -> 45 ms).
-#: Training's graph keeps the one product (its gradients).
+#: Query positions whose attention scores a forward pass (``Model.hidden``, ``logits``) over a batch
+#: longer than twice this computes at a time: the scores of 4 rows of 1,024 tokens are [4, H, 1024, 1024]
+#: floats (256 MiB per layer at medium's 16 heads) all at once, an eighth of that in parts of 128 -- the
+#: same numbers, bit for bit (each position's softmax is its own row), a lower peak of memory (medium,
+#: 4 x 1,024 tokens: 2,602 -> 2,406 MB) at the same speed (small, medium) or faster (the tiny test
+#: model, 57 -> 40-45 ms).  Such batches have a function of their own, built on first use (0.4 s more
+#: than the other for small, 0.65 s for medium: its loop): shorter batches, and the graphs of scoring
+#: and training, keep the one product.  None: never in parts.
 QUERIES = 128
 
 
@@ -216,11 +218,10 @@ def _sequence_attention(hp: HParams, batch, length, keep=None, where=None, queri
 
     ``keep``: attention mask broadcastable to [B, H, T, T] (1 = attend);
     default causal.  With a cache, the keys and values [B, H, T, D] are
-    written to its slots ``where`` (``_cache_index``).  ``queries``: beyond
-    2 x ``queries`` positions, the scores are computed for that many query
-    positions at a time (one after another) rather than all T at once: the same
-    numbers per position, [B, H, queries, T] of scores alive at a time instead
-    of [B, H, T, T].
+    written to its slots ``where`` (``_cache_index``).  ``queries``: the scores
+    are computed for that many query positions at a time (one after another)
+    rather than all T at once: the same numbers per position, [B, H, queries, T]
+    of scores alive at a time instead of [B, H, T, T].
     """
     H, D = hp.n_head, hp.head_dim
     scale = 1.0 / math.sqrt(D)
@@ -256,8 +257,7 @@ def _sequence_attention(hp: HParams, batch, length, keep=None, where=None, queri
                                    parallel_iterations=1)
             return tf.transpose(out.concat(), [1, 0, 2, 3])  # [B, T, H, D]
 
-        # short sequences at once: their scores are small, and the loop would cost more than it saves
-        a = at_once() if queries is None else tf.cond(length > 2 * queries, in_parts, at_once)
+        a = at_once() if queries is None else in_parts()
         return tf.reshape(a, [batch * length, hp.n_embd])
 
     return attend
@@ -399,7 +399,8 @@ class Model:
 
         Every forward, prefill and decoding function is traced with unknown
         batch and length dimensions, so new batch sizes or lengths must not
-        raise this number (a retrace costs seconds)."""
+        raise this number (a retrace costs seconds) -- but once: a forward pass
+        over a batch longer than 2 x ``QUERIES`` has a function of its own."""
         fns = [*self._forward_fns.values(), self._prefill_fn, *self._decode_fns.values()]
         return sum(fn.experimental_get_tracing_count() for fn in fns)
 
@@ -437,18 +438,16 @@ class Model:
 
     # ---------------------------------------------------------------- inside the caller's tf.function
 
-    def graph_hidden(self, ids, in_parts: bool = False):
+    def graph_hidden(self, ids):
         """Final layer-normed hidden states [B, T, n_embd] (what ``hidden`` returns) as a tf tensor.
 
         For building a task's own ``tf.function`` (scoring, training):
         ``ids`` is an int32 tensor [B, T] of valid token ids (nothing is
         checked, see ``model.as_batch``), T at most n_ctx.  Attention is causal,
         so right padding never changes the earlier positions.  Gradients flow
-        to ``variables``.  ``in_parts``: the attention scores of ``QUERIES`` positions at a time
-        (inference: the same numbers with less memory; training keeps one product for its gradients).
+        to ``variables``.
         """
-        return self._forward_graph(ids, self.hparams.n_layer, final_norm=True, logits=False,
-                                   queries=QUERIES if in_parts else None)
+        return self._forward_graph(ids, self.hparams.n_layer, final_norm=True, logits=False)
 
     def graph_logits(self, hidden):
         """The output projection (tied to ``wte``) of hidden states [..., n_embd]: logits [..., n_vocab].
@@ -464,11 +463,12 @@ class Model:
 
     def _forward(self, kind: str, n_blocks: int, ids, lengths) -> np.ndarray:
         arr, lens = as_batch(ids, self.hparams, lengths)
-        key = (kind, n_blocks)
+        queries = QUERIES if QUERIES is not None and arr.shape[1] > 2 * QUERIES else None
+        key = (kind, n_blocks, queries)
         fn = self._forward_fns.get(key)
         if fn is None:
             final = kind != "residual"
-            graph = lambda x: self._forward_graph(x, n_blocks, final, kind == "logits", QUERIES)  # noqa: E731
+            graph = lambda x: self._forward_graph(x, n_blocks, final, kind == "logits", queries)  # noqa: E731
             fn = self._forward_fns[key] = tf.function(graph, input_signature=[_IDS_2D])
         with tf.device(self.device):
             out = fn(tf.constant(arr)).numpy()

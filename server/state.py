@@ -63,9 +63,14 @@ class State:
         eos = self.enc.eos_id
 
         def work(cancelled):
-            self.model.hidden([[eos, eos]])
+            from model.gpt2 import QUERIES
+
+            long = [[eos] * (2 * QUERIES + 1)] if QUERIES else None  # batches past it have functions of their own
+            for ids in ([[eos, eos]], long):
+                if ids is not None and len(ids[0]) <= self.hparams.n_ctx:
+                    self.model.hidden(ids)
+                    self.model.logits(ids)
             list(self.scorer.score_token_lists([[eos]]))
-            self.model.logits([[eos]])
 
         self.forward.run(work, time.monotonic() + 3600, threading.Event())
 

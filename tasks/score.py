@@ -60,7 +60,7 @@ def _score_graph(m, ids, lengths, first):
     Only targets at positions first[b] <= t+1 < lengths[b] are computed; the rest are 0.
     """
     batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
-    h = m.graph_hidden(ids, in_parts=True)                           # [B, T, E] after ln_f
+    h = m.graph_hidden(ids)                                          # [B, T, E] after ln_f
     target_pos = tf.range(1, length)                                 # [T-1]
     scored = tf.logical_and(target_pos[None, :] >= first[:, None], target_pos[None, :] < lengths[:, None])
     where = tf.where(scored)                                         # [N, 2] (row, t)

@@ -146,28 +146,32 @@ def test_hidden_layers(tiny, gold):
 
 
 def test_attention_in_parts_gives_the_same_numbers(tiny_model_dir, monkeypatch):
-    """Beyond 2 x QUERIES positions a forward pass computes the attention scores of QUERIES query
-    positions at a time: the same numbers, bit for bit, as all at once -- a ragged batch whose
-    lengths are not multiples of QUERIES, final states, a block's residual, logits, and a task's own
-    graph (graph_hidden with in_parts, as scoring uses it)."""
-    import tensorflow as tf
+    """A batch longer than 2 x QUERIES positions has forward passes of its own that compute the
+    attention scores of QUERIES query positions at a time: the same numbers, bit for bit, as all at
+    once -- a ragged batch whose lengths are not multiples of QUERIES, final states, a block's
+    residual, logits -- each built once; shorter batches keep the one product."""
     from model import gpt2
 
     assert 2 * gpt2.QUERIES < 700
     rng = np.random.default_rng(5)
     rows = [rng.integers(0, 20572, n).tolist() for n in (1000, 700, 257, 40)]
-    monkeypatch.setattr(gpt2, "QUERIES", None)  # read when a forward pass is traced: all at once
+    monkeypatch.setattr(gpt2, "QUERIES", None)  # never in parts
     whole = model.load(tiny_model_dir)
     expected = (whole.hidden(rows), whole.hidden(rows, layer=0), whole.logits(rows[1:3]))
+    assert all(key[-1] is None for key in whole._forward_fns)
     monkeypatch.undo()
     parts = model.load(tiny_model_dir)
     got = (parts.hidden(rows), parts.hidden(rows, layer=0), parts.logits(rows[1:3]))
     for e, g in zip(expected, got):
         assert e.shape == g.shape and np.array_equal(e, g)
-    ids = tf.constant(np.array([rows[0]], np.int32))
-    in_parts = tf.function(lambda x: parts.graph_hidden(x, in_parts=True))(ids).numpy()
-    at_once = tf.function(lambda x: parts.graph_hidden(x))(ids).numpy()
-    assert np.array_equal(in_parts, at_once) and np.array_equal(in_parts, expected[0][:1])
+    assert all(key[-1] == gpt2.QUERIES for key in parts._forward_fns)
+    count = parts.tracing_count()
+    parts.hidden(rows[1:])  # another long shape: the same function
+    assert parts.tracing_count() == count
+    short = [r[:2 * gpt2.QUERIES] for r in rows]
+    np.testing.assert_array_equal(parts.hidden(short), whole.hidden(short))
+    assert (("hidden", 2, None) in parts._forward_fns) and parts.tracing_count() == count + 1
+
 
 def test_bad_inputs(tiny):
     with pytest.raises(ModelError, match="outside the vocabulary"):

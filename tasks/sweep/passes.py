@@ -43,7 +43,7 @@ def _graph(m, ids, lengths, first, pool_from):
     lengths[b], else 0; the mean of the final hidden states over each row's positions pool_from[b] ..
     lengths[b] - 1 [B, E]; the final hidden state at its last position [B, E])."""
     batch, length = tf.shape(ids)[0], tf.shape(ids)[1]
-    h = m.graph_hidden(ids, in_parts=True)                                    # [B, T, E]
+    h = m.graph_hidden(ids)                                                   # [B, T, E]
     positions = tf.range(length)
     valid = tf.logical_and(positions[None, :] < lengths[:, None], positions[None, :] >= pool_from[:, None])
     mean = (tf.reduce_sum(h * tf.cast(valid, h.dtype)[:, :, None], axis=1)
