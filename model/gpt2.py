@@ -240,24 +240,20 @@ def _sequence_attention(hp: HParams, batch, length, keep=None, where=None, queri
             keys, values = cache
             keys.scatter_nd_update(where, k)
             values.scatter_nd_update(where, v)
-        def at_once():
-            return tf.transpose(scores(q, k, v, keep), [0, 2, 1, 3])  # [B, T, H, D]
-
-        def in_parts():
-            parts = (length + queries - 1) // queries
-
+        if queries is None:
+            a = tf.transpose(scores(q, k, v, keep), [0, 2, 1, 3])  # [B, T, H, D]
+        else:
             def part(i, out):
                 lo = i * queries
                 hi = tf.minimum(lo + queries, length)
                 a_i = scores(q[:, :, lo:hi], k, v, keep[..., lo:hi, :])
                 return i + 1, out.write(i, tf.transpose(a_i, [2, 0, 1, 3]))  # [rows, B, H, D]
 
+            parts = (length + queries - 1) // queries
             _, out = tf.while_loop(lambda i, _: i < parts, part,
                                    (tf.constant(0), tf.TensorArray(tf.float32, size=parts, infer_shape=False)),
                                    parallel_iterations=1)
-            return tf.transpose(out.concat(), [1, 0, 2, 3])  # [B, T, H, D]
-
-        a = at_once() if queries is None else in_parts()
+            a = tf.transpose(out.concat(), [1, 0, 2, 3])  # [B, T, H, D]
         return tf.reshape(a, [batch * length, hp.n_embd])
 
     return attend
@@ -460,6 +456,17 @@ class Model:
         flat = tf.reshape(hidden, [-1, self.hparams.n_embd])
         out = tf.matmul(flat, self._wte, transpose_b=True)
         return tf.reshape(out, tf.concat([tf.shape(hidden)[:-1], [self.hparams.n_vocab]], axis=0))
+
+    def build_forward_passes(self) -> None:
+        """Build the forward passes of ``hidden`` and ``logits`` now, for short batches and for those
+        long enough to compute attention in parts (``QUERIES``), so that no later first call pays for
+        it (a server does this before it takes requests)."""
+        lengths = [2]
+        if QUERIES is not None and 2 * QUERIES + 1 <= self.hparams.n_ctx:
+            lengths.append(2 * QUERIES + 1)
+        for n in lengths:
+            self.hidden([[0] * n])
+            self.logits([[0] * n])
 
     def _forward(self, kind: str, n_blocks: int, ids, lengths) -> np.ndarray:
         arr, lens = as_batch(ids, self.hparams, lengths)

@@ -58,18 +58,12 @@ class State:
         worker, before the server takes requests: building them holds the interpreter lock for a good part
         of a second, which the first embeddings or scoring request would otherwise make every stream wait
         for."""
-        if not hasattr(self.model, "hidden"):
+        if not hasattr(self.model, "build_forward_passes"):
             return
         eos = self.enc.eos_id
 
         def work(cancelled):
-            from model.gpt2 import QUERIES
-
-            long = [[eos] * (2 * QUERIES + 1)] if QUERIES else None  # batches past it have functions of their own
-            for ids in ([[eos, eos]], long):
-                if ids is not None and len(ids[0]) <= self.hparams.n_ctx:
-                    self.model.hidden(ids)
-                    self.model.logits(ids)
+            self.model.build_forward_passes()
             list(self.scorer.score_token_lists([[eos]]))
 
         self.forward.run(work, time.monotonic() + 3600, threading.Event())
