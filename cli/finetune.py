@@ -177,6 +177,7 @@ class _Printer:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    common.quiet_tensorflow(args.verbose)  # before anything imports TensorFlow (tasks.train, model.lora)
     if not 0.0 <= args.val_fraction < 1.0:
         raise UsageError(f"--val_fraction must be at least 0 and below 1, got {args.val_fraction}")
     run_dir = os.path.join(args.checkpoint_dir, args.run_name)
@@ -196,7 +197,6 @@ def main(argv=None) -> int:
     from tasks import train as T
     from model import ModelError
 
-    common.quiet_tensorflow(args.verbose)
     if os.path.isdir(run_dir) and T.latest_step(run_dir) is not None:
         if T.is_adapter_run(run_dir) and not args.lora_rank:
             raise UsageError(f"{run_dir} holds a LoRA adapter run: resume it with --lora RANK, "
