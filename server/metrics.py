@@ -37,9 +37,12 @@ class Metrics:
         self.latency_seconds.labels(route).observe(seconds)
 
     def first_token(self, job) -> None:
+        """At a sample's first text event, or when it is done (a sample without text events: the
+        time its first token was drawn)."""
         if not getattr(job, "ttft_recorded", False):
             job.ttft_recorded = True
-            self.ttft.observe(time.monotonic() - job.submitted)
+            at = job.first_token_at if not job.text_events and job.first_token_at is not None else time.monotonic()
+            self.ttft.observe(at - job.submitted)
 
     def render(self):
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

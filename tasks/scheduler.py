@@ -27,7 +27,7 @@ One ``step()``:
    n_ctx/2 tokens (the sliding window).
 
 Every sample that ends (but a cancelled one) gives a ``done`` event; ``text`` events come only for
-jobs with an ``on_event``, and carry only text that is final: never past ``max_length``, never text
+jobs with an ``on_event`` and ``text_events`` on, and carry only text that is final: never past ``max_length``, never text
 that may still become the start of a stop string; their pieces concatenate to the finished text.
 """
 from __future__ import annotations
@@ -74,6 +74,9 @@ class Job:
         self.rng = request.rng if request.rng is not None else np.random.default_rng()
         self.cancelled = False
         self.held = False   # a front end's reader is behind: draw nothing for now (see the module)
+        #: whether ``on_event`` hears ``text`` events; a front end that uses only the finished ``text``
+        #: (a non-streaming answer) sets False, and hears of the sample only when it is ``done``
+        self.text_events = True
         self.done = False
         self.attempt = 0
         self.text = ""
@@ -295,7 +298,7 @@ class Scheduler:
             else:
                 row.assembler.finish()
             return self._final(row), "stop" if row.stops is not None and row.stops.found else "length"
-        if piece and job.on_event is not None:
+        if piece and job.on_event is not None and job.text_events:
             if req.max_length is not None:
                 text = text[:req.max_length]
             safe = len(text) - (row.stops.held if row.stops is not None else 0)
@@ -318,7 +321,7 @@ class Scheduler:
         if job.cancelled:
             return
         sent = row.sent if row is not None else 0
-        if text[sent:] and job.on_event is not None:
+        if text[sent:] and job.on_event is not None and job.text_events:
             events.append((job, "text", text[sent:]))
         events.append((job, "done", None))
 

@@ -21,7 +21,10 @@ Events are handed over once per step: the loop gathers every (job, kind, data) o
 ``engine.deliver(events)`` once, before it runs the next decoding step (by default ``deliver``
 calls each job's ``on_event`` on the loop thread).  A server sets ``deliver`` to one
 ``loop.call_soon_threadsafe`` per step: its event loop then wakes once per step, not once per
-token per client, and takes the GIL from the decoding thread that much less often.
+token per client, and takes the GIL from the decoding thread that much less often.  Samples
+submitted with ``text_events=False`` (a non-streaming answer, which reads each finished text) add
+nothing to a step's events until they end: a step of such samples only wakes the event loop
+when one of them is done.
 
 A front end whose reader falls behind (a stream's client that does not read) ``hold``s its jobs:
 their rows draw nothing (no sampling, text or events; a decoder that runs every slot in use, as
@@ -109,12 +112,16 @@ class Engine:
         """Queue one sample; raises QueueFull or EngineStopped."""
         return self.submit_many([request], on_event)[0]
 
-    def submit_many(self, requests: Sequence[SampleRequest], on_event) -> List[Job]:
+    def submit_many(self, requests: Sequence[SampleRequest], on_event, text_events: bool = True) -> List[Job]:
         """Queue samples together (all or none): QueueFull when they would not fit in ``max_queue``;
-        OptionError for a ``min_length`` the model's context cannot hold."""
+        OptionError for a ``min_length`` the model's context cannot hold.  ``text_events`` False: only
+        ``done`` (or ``error``) events, for a caller that reads the finished ``job.text`` (a non-streaming
+        answer: no event, and no wake-up of the caller, per token)."""
         for r in requests:
             r.params.check_model(self.model.hparams)
         jobs = [Job(r, on_event) for r in requests]
+        for job in jobs:
+            job.text_events = text_events
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")

@@ -407,10 +407,12 @@ class _FaultyEngine:
     def tokens_per_second(self, span=5.0):
         return 0.0
 
-    def submit_many(self, requests, on_event):
+    def submit_many(self, requests, on_event, text_events=True):
         from tasks.serving import Job
 
         jobs = [Job(r, on_event) for r in requests]
+        for job in jobs:
+            job.text_events = text_events
 
         def step():  # the decoding thread's step
             events = []
@@ -420,7 +422,7 @@ class _FaultyEngine:
                     events.append((job, "error", self.fault))
                 else:
                     job.text, job.tokens, job.done, job.finish_reason = "ok", [1], True, "length"
-                    events += [(job, "text", "ok"), (job, "done", None)]
+                    events += [(job, "text", "ok")] * job.text_events + [(job, "done", None)]
             self.deliver(events)
 
         threading.Thread(target=step).start()

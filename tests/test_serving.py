@@ -169,6 +169,34 @@ def test_a_steps_events_are_delivered_at_once(tiny, enc):
     assert any(len({id(j) for j, _, _ in c}) == 3 for c in calls)  # the samples' steps went out together
 
 
+def test_samples_without_text_events_hear_only_of_their_end(tiny, enc):
+    """A non-streaming answer submits its samples with text_events=False: the engine hands over no event
+    per token for them (no wake-up of the event loop per step), only ``done``, and their finished texts
+    are those of samples that had every text event, seed for seed."""
+    def run(text_events):
+        e = Engine(tiny, enc, batch_size=4, max_queue=8)
+        calls = []
+        e.deliver = lambda events: calls.append(list(events))
+        e.start()
+        try:
+            jobs = e.submit_many([SampleRequest(e.context_ids("今日は"), SamplingParams(40, 0.0, 1.0),
+                                                rng=np.random.default_rng(i), max_tokens=6 + 4 * i)
+                                  for i in range(3)], lambda *a: None, text_events=text_events)
+            _wait(jobs)
+        finally:
+            e.stop()
+        return jobs, calls, e.steps
+
+    quiet, calls, steps = run(False)
+    loud, loud_calls, _ = run(True)
+    assert [j.text for j in quiet] == [j.text for j in loud] and all(j.text for j in quiet)
+    assert [j.finish_reason for j in quiet] == ["length"] * 3
+    kinds = [kind for c in calls for _, kind, _ in c]
+    assert kinds == ["done"] * 3
+    assert len(calls) == 3 < steps  # one hand-over per sample that ended, none for the other steps
+    assert sum(kind == "text" for c in loud_calls for _, kind, _ in c) >= 3 * 6
+
+
 def test_embeddings_use_the_one_batch_planner(tiny, enc, corpus_lines):
     """The server's embeddings plan as gpt2-transform.py and gpt2-score.py do (tasks.batching,
     tested on its own in test_batching.py)."""

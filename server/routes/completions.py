@@ -149,7 +149,8 @@ def submit(state: State, c: Completion, requests: List[SampleRequest], channel: 
     if not c.samples:
         return [None] * (len(c.prompts) * c.n)
     try:
-        return state.engine.submit_many(requests, channel.on_event)
+        # a non-streaming answer reads each sample's finished text: no event per token
+        return state.engine.submit_many(requests, channel.on_event, text_events=c.stream)
     except QueueFull as e:
         raise busy(state, str(e)) from None
     except EngineStopped as e:
@@ -180,6 +181,8 @@ async def step_events(state: State, jobs: list, channel: Channel) -> AsyncIterat
                     state.metrics.first_token(job)
                     out.append(("text", k, data))
                 elif kind == "done":
+                    if not job.text_events:  # (then the time its first token was drawn)
+                        state.metrics.first_token(job)
                     remaining -= 1
                     out.append(("done", k, job.finish_reason))
                 else:
@@ -376,7 +379,8 @@ class _Answer:
         yield "data: [DONE]\n\n"
 
     async def gather(self, channel: Channel) -> Tuple[dict, dict]:
-        """Every sample's text and finish reason (by choice index), once all are done."""
+        """Every sample's text and finish reason (by choice index), once all are done (the samples were
+        submitted without text events: each one's finished text is read when it is done)."""
         texts = {k: "" for k in range(len(self.jobs))}
         reasons = {k: "length" for k, job in enumerate(self.jobs) if job is None}
         async for events in step_events(self.state, self.jobs, channel):
@@ -384,6 +388,7 @@ class _Answer:
                 if kind == "text":
                     texts[k] += data
                 elif kind == "done":
+                    texts[k] = self.jobs[k].text
                     reasons[k] = data
                 else:
                     raise data
