@@ -16,7 +16,7 @@ class Metrics:
                                          "time from a request's arrival to its last byte", ["route"],
                                          buckets=BUCKETS, registry=r)
         self.ttft = Histogram("gpt2ja_time_to_first_token_seconds", "time from a sample's submission to its first "
-                              "text", buckets=BUCKETS, registry=r)
+                              "text (non-streaming: to its first token drawn)", buckets=BUCKETS, registry=r)
         self.in_progress = Gauge("gpt2ja_requests_in_progress", "HTTP requests being answered", ["route"], registry=r)
         self.tokens = Counter("gpt2ja_tokens_generated", "tokens drawn by the decoding loop", registry=r)
         Gauge("gpt2ja_queue_length", "samples waiting for a place in the batch",
