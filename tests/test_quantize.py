@@ -527,3 +527,55 @@ def test_a_copied_checkpoint_reuses_its_cache_and_hashes_once(tmp_path, monkeypa
     assert len(calls) == 1
     assert not model.load_quantized(copy, "q4").quantized.made
     assert len(calls) == 1
+
+
+def test_checksums_are_read_through_once_per_unchanged_file(tmp_path, monkeypatch):
+    """A cache file whose checksums passed is not read through again while its stamps (device, inode,
+    size, modification and change time) are those recorded; any write to it -- even one restoring
+    its size and modification time -- changes its change time: it is read through again and a
+    corrupted member is caught.  A record for other stamps, or one planted as a link, is ignored."""
+    d, _ = _fresh(tmp_path)
+    reads = []
+    check = quantize._check_member
+    monkeypatch.setattr(quantize, "_check_member",
+                        lambda *a, read_through=True: reads.append(read_through) or check(*a, read_through=read_through))
+    made = model.load_quantized(d, "q8")
+    assert made.quantized.made and reads and all(reads)  # written, then read through once
+    path = made.quantized.path
+    record = quantize._checked_path(path)
+    assert record.is_file() and record.parent == quantize.default_cache_root() / "quantized" / "checked"
+    reads.clear()
+    again = model.load_quantized(d, "q8")
+    assert not again.quantized.made and reads and not any(reads)  # headers checked, arrays not read through
+    seq = [[5, 6, 7]]
+    np.testing.assert_array_equal(model.decoder(again).add([0], seq), model.decoder(made).add([0], seq))
+
+    # a byte of the weights changed in place, size and modification time restored
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        b = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([b[0] ^ 0x55]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    reads.clear()
+    assert model.load_quantized(d, "q8").quantized.made  # read through: the CRC caught it, made again
+    assert reads[0] is True
+
+    # a record for other stamps is not taken; nor is a valid record reached through a link
+    reads.clear()
+    assert not model.load_quantized(d, "q8").quantized.made and not any(reads)
+    text = record.read_text()
+    record.write_text(text.replace('"version"', '"other": 1, "version"'))
+    reads.clear()
+    assert not model.load_quantized(d, "q8").quantized.made and reads and all(reads)
+    real = tmp_path / "record.json"
+    reads.clear()
+    assert not model.load_quantized(d, "q8").quantized.made and not any(reads)  # the record was renewed
+    real.write_text(record.read_text() + " ")  # a valid record, were it followed
+    record.unlink()
+    record.symlink_to(real)
+    reads.clear()
+    assert not model.load_quantized(d, "q8").quantized.made and reads and all(reads)
+    assert not record.is_symlink() and real.read_text().endswith(" ")  # replaced, never followed nor written
