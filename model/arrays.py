@@ -23,7 +23,6 @@ dtype, compressed or sliced) is simply always loaded with TensorFlow.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -40,8 +39,6 @@ from .quantize import SUBDIR, checkpoint_key, data_stamps, default_cache_root
 
 #: The "format" of the record in the cache key (so that it never matches a quantized file's).
 FORMAT = "f32"
-#: The largest record read (it is a few hundred bytes).
-_MAX_RECORD = 1 << 16
 
 
 class ArrayModel:
@@ -73,16 +70,7 @@ def trusted(prefix: str | os.PathLike, cache_root=None) -> bool:
     """Whether TensorFlow has read the checkpoint ``prefix`` whole, as it is now (a valid record)."""
     prefix = str(prefix)
     key = checkpoint_key(prefix, FORMAT)
-    want = _record(key, prefix)
-    f = _files.open_regular(_record_path(prefix, key, cache_root))
-    if f is None:
-        return False
-    try:
-        with f:
-            raw = f.read(_MAX_RECORD + 1)
-        return len(raw) <= _MAX_RECORD and json.loads(raw.decode()) == want
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
+    return _files.read_record(_record_path(prefix, key, cache_root)) == _record(key, prefix)
 
 
 def remember(prefix: str | os.PathLike, cache_root=None) -> Optional[Path]:
@@ -91,14 +79,8 @@ def remember(prefix: str | os.PathLike, cache_root=None) -> Optional[Path]:
     checkpoint with TensorFlow again)."""
     prefix = str(prefix)
     key = checkpoint_key(prefix, FORMAT)
-    text = json.dumps(_record(key, prefix), sort_keys=True)
     path = _record_path(prefix, key, cache_root)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _files.atomic_write(path, lambda f: f.write(text.encode()), follow_symlinks=False)
-    except OSError:
-        return None
-    return path
+    return path if _files.write_record(path, _record(key, prefix)) else None
 
 
 def load_arrays(model_dir: str | os.PathLike, cache_root=None) -> Optional[ArrayModel]:

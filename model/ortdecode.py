@@ -262,16 +262,12 @@ def _read_graph(path):
     import hashlib
     import json
 
-    from util.files import open_regular
+    from util.files import read_small
 
-    f = open_regular(path)
-    if f is None:
+    raw = read_small(path, _MAX_GRAPH)
+    if raw is None or not raw.startswith(_GRAPH_MAGIC):
         return None
     try:
-        with f:
-            raw = f.read(_MAX_GRAPH + 1)
-        if len(raw) > _MAX_GRAPH or not raw.startswith(_GRAPH_MAGIC):
-            return None
         digest, names, graph = raw[len(_GRAPH_MAGIC):].split(b"\n", 2)
         if hashlib.sha256(names + b"\n" + graph).hexdigest().encode() != digest:
             return None

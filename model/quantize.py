@@ -391,10 +391,6 @@ def _file_ident(st: os.stat_result) -> Tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-#: The largest record of a checked file read (it is about 200 bytes).
-_MAX_RECORD = 1 << 16
-
-
 def _checked_path(path: Path, cache_root=None) -> Path:
     """Where the record of ``path``'s checked checksums lies: under the model cache, named by the
     file's name and its absolute path (cache files of different directories share names)."""
@@ -410,27 +406,13 @@ def _checked_record(path: Path, ident: Tuple[int, ...]) -> dict:
 
 def _was_checked(path: Path, ident: Tuple[int, ...], cache_root=None) -> bool:
     """Whether ``path``'s checksums were read through when it had exactly the stamps ``ident``."""
-    f = _files.open_regular(_checked_path(path, cache_root))
-    if f is None:
-        return False
-    try:
-        with f:
-            raw = f.read(_MAX_RECORD + 1)
-        return len(raw) <= _MAX_RECORD and json.loads(raw.decode()) == _checked_record(path, ident)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
+    return _files.read_record(_checked_path(path, cache_root)) == _checked_record(path, ident)
 
 
 def _remember_checked(path: Path, ident: Tuple[int, ...], cache_root=None) -> None:
     """Record that ``path``'s checksums passed while it had the stamps ``ident`` (nothing when the
     record cannot be written: the next start reads the file through again)."""
-    text = json.dumps(_checked_record(path, ident), sort_keys=True)
-    record = _checked_path(path, cache_root)
-    try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        _files.atomic_write(record, lambda f: f.write(text.encode()), follow_symlinks=False)
-    except OSError:
-        pass
+    _files.write_record(_checked_path(path, cache_root), _checked_record(path, ident))
 
 
 def still_there(path: str | os.PathLike, stored: "Stored") -> bool:

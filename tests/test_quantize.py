@@ -411,6 +411,18 @@ def test_teacher_forced_logits_are_the_decoders_logits(tiny_q):
 # -- the cache against hostile and unlucky file systems (issue 22, C11) ---------------------------
 
 
+def _change_a_byte_in_place(path):
+    """The middle byte of ``path`` changed in place, its size and modification time restored."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        b = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([b[0] ^ 0x55]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
 def _fresh(tmp_path, name="m"):
     d = tmp_path / name
     shutil.copytree(TINY_DIR, d)
@@ -497,14 +509,7 @@ def test_a_data_file_changed_in_place_with_size_and_mtime_restored_is_noticed(ti
     made = model.load_quantized(d, "q8")
     assert made.quantized.made
     data = d / "model-1000.data-00000-of-00001"
-    st = data.stat()
-    with open(data, "r+b") as f:  # a byte of the weights changed, size kept
-        f.seek(st.st_size // 2)
-        b = f.read(1)
-        f.seek(st.st_size // 2)
-        f.write(bytes([b[0] ^ 0x55]))
-    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert data.stat().st_size == st.st_size and data.stat().st_mtime_ns == st.st_mtime_ns
+    _change_a_byte_in_place(data)
     key = quantize.checkpoint_key(prefix, "q8")
     assert quantize.read_cache(made.quantized.path, None, "q8", key) is not None  # the key alone passes
     assert quantize.read_cache(made.quantized.path, None, "q8", key, prefix) is None
@@ -551,14 +556,7 @@ def test_checksums_are_read_through_once_per_unchanged_file(tmp_path, monkeypatc
     np.testing.assert_array_equal(model.decoder(again).add([0], seq), model.decoder(made).add([0], seq))
 
     # a byte of the weights changed in place, size and modification time restored
-    st = path.stat()
-    with open(path, "r+b") as f:
-        f.seek(st.st_size // 2)
-        b = f.read(1)
-        f.seek(st.st_size // 2)
-        f.write(bytes([b[0] ^ 0x55]))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    _change_a_byte_in_place(path)
     reads.clear()
     assert model.load_quantized(d, "q8").quantized.made  # read through: the CRC caught it, made again
     assert reads[0] is True

@@ -20,11 +20,12 @@ plain ``OSError``s; callers turn them into their own one-line messages.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Set
+from typing import Any, Callable, Iterator, Optional, Set
 
 _PENDING: Set[str] = set()
 
@@ -89,6 +90,47 @@ def open_regular(path: str | os.PathLike):
     except OSError:
         os.close(fd)
         return None
+
+
+#: The largest record file ``read_record`` reads (records are a few hundred bytes).
+MAX_RECORD = 1 << 16
+
+
+def read_small(path: str | os.PathLike, limit: int) -> Optional[bytes]:
+    """The bytes of the regular file ``path`` (opened as ``open_regular`` opens: never through a
+    link at its name, never a FIFO), or None when it is missing, not a regular file, unreadable
+    or larger than ``limit`` bytes."""
+    f = open_regular(path)
+    if f is None:
+        return None
+    try:
+        with f:
+            raw = f.read(limit + 1)
+    except OSError:
+        return None
+    return raw if len(raw) <= limit else None
+
+
+def read_record(path: str | os.PathLike) -> Optional[Any]:
+    """The JSON value in the small record file ``path`` (see ``read_small``), or None when there is
+    none: missing, not a regular file, larger than ``MAX_RECORD`` bytes, unreadable or not JSON."""
+    raw = read_small(path, MAX_RECORD)
+    try:
+        return None if raw is None else json.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def write_record(path: str | os.PathLike, value: Any) -> bool:
+    """``value`` as JSON in ``path`` (its directory made), atomically, replacing whatever is at the
+    name -- a link is never followed; False when it cannot be written."""
+    text = json.dumps(value, sort_keys=True)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(text.encode()), follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
