@@ -241,6 +241,13 @@ class NumpyDecoder(RowDecoder):
     def _cleared(self) -> None:
         self._caches = []
 
+    def _save(self, slot: int):
+        row, self._caches[slot] = self._caches[slot], None  # the row's own cache object: nothing copied
+        return row
+
+    def _load(self, slot: int, state) -> None:
+        self._caches[slot] = state
+
     def _prefill(self, slot: int, ids) -> np.ndarray:
         """Slot ``slot`` holds a new row of ``ids``; the logits [n_vocab] after its last token."""
         hp = self.hparams

@@ -411,6 +411,16 @@ class OnnxDecoder(RowDecoder):
         self._K[:, dst, :, :n] = self._K[:, src, :, :n]
         self._V[:, dst, :, :n] = self._V[:, src, :, :n]
 
+    def _save(self, slot: int):
+        n = int(self._n[slot])
+        return self._K[:, slot, :, :n].copy(), self._V[:, slot, :, :n].copy()
+
+    def _load(self, slot: int, state) -> None:
+        K, V = state
+        n = K.shape[2]
+        self._K[:, slot, :, :n] = K
+        self._V[:, slot, :, :n] = V
+
     def _reserve(self, slots: int, positions: int) -> None:
         """Room for ``slots`` rows (grown by doubling).  Every slot has room for n_ctx + 1 positions
         from the start: a step writes the new token's keys and values of every slot in use at that

@@ -6,6 +6,8 @@
     dec.truncate("a", 2)                         # forget positions 2.. of "a" (llama.cpp's seq_rm)
     logits = dec.replace("b", [5, 7, 9])         # "b" now holds these tokens (a sliding window)
     dec.remove(["a"])                            # "a" leaves; its row is free for the next one
+    kept = dec.park("b")                         # "b" leaves the steps, its cache kept aside ...
+    dec.unpark("b", kept)                        # ... and is back, exactly as it was
     dec.length("b"), dec.ids, dec.rows
 
 Sequences are addressed by any hashable id the caller chooses (llama.cpp's ``seq_id``); they join
@@ -23,6 +25,8 @@ An engine implements only the network over slots:
     _move(src, dst)                                  src's row now lives in dst (src is then free)
     _truncated(slot, length)                         (optional) a row was cut to ``length``
     _cleared()                                       (optional) every row is gone
+    _save(slot) -> state                             (optional) what ``_load`` needs to put the row back
+    _load(slot, state)                               (optional) slot is new and holds that row again
 
 Lengths live here (``self._n``), not in the engines.
 """
@@ -57,6 +61,9 @@ class RowDecoder:
     engine = ""
     #: The weight format: None (float32), "q8" or "q4".
     quantize = None
+    #: Whether ``park`` saves what a row costs a step (an engine that would compute every row again
+    #: on ``unpark`` says False: a scheduler then leaves held rows where they are).
+    parking = True
 
     def __init__(self, hparams: HParams):
         self.hparams = hparams
@@ -197,6 +204,26 @@ class RowDecoder:
                 self._n[hole] = self._n[slot]
                 self._slot[seq_id] = hole
 
+    def park(self, seq_id) -> "Parked":
+        """``seq_id`` leaves the table, as ``remove`` (its row is free, steps no longer compute it), but its
+        cache is kept aside: ``unpark(seq_id, parked)`` puts it back exactly as it was (a sequence whose
+        reader is behind: a server's stream nobody reads)."""
+        slot = self._get(seq_id)
+        parked = Parked(int(self._n[slot]), self._save(slot))
+        self.remove([seq_id])
+        return parked
+
+    def unpark(self, seq_id, parked: "Parked") -> None:
+        """``seq_id`` (new) holds again what ``park`` kept; its next step goes on where it stopped."""
+        if seq_id in self._slot:
+            raise ValueError("sequence ids must be new and distinct")
+        slot = self.rows
+        self._ensure_slots(slot + 1)
+        self._reserve(slot + 1, parked.length + 1)
+        self._slot[seq_id] = slot
+        self._n[slot] = parked.length
+        self._load(slot, parked.state)
+
     def clear(self) -> None:
         """Forget every sequence."""
         self._slot = {}
@@ -228,3 +255,18 @@ class RowDecoder:
 
     def _cleared(self) -> None:
         pass
+
+    def _save(self, slot: int):
+        raise NotImplementedError
+
+    def _load(self, slot: int, state) -> None:
+        raise NotImplementedError
+
+
+class Parked:
+    """A row ``RowDecoder.park`` set aside: its length and the engine's copy of its cache."""
+
+    __slots__ = ("length", "state")
+
+    def __init__(self, length: int, state):
+        self.length, self.state = length, state

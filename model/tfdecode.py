@@ -20,6 +20,8 @@ class TFDecoder(RowDecoder):
     """Sequences decoded together over one ``Model``'s TensorFlow cache (see the module)."""
 
     engine = "tf"
+    #: one cache for the whole batch: a row put back would be prefilled again with every other row
+    parking = False
 
     def __init__(self, model):
         super().__init__(model.hparams)
@@ -62,6 +64,13 @@ class TFDecoder(RowDecoder):
 
     def _truncated(self, slot: int, length: int) -> None:
         del self.seqs[slot][length:]
+
+    def _save(self, slot: int):
+        return list(self.seqs[slot])
+
+    def _load(self, slot: int, state) -> None:
+        self.seqs[slot] = list(state)
+        self.live[slot] = -1  # not in the cache: the next step prefills again
 
     def _in_sync(self) -> bool:
         """Whether every row sits in the cache and all of them end at one slot with room for a step."""

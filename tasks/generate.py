@@ -296,8 +296,8 @@ class Generator:
                         exhausted = True
                         break
                     pending.extend(more)
-                    if limit < batch_size and len(pending) + len(sch.active) + len(sch.retrying) > limit:
-                        grown = min(batch_size, max(2 * limit, len(pending) + len(sch.active)))
+                    if limit < batch_size and len(pending) + sch.occupied + len(sch.retrying) > limit:
+                        grown = min(batch_size, max(2 * limit, len(pending) + sch.occupied))
                         try:
                             memory.check("batch_size", grown, grown * per_row, "")
                             limit = grown

@@ -15,7 +15,9 @@ One ``step()``:
    see ``tasks.serving.Engine.hold``) through the sampler chain (``tasks.sampling``; rows with the
    same settings are drawn together).  A held row keeps its place, its key/value cache and the logits
    of its next token, and draws nothing: released, it goes on as if it had never waited (its random
-   generator untouched);
+   generator untouched).  Held through ``PARK_AFTER`` steps, it is *parked*: the decoder sets its
+   cache aside (``RowDecoder.park``), so that the steps of the others no longer compute it, and puts
+   it back as it was once it is released.  A parked row keeps its place in ``batch_size``;
 3. the text is assembled (byte tokens held until their character is complete) and each sample's
    end is decided: <|endoftext|> (never during its first ``min_length`` tokens), a stop string,
    ``max_length`` characters, ``max_tokens`` tokens;
@@ -44,6 +46,12 @@ from .sampling import Rows, SamplingParams, sample
 from .text import StopMatcher, TextAssembler, cut_at_stop
 
 RETRIES_FOR_EMPTY = 8
+
+#: Steps a held row is still computed before it is parked.  A decoder that computes every row reads
+#: each held row's whole key/value cache at every step (its attention), and parking copies that cache
+#: out and back once: about four steps' reading of it.  Parking after as many steps as it costs never
+#: costs more than twice what the best choice made knowing how long the hold lasts would have.
+PARK_AFTER = 4
 
 
 @dataclass
@@ -115,7 +123,7 @@ class GenerationStats:
 
 
 class _Row:
-    __slots__ = ("job", "assembler", "window", "history", "steps", "sent", "stops")
+    __slots__ = ("job", "assembler", "window", "history", "steps", "sent", "stops", "held_steps", "parked")
 
     def __init__(self, job: Job, enc):
         job.tokens = []
@@ -128,6 +136,8 @@ class _Row:
         self.steps = 0
         self.sent = 0                          # characters of text passed on
         self.stops = StopMatcher(job.request.stop) if job.request.stop else None
+        self.held_steps = 0                    # steps in a row this one was held through
+        self.parked = None                     # while parked: (the decoder's Parked, its next logits)
 
 
 Event = Tuple[Job, str, object]
@@ -146,6 +156,7 @@ class Scheduler:
         self.batch_size = batch_size
         self.stats = stats if stats is not None else GenerationStats()
         self.active: List[_Row] = []
+        self.parked: List[_Row] = []          # held rows set aside (see the module)
         self.retrying: Deque[Job] = deque()   # samples that ended empty, drawn again first
         self._logits = np.empty((0, decoder.hparams.n_vocab), np.float32)
         self._tokens = np.zeros(0, np.int64)
@@ -157,17 +168,23 @@ class Scheduler:
     @property
     def free(self) -> int:
         """How many new samples ``admit`` takes now."""
-        return max(0, self.batch_size - len(self.active) - len(self.retrying))
+        return max(0, self.batch_size - self.occupied - len(self.retrying))
+
+    @property
+    def occupied(self) -> int:
+        """Rows taken: the samples being decoded, parked ones included."""
+        return len(self.active) + len(self.parked)
 
     @property
     def busy(self) -> bool:
-        return bool(self.active or self.retrying)
+        return bool(self.active or self.parked or self.retrying)
 
     @property
     def ready(self) -> bool:
         """Whether ``step`` has work: a row to draw for or to drop, or a sample to draw again (with
         every row held it has none)."""
-        return bool(self.retrying) or any(not row.job.held or row.job.cancelled for row in self.active)
+        return bool(self.retrying) or any(not row.job.held or row.job.cancelled
+                                          for row in self.active + self.parked)
 
     def admit(self, jobs: Sequence[Job] = ()) -> None:
         """Start these samples now (after any that are drawn again); at most ``free`` of them."""
@@ -189,8 +206,9 @@ class Scheduler:
 
     def abort(self) -> List[Job]:
         """Forget every sample (after a failed step): the jobs that were in progress."""
-        jobs = [row.job for row in self.active] + list(self.retrying)
+        jobs = [row.job for row in self.active + self.parked] + list(self.retrying)
         self.active = []
+        self.parked = []
         self.retrying.clear()
         self._logits = np.empty((0, self.decoder.hparams.n_vocab), np.float32)
         self.decoder.clear()
@@ -202,9 +220,13 @@ class Scheduler:
         if self.retrying:
             self.admit([])
         self._drop_cancelled(events)
+        self._unpark()
         moving = [b for b, row in enumerate(self.active) if not row.job.held]
         if not moving:
             return events
+        if len(moving) < len(self.active) and self.decoder.parking:
+            self._park()
+            moving = [b for b, row in enumerate(self.active) if not row.job.held]
         t0 = time.perf_counter()
         every = len(moving) == len(self.active)
         rows = self.active if every else [self.active[b] for b in moving]
@@ -244,7 +266,46 @@ class Scheduler:
 
     # -- inside a step -------------------------------------------------------------------------
 
+    def _park(self) -> None:
+        """Count the held rows' steps; set aside those held through ``PARK_AFTER`` steps."""
+        go = set()
+        for b, row in enumerate(self.active):
+            if row.job.held:
+                row.held_steps += 1
+                if row.held_steps > PARK_AFTER:
+                    go.add(b)
+            else:
+                row.held_steps = 0
+        if not go:
+            return
+        for b in sorted(go):
+            row = self.active[b]
+            row.parked = (self.decoder.park(id(row.job)), self._logits[b].copy())
+            self.parked.append(row)
+        keep = [b for b in range(len(self.active)) if b not in go]
+        self.active = [self.active[b] for b in keep]
+        self._logits = self._logits[keep]
+
+    def _unpark(self) -> None:
+        """Parked rows whose reader caught up rejoin the steps, exactly as they were."""
+        back = [row for row in self.parked if not row.job.held]
+        if not back:
+            return
+        self.parked = [row for row in self.parked if row.job.held]
+        for row in back:
+            kept, _ = row.parked
+            self.decoder.unpark(id(row.job), kept)
+            row.held_steps = 0
+        rejoining = np.stack([row.parked[1] for row in back])
+        self._logits = np.concatenate([self._logits, rejoining]) if self.active else rejoining
+        for row in back:
+            row.parked = None
+        self.active += back
+
     def _drop_cancelled(self, events: List[Event]) -> None:
+        for row in [row for row in self.parked if row.job.cancelled]:  # nothing of theirs in the decoder
+            self.parked.remove(row)
+            self._finish(row, row.job, row.assembler.text, "cancelled", events)
         gone = [b for b, row in enumerate(self.active) if row.job.cancelled]
         if not gone:
             return

@@ -27,9 +27,10 @@ nothing to a step's events until they end: a step of such samples only wakes the
 when one of them is done.
 
 A front end whose reader falls behind (a stream's client that does not read) ``hold``s its jobs:
-their rows draw nothing (no sampling, text or events; a decoder that runs every slot in use, as
-ONNX Runtime's, still computes theirs beside the others) and keep their place until ``release`` (the
-server's --read_timeout bounds the wait); while every row is held the thread sleeps.
+their rows draw nothing (no sampling, text or events) and keep their place until ``release`` (the
+server's --read_timeout bounds the wait); held through a few steps, a row is parked -- its cache set
+aside, out of the others' steps (``tasks.scheduler.PARK_AFTER``) -- and put back as it was when
+released; while every row is held the thread sleeps.
 
 A step that fails (out of memory, a bug) fails the samples of that step -- each gets an
 ``("error", exception)`` event -- is logged as one line on stderr, and the engine goes on serving
@@ -125,7 +126,7 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
-            busy = len(self.scheduler.active) + len(self.scheduler.retrying)
+            busy = self.scheduler.occupied + len(self.scheduler.retrying)
             room = self.batch_size - busy + self.max_queue - len(self._waiting)
             if len(jobs) > room:
                 raise QueueFull(f"{len(self._waiting)} samples are waiting (at most {self.max_queue})")
@@ -160,12 +161,13 @@ class Engine:
 
     @property
     def active_rows(self) -> int:
-        return len(self.scheduler.active)
+        return self.scheduler.occupied
 
     @property
     def held_rows(self) -> int:
         """Rows held because their reader is behind (see ``hold``)."""
-        return sum(row.job.held for row in list(self.scheduler.active))
+        sch = self.scheduler
+        return sum(row.job.held for row in list(sch.active) + list(sch.parked))
 
     def tokens_per_second(self, span: float = 5.0) -> float:
         """Tokens drawn per second over the last ``span`` seconds."""
@@ -180,7 +182,7 @@ class Engine:
             if cancel:
                 for job in self._waiting:
                     job.cancel()
-                for row in list(self.scheduler.active):
+                for row in list(self.scheduler.active) + list(self.scheduler.parked):
                     row.job.cancel()
                 for job in list(self.scheduler.retrying):
                     job.cancel()

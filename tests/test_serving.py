@@ -296,6 +296,43 @@ def test_a_held_row_draws_nothing_and_goes_on_as_if_it_had_never_waited(tiny, en
     assert steps1 > steps0
 
 
+@pytest.mark.parametrize("engine_name", ["numpy", "onnx"])
+def test_a_row_held_for_long_is_parked_out_of_the_steps_and_keeps_its_place(tiny, enc, engine_name):
+    from tasks.scheduler import PARK_AFTER, Job, Scheduler
+
+    gen = Generator(tiny, enc, engine=engine_name)
+    params = SamplingParams(40, 0.0, 1.0)
+    sch = Scheduler(gen.engine(3), enc, 3)
+    dec = sch.decoder
+    jobs = [Job(SampleRequest(gen.context_ids(c), params, rng=np.random.default_rng(k), max_tokens=10 ** 6))
+            for k, c in enumerate(("今日は良い天気です。", "吾輩は猫である", "春はあけぼの"))]
+    a, b, c = jobs
+    sch.admit(jobs)
+    sch.step()
+    a.held = c.held = True
+    for k in range(PARK_AFTER):  # still computed beside b: a hold as short as this is not worth a copy
+        sch.step()
+        assert dec.rows == 3 and not sch.parked
+    sch.step()
+    assert dec.rows == 1 and dec.ids == [id(b)] and [row.job for row in sch.parked] == [a, c]
+    assert sch.occupied == 3 and sch.free == 0  # their places are kept for them
+    drawn = (len(a.tokens), len(c.tokens))
+    sch.step()
+    assert (len(a.tokens), len(c.tokens)) == drawn and dec.rows == 1
+    c.cancel()  # a parked row's client goes: it ends with no trace in the decoder
+    events = sch.step()
+    assert c.finish_reason == "cancelled" and c.done and all(job is not c for job, _, _ in events)
+    assert [row.job for row in sch.parked] == [a] and sch.free == 1
+    a.held = False
+    sch.step()
+    assert set(dec.ids) == {id(a), id(b)} and not sch.parked and len(a.tokens) == drawn[0] + 1
+    a.held = b.held = True  # every row held: nothing is computed, so nothing is parked
+    assert not sch.ready
+    for _ in range(PARK_AFTER + 2):
+        assert sch.step() == [] and dec.rows == 2 and not sch.parked
+    assert set(sch.abort()) == {a, b} and sch.occupied == 0 and dec.rows == 0
+
+
 def _thread_cpu(thread) -> float:
     """CPU seconds a thread has used (Linux: /proc)."""
     with open(f"/proc/self/task/{thread.native_id}/stat") as f:
