@@ -288,10 +288,12 @@ class Scheduler:
 
     def _unpark(self) -> None:
         """Parked rows whose reader caught up rejoin the steps, exactly as they were."""
-        back = [row for row in self.parked if not row.job.held]
+        back, still = [], []
+        for row in self.parked:  # one look at each (a front end's thread may hold it again meanwhile)
+            (still if row.job.held else back).append(row)
         if not back:
             return
-        self.parked = [row for row in self.parked if row.job.held]
+        self.parked = still
         for row in back:
             kept, _ = row.parked
             self.decoder.unpark(id(row.job), kept)
