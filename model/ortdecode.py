@@ -46,7 +46,7 @@ from .errors import ModelError
 from .hparams import LAYER_NORM_EPSILON, HParams
 from .npdecode import cpu_weights
 from .quantize import BLOCK
-from .rows import RowDecoder, lazy_zeros
+from .rows import Parked, RowDecoder, lazy_zeros
 from .threads import cpu_count, fixed_threads
 
 MS = "com.microsoft"
@@ -318,6 +318,7 @@ class OnnxDecoder(RowDecoder):
     """
 
     engine = "onnx"
+    aside = True  # a session runs calls from several threads at once
 
     @classmethod
     def from_model(cls, model, quantize: Optional[str] = None, cache_root=None,
@@ -449,17 +450,18 @@ class OnnxDecoder(RowDecoder):
     # -- runs -------------------------------------------------------------------------
 
     def _binding_over(self, first: int, count: int, x: np.ndarray, seqlens: np.ndarray, total: np.ndarray,
-                      logits: np.ndarray):
-        """An IOBinding of the graph over slots first..first+count-1 of the cache (written in
-        place), with the given input and output buffers."""
+                      logits: np.ndarray, caches=None):
+        """An IOBinding of the graph over slots first..first+count-1 of the cache (``caches``: (K, V),
+        default the table's; written in place), with the given input and output buffers."""
         ov = self._ort.OrtValue.ortvalue_from_numpy
         io = self.session.io_binding()
         keep = [x, seqlens, total, logits]
         for name, a in (("x", x), ("seqlens", seqlens), ("total", total)):
             io.bind_ortvalue_input(name, ov(a))
         io.bind_ortvalue_output("logits", ov(logits))
+        K, V = caches if caches is not None else (self._K, self._V)
         for i in range(self.hparams.n_layer):
-            for kv, cache in (("k", self._K), ("v", self._V)):
+            for kv, cache in (("k", K), ("v", V)):
                 view = cache[i, first:first + count]  # contiguous: leading-axis slices
                 value = ov(view)  # shares the numpy buffer
                 io.bind_ortvalue_input(f"p{kv}{i}", value)
@@ -469,13 +471,27 @@ class OnnxDecoder(RowDecoder):
 
     def _prefill(self, slot: int, ids) -> np.ndarray:
         """Fill ``slot`` with a new row holding ``ids``; the logits after it [n_vocab]."""
+        self._reserve(slot + 1, len(ids) + 1)
+        return self._prefill_into(self._K, self._V, slot, ids)
+
+    def _prefill_aside(self, seq: tuple):
+        """The prefill of ``_prefill`` into caches of one row of their own, of the table's shape (the same
+        graph over the same shapes: the same numbers); the session runs it beside the table's steps."""
+        hp = self.hparams
+        T = len(seq)
+        shape = (hp.n_layer, 1, hp.n_head, hp.n_ctx + 1, hp.head_dim)
+        K, V = lazy_zeros(shape), lazy_zeros(shape)  # pages taken only for the T positions written
+        logits = self._prefill_into(K, V, 0, seq)
+        return Parked(T, (K[:, 0, :, :T], V[:, 0, :, :T])), logits
+
+    def _prefill_into(self, K: np.ndarray, V: np.ndarray, slot: int, ids) -> np.ndarray:
         hp = self.hparams
         ids = np.asarray(ids, dtype=np.int64)
         T = ids.shape[0]
-        self._reserve(slot + 1, T + 1)
         logits = np.empty((1, hp.n_vocab), np.float32)
         x = np.ascontiguousarray((self.wte[ids] + self.wpe[:T])[None])
-        io, _keep = self._binding_over(slot, 1, x, np.array([T - 1], np.int32), np.array(T, np.int32), logits)
+        io, _keep = self._binding_over(slot, 1, x, np.array([T - 1], np.int32), np.array(T, np.int32), logits,
+                                       caches=(K, V))
         self.session.run_with_iobinding(io)
         return logits[0]
 

@@ -8,6 +8,8 @@
     dec.remove(["a"])                            # "a" leaves; its row is free for the next one
     kept = dec.park("b")                         # "b" leaves the steps, its cache kept aside ...
     dec.unpark("b", kept)                        # ... and is back, exactly as it was
+    kept, logits = dec.prefill_aside([1, 2, 3])  # (engines with ``aside``) on any thread, beside steps
+    dec.unpark("e", kept)                        # "e" joins, as ``add`` would have made it
     dec.length("b"), dec.ids, dec.rows
 
 Sequences are addressed by any hashable id the caller chooses (llama.cpp's ``seq_id``); they join
@@ -33,7 +35,7 @@ Lengths live here (``self._n``), not in the engines.
 from __future__ import annotations
 
 import mmap
-from typing import Dict, Hashable, Iterable, List, Sequence
+from typing import Dict, Hashable, Iterable, List, Sequence, Tuple
 
 import numpy as np
 
@@ -64,6 +66,8 @@ class RowDecoder:
     #: Whether ``park`` saves what a row costs a step (an engine that would compute every row again
     #: on ``unpark`` says False: a scheduler then leaves held rows where they are).
     parking = True
+    #: Whether ``prefill_aside`` is there: a new row's prefill on another thread while steps go on.
+    aside = False
 
     def __init__(self, hparams: HParams):
         self.hparams = hparams
@@ -224,6 +228,16 @@ class RowDecoder:
         self._n[slot] = parked.length
         self._load(slot, parked.state)
 
+    def prefill_aside(self, seq: Sequence[int]) -> "Tuple[Parked, np.ndarray]":
+        """A new row holding ``seq``, computed outside the table: (what ``unpark`` takes to make it a
+        sequence, the logits after it [n_vocab]) -- the very numbers ``add`` gives.  It touches nothing of
+        the table, so another thread may run it while this one steps (engines with ``aside`` only).
+        ``prefilled_tokens`` does not count it: the caller that puts it in does."""
+        seq = self._check_seq(seq)
+        if not self.aside:
+            raise NotImplementedError(f"the {self.engine} engine prefills only in its table")
+        return self._prefill_aside(seq)
+
     def clear(self) -> None:
         """Forget every sequence."""
         self._slot = {}
@@ -260,6 +274,9 @@ class RowDecoder:
         raise NotImplementedError
 
     def _load(self, slot: int, state) -> None:
+        raise NotImplementedError
+
+    def _prefill_aside(self, seq: tuple):
         raise NotImplementedError
 
 

@@ -53,6 +53,21 @@ RETRIES_FOR_EMPTY = 8
 #: costs more than twice what the best choice made knowing how long the hold lasts would have.
 PARK_AFTER = 4
 
+#: With an ``aside`` executor, a new row whose prefill would take longer than this many decoding steps
+#: (as this scheduler has measured both) is prefilled on the executor's thread while the other rows go
+#: on, and joins them when it is done: a long prompt then holds every stream up by about this much at
+#: most, instead of its whole prefill.
+ASIDE_AFTER_STEPS = 4
+
+
+class _Prefill:
+    """Samples of one context being prefilled aside: their jobs and the executor's future."""
+
+    __slots__ = ("jobs", "future", "tokens")
+
+    def __init__(self, jobs, future, tokens: int):
+        self.jobs, self.future, self.tokens = jobs, future, tokens
+
 
 @dataclass
 class SampleRequest:
@@ -113,6 +128,7 @@ class GenerationStats:
     tokens: int = 0           # tokens drawn
     decode_seconds: float = 0.0
     steps: int = 0
+    prefills_aside: int = 0   # contexts prefilled beside the steps (see ``ASIDE_AFTER_STEPS``)
 
     def line(self) -> str:
         def rate(n, s):
@@ -147,9 +163,17 @@ class Scheduler:
     """Continuous batching of ``Job``s over one decoder (see the module).  Not thread-safe: one
     driver calls ``admit`` and ``step``."""
 
-    def __init__(self, decoder, enc, batch_size: int = 16, stats: Optional[GenerationStats] = None):
+    def __init__(self, decoder, enc, batch_size: int = 16, stats: Optional[GenerationStats] = None,
+                 aside=None):
+        """``aside``: a ``concurrent.futures.Executor`` for long prefills beside the steps (see
+        ``ASIDE_AFTER_STEPS``), used when the decoder can (``RowDecoder.aside``); a driver that sleeps while
+        nothing is ``ready`` sets ``on_prefilled`` to be woken (it is called on the executor's thread)."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        self.aside = aside if aside is not None and decoder.aside else None
+        self.prefilling: List[_Prefill] = []
+        self.on_prefilled: Optional[Callable[[], None]] = None
+        self._inline = [0, 0.0]  # tokens and seconds of the prefills made in the table (for the choice)
         self.decoder = decoder
         self.enc = enc
         self.n_ctx = decoder.hparams.n_ctx
@@ -172,19 +196,19 @@ class Scheduler:
 
     @property
     def occupied(self) -> int:
-        """Rows taken: the samples being decoded, parked ones included."""
-        return len(self.active) + len(self.parked)
+        """Rows taken: the samples being decoded, parked ones and those being prefilled aside included."""
+        return len(self.active) + len(self.parked) + sum(len(p.jobs) for p in self.prefilling)
 
     @property
     def busy(self) -> bool:
-        return bool(self.active or self.parked or self.retrying)
+        return bool(self.active or self.parked or self.prefilling or self.retrying)
 
     @property
     def ready(self) -> bool:
-        """Whether ``step`` has work: a row to draw for or to drop, or a sample to draw again (with
-        every row held it has none)."""
-        return bool(self.retrying) or any(not row.job.held or row.job.cancelled
-                                          for row in self.active + self.parked)
+        """Whether ``step`` has work: a row to draw for or to drop, a sample to draw again or one prefilled
+        aside to put in (with every row held, and every prefill aside under way, it has none)."""
+        return bool(self.retrying) or any(p.future.done() for p in self.prefilling) \
+            or any(not row.job.held or row.job.cancelled for row in self.active + self.parked)
 
     def admit(self, jobs: Sequence[Job] = ()) -> None:
         """Start these samples now (after any that are drawn again); at most ``free`` of them."""
@@ -197,18 +221,80 @@ class Scheduler:
         self.retrying.clear()
         if not joining:
             return
+        aside = self._to_prefill_aside(joining)
+        if aside:
+            joining = [job for job in joining if id(job) not in aside]
+            self._prefill_aside(list(aside.values()))
+        if not joining:
+            return
         t0 = time.perf_counter()
         fresh = self.decoder.add([id(job) for job in joining], [job.request.ids for job in joining])
-        self.stats.prefill_seconds += time.perf_counter() - t0
-        self.stats.prefill_tokens += sum(len(job.request.ids) for job in joining)
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(job.request.ids) for job in joining)
+        self.stats.prefill_seconds += seconds
+        self.stats.prefill_tokens += tokens
+        self._inline[0] += tokens
+        self._inline[1] += seconds
         self._logits = np.concatenate([self._logits, fresh]) if self.active else fresh
         self.active += [_Row(job, self.enc) for job in joining]
 
+    def _to_prefill_aside(self, joining: List[Job]) -> Dict[int, Job]:
+        """The joining samples to prefill aside (by id): with an executor, while other rows decode, those
+        whose prefill would take longer than ``ASIDE_AFTER_STEPS`` steps by this scheduler's measurements
+        (none before it has any)."""
+        if self.aside is None or not self.active or not self._inline[0] or not self.stats.steps:
+            return {}
+        per_token = self._inline[1] / self._inline[0]
+        limit = ASIDE_AFTER_STEPS * self.stats.decode_seconds / self.stats.steps
+        return {id(job): job for job in joining if len(job.request.ids) * per_token > limit}
+
+    def _prefill_aside(self, jobs: List[Job]) -> None:
+        groups: Dict[tuple, List[Job]] = {}  # samples of one context: one prefill, put in once each
+        for job in jobs:
+            groups.setdefault(tuple(job.request.ids), []).append(job)
+        for ids, group in groups.items():
+            future = self.aside.submit(self._timed_prefill, ids)
+            self.prefilling.append(_Prefill(group, future, len(ids)))
+            future.add_done_callback(self._prefilled)
+
+    def _timed_prefill(self, ids: tuple):
+        t0 = time.perf_counter()
+        kept, logits = self.decoder.prefill_aside(ids)
+        return kept, logits, time.perf_counter() - t0
+
+    def _prefilled(self, _future) -> None:
+        if self.on_prefilled is not None:
+            self.on_prefilled()
+
+    def _join_prefilled(self, events: List[Event]) -> None:
+        """Samples whose prefill aside is done join the rows (a cancelled one ends with no row); a failed
+        prefill fails this step (its samples stay listed, so that ``abort`` returns them)."""
+        for p in [p for p in self.prefilling if p.future.done()]:
+            kept, logits, seconds = p.future.result()
+            self.prefilling.remove(p)
+            self.stats.prefill_seconds += seconds
+            self.stats.prefill_tokens += p.tokens
+            self.stats.prefills_aside += 1
+            self.decoder.prefilled_tokens += p.tokens
+            rows = []
+            for job in p.jobs:
+                if job.cancelled:
+                    self._finish(None, job, "", "cancelled", events)
+                    continue
+                self.decoder.unpark(id(job), kept)
+                rows.append(_Row(job, self.enc))
+            if rows:
+                fresh = np.repeat(logits[None], len(rows), axis=0)
+                self._logits = np.concatenate([self._logits, fresh]) if self.active else fresh
+                self.active += rows
+
     def abort(self) -> List[Job]:
         """Forget every sample (after a failed step): the jobs that were in progress."""
-        jobs = [row.job for row in self.active + self.parked] + list(self.retrying)
+        jobs = [row.job for row in self.active + self.parked] + [j for p in self.prefilling for j in p.jobs] \
+            + list(self.retrying)
         self.active = []
         self.parked = []
+        self.prefilling = []  # (a prefill under way ends on its own; nothing takes its result)
         self.retrying.clear()
         self._logits = np.empty((0, self.decoder.hparams.n_vocab), np.float32)
         self.decoder.clear()
@@ -219,6 +305,7 @@ class Scheduler:
         events: List[Event] = []
         if self.retrying:
             self.admit([])
+        self._join_prefilled(events)
         self._drop_cancelled(events)
         self._unpark()
         moving = [b for b, row in enumerate(self.active) if not row.job.held]

@@ -103,6 +103,44 @@ def test_a_parked_row_comes_back_exactly_as_it_was(tiny, engine, quantize, tmp_p
     assert park.parking == (engine != "tf")
 
 
+@pytest.mark.parametrize("engine,quantize", [("numpy", None), ("onnx", None), ("onnx", "q8"), ("onnx", "q4"), ("tf", None)])
+def test_a_row_prefilled_aside_is_the_row_add_makes(tiny, engine, quantize, tmp_path):
+    """``prefill_aside`` computes a new row on another thread while the table steps (ONNX Runtime: one
+    session runs both calls); put in with ``unpark`` it is, bit for bit, the row ``add`` would have made.
+    The other engines say they cannot."""
+    import threading
+
+    rng = np.random.default_rng(2)
+    old = {k: list(rng.integers(0, 20573, n)) for k, n in (("a", 12), ("b", 30))}
+    new = list(rng.integers(0, 20573, 200))
+    inline, aside = (model.decoder(tiny, engine, quantize=quantize, cache_root=tmp_path) for _ in range(2))
+    for dec in (inline, aside):
+        dec.add(list(old), list(old.values()))
+    if not aside.aside:
+        with pytest.raises(NotImplementedError, match="only in its table"):
+            aside.prefill_aside(new)
+        return
+    first = inline.add(["c"], [new])[0]
+    done = {}
+    worker = threading.Thread(target=lambda: done.update(r=aside.prefill_aside(new)))
+    worker.start()
+    stepped = 0
+    while worker.is_alive() or stepped < 3:  # the table steps meanwhile
+        aside.step(["a", "b"], [stepped + 1, stepped + 2])
+        inline.step(["a", "b"], [stepped + 1, stepped + 2])
+        stepped += 1
+    worker.join()
+    kept, logits = done["r"]
+    np.testing.assert_array_equal(logits, first)
+    assert aside.ids == ["a", "b"] and kept.length == 200
+    aside.unpark("c", kept)
+    assert aside.ids == ["a", "b", "c"] and aside.lengths() == inline.lengths()
+    tokens = [5, 6, 7]
+    np.testing.assert_array_equal(aside.step(["a", "b", "c"], tokens), inline.step(["a", "b", "c"], tokens))
+    with pytest.raises(ValueError, match="do not fit"):
+        aside.prefill_aside([1] * 1025)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_the_table_checks_every_call(tiny, engine):
     dec = model.decoder(tiny, engine)

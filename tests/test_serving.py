@@ -370,3 +370,130 @@ def test_the_engine_sleeps_while_every_row_is_held_and_wakes_to_cancel_or_releas
         assert job.finish_reason == "cancelled" and e.active_rows == 0
     finally:
         e.stop()
+
+
+class _ByHand:
+    """An executor whose work runs only when the test says (``run``): a prefill aside under way for as
+    long as the test likes."""
+
+    def __init__(self):
+        self.pending = []
+
+    def submit(self, fn, *args):
+        import concurrent.futures
+        future = concurrent.futures.Future()
+        self.pending.append((future, fn, args))
+        return future
+
+    def run(self):
+        for future, fn, args in self.pending:
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:  # noqa: BLE001 - handed over as the executor would
+                future.set_exception(e)
+        self.pending = []
+
+
+def _long_context(gen):
+    return gen.context_ids("吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。" * 6)
+
+
+def test_a_long_prompt_is_prefilled_aside_while_the_others_go_on(tiny, enc, monkeypatch):
+    import tasks.scheduler as scheduler
+    from tasks.scheduler import Job, Scheduler
+
+    monkeypatch.setattr(scheduler, "ASIDE_AFTER_STEPS", 0)  # any prompt, once the scheduler has measured
+    gen = Generator(tiny, enc, engine="onnx")
+    params = SamplingParams(40, 0.0, 1.0)
+    long_ids = _long_context(gen)
+    assert len(long_ids) > 100
+
+    def jobs():
+        return [Job(SampleRequest(gen.context_ids("今日は良い天気です。"), params, rng=np.random.default_rng(1),
+                                  max_tokens=30))] + \
+               [Job(SampleRequest(long_ids, params, rng=np.random.default_rng(2 + i), max_tokens=12)) for i in range(3)]
+
+    # the reference: every sample prefilled in the table
+    sch = Scheduler(gen.engine(4), enc, 4)
+    a0, *longs0 = jobs()
+    sch.admit([a0])
+    sch.step()
+    sch.admit(longs0)
+    while sch.busy:
+        sch.step()
+
+    by_hand, woken = _ByHand(), []
+    sch = Scheduler(gen.engine(4), enc, 4, aside=by_hand)
+    sch.on_prefilled = lambda: woken.append(1)
+    a, *longs = jobs()
+    sch.admit([a])
+    sch.step()
+    assert sch.stats.prefills_aside == 0  # (a first sample, with no one else decoding, in the table)
+    sch.admit(longs)
+    # one prefill for the three samples of one context, under way: the first sample goes on alone
+    assert len(by_hand.pending) == 1 and sch.decoder.rows == 1 and sch.occupied == 4 and sch.free == 0
+    drawn = len(a.tokens)
+    for _ in range(3):
+        sch.step()
+    assert len(a.tokens) == drawn + 3 and all(not j.tokens for j in longs) and sch.ready
+    longs[2].cancel()
+    by_hand.run()
+    assert woken == [1]
+    events = sch.step()  # the prefill is done: two join (and draw), the cancelled one ends without a row
+    assert sch.stats.prefills_aside == 1 and sch.decoder.rows == 3
+    assert longs[2].finish_reason == "cancelled" and all(job is not longs[2] for job, _, _ in events)
+    assert all(len(j.tokens) == 1 for j in longs[:2])
+    while sch.busy:
+        sch.step()
+    # the same texts as in the table: the aside prefill gives the very numbers, and a sample's tokens
+    # depend only on its own generator
+    assert [a.tokens] + [j.tokens for j in longs[:2]] == [a0.tokens] + [j.tokens for j in longs0[:2]]
+    assert a.text == a0.text and [j.text for j in longs[:2]] == [j.text for j in longs0[:2]]
+
+
+def test_which_prompts_are_prefilled_aside(tiny, enc):
+    from tasks.scheduler import ASIDE_AFTER_STEPS, Job, Scheduler
+
+    gen = Generator(tiny, enc, engine="onnx")
+    sch = Scheduler(gen.engine(4), enc, 4, aside=_ByHand())
+    job = lambda n: Job(SampleRequest([5] * n, SamplingParams(), max_tokens=100))  # noqa: E731
+    assert sch._to_prefill_aside([job(500)]) == {}  # nobody else decodes
+    sch.admit([job(3)])
+    assert sch._to_prefill_aside([job(500)]) == {}  # no step measured yet
+    sch.step()
+    sch._inline = [1000, 1.0]                 # 1 ms a token in the table ...
+    sch.stats.steps, sch.stats.decode_seconds = 10, 0.01   # ... 1 ms a step
+    short, long = job(ASIDE_AFTER_STEPS), job(ASIDE_AFTER_STEPS + 1)
+    assert list(sch._to_prefill_aside([short, long]).values()) == [long]
+    assert Scheduler(Generator(tiny, enc, engine="numpy").engine(4), enc, 4, aside=_ByHand()).aside is None
+
+
+def test_an_engine_prefills_long_prompts_aside_and_gives_the_cli_s_text(tiny, enc):
+    """The server's engine, with its real prefill thread: a long context joining while another sample
+    decodes is prefilled aside (once the engine has measured steps) and gives gpt2-generate.py's text."""
+    e = Engine(tiny, enc, batch_size=4, max_queue=8, engine="onnx").start()
+    try:
+        params = SamplingParams(40, 0.0, 1.0)
+        endless = e.submit(SampleRequest(e.context_ids("今日は"), params, rng=np.random.default_rng(0),
+                                         max_tokens=10 ** 6), lambda *a: None)
+        end = time.monotonic() + 60
+        while e.steps < 50:
+            assert time.monotonic() < end, "the first sample never ran"
+            time.sleep(0.01)
+        gen = Generator(tiny, enc, engine="onnx")
+        long_ids = _long_context(gen)
+        seeds = [np.random.SeedSequence([7, 0, i]) for i in range(2)]
+        jobs = e.submit_many([SampleRequest(long_ids, params, rng=np.random.default_rng(s), max_tokens=20)
+                              for s in seeds], lambda *a: None)
+        _wait(jobs)
+        assert e.scheduler.stats.prefills_aside == 1
+        e.cancel([endless])
+        from tasks.scheduler import Job, Scheduler
+        ref = [Job(SampleRequest(long_ids, params, rng=np.random.default_rng(s), max_tokens=20)) for s in seeds]
+        sch = Scheduler(gen.engine(2), enc, 2)
+        sch.admit(ref)
+        while sch.busy:
+            sch.step()
+        assert [j.tokens for j in jobs] == [j.tokens for j in ref] and all(len(j.tokens) == 20 for j in jobs)
+    finally:
+        e.stop()
