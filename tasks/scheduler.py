@@ -300,8 +300,11 @@ class Scheduler:
         self.decoder.clear()
         return jobs
 
-    def step(self) -> List[Event]:
-        """One token for every row that is not held; the events it produced (see the module)."""
+    def step(self, early: Optional[Callable[[List[Event]], None]] = None) -> List[Event]:
+        """One token for every row that is not held; the events it produced (see the module).  With
+        ``early``, the events are handed to it as soon as the tokens are drawn, before the rows take them
+        (the decoder's step, most of a step's time): a sample that ends, and a stream's new text, reach
+        their reader one decoder step sooner; what is returned is then only what came after (nothing)."""
         events: List[Event] = []
         if self.retrying:
             self.admit([])
@@ -343,6 +346,9 @@ class Scheduler:
             left = [i for i in range(len(rows)) if i not in finished]
             rows = [rows[i] for i in left]
             tokens = tokens[left]
+        if early is not None and events:
+            early(events)
+            events = []
         if len(rows) == len(self.active):  # every row drew (or none is left)
             self._logits = self._feed(rows, tokens) if rows else np.empty((0, logits.shape[1]), np.float32)
         elif rows:

@@ -18,8 +18,9 @@ sliding window, empty samples drawn again): a sample with the random stream
 with the same options.
 
 Events are handed over once per step: the loop gathers every (job, kind, data) of a step and calls
-``engine.deliver(events)`` once, before it runs the next decoding step (by default ``deliver``
-calls each job's ``on_event`` on the loop thread).  A server sets ``deliver`` to one
+``engine.deliver(events)`` once, as soon as the step's tokens are drawn -- before the decoder takes
+them, so that a finished sample or a stream's text does not wait for that step of the others (by
+default ``deliver`` calls each job's ``on_event`` on the loop thread).  A server sets ``deliver`` to one
 ``loop.call_soon_threadsafe`` per step: its event loop then wakes once per step, not once per
 token per client, and takes the GIL from the decoding thread that much less often.  Samples
 submitted with ``text_events=False`` (a non-streaming answer, which reads each finished text) add
@@ -223,7 +224,7 @@ class Engine:
                 try:
                     sch.admit(joining)
                     before = sch.stats.tokens
-                    events = sch.step()
+                    events = sch.step(early=self._deliver)  # text and ends before the decoder's step
                     drawn = sch.stats.tokens - before
                 except Exception as e:  # out of memory, a bug: fail this step's samples, keep serving
                     self.faults += 1

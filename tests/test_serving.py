@@ -497,3 +497,24 @@ def test_an_engine_prefills_long_prompts_aside_and_gives_the_cli_s_text(tiny, en
         assert [j.tokens for j in jobs] == [j.tokens for j in ref] and all(len(j.tokens) == 20 for j in jobs)
     finally:
         e.stop()
+
+
+def test_a_step_hands_its_events_over_before_the_decoder_takes_the_tokens(tiny, enc):
+    """A sample that ends (and a stream's new text) reaches its reader before the decoder's step of the
+    rows that go on -- most of a step's time -- not after it."""
+    from tasks.scheduler import Job, Scheduler
+
+    gen = Generator(tiny, enc, engine="onnx")
+    sch = Scheduler(gen.engine(3), enc, 3)
+    order = []
+    real = sch.decoder.step
+    sch.decoder.step = lambda ids, tokens: (order.append("decoder"), real(ids, tokens))[1]
+    params = SamplingParams(40, 0.0, 1.0)
+    one, two, five = (Job(SampleRequest(gen.context_ids("今日は"), params, rng=np.random.default_rng(n),
+                                        max_tokens=n)) for n in (1, 2, 5))
+    sch.admit([one, two, five])
+    returned = sch.step(early=lambda events: order.append([(job, kind) for job, kind, _ in events]))
+    assert order == [[(one, "done")], "decoder"] and returned == []
+    order.clear()
+    returned = sch.step()  # without ``early``: the events come back once the decoder has taken the tokens
+    assert order == ["decoder"] and returned == [(two, "done", None)]
