@@ -247,6 +247,8 @@ class LoopDelivery:
 
 #: The nice value of batched forward passes (their thread and TensorFlow's) while decoding runs elsewhere.
 FORWARD_NICENESS = 10
+#: How often a thread waiting for a forward job looks whether its request has ended (seconds).
+WAIT_SLICE = 0.05
 
 
 class _Job:
@@ -318,17 +320,27 @@ class ForwardWorker:
             job.done.set()
 
     def run(self, work: Callable[[threading.Event], Any], until: float, cancelled: threading.Event) -> Any:
+        """``work(cancelled)``'s result.  The calling thread (a request's worker thread) is let go as soon as
+        the request ends (``cancelled``: the client hung up, the deadline passed), not when the job's
+        forward pass in progress does -- seconds on larger models: a request that ended holds no thread
+        of the server's pool while its job stops at its next check (then the result is None)."""
         job = _Job(work, until, cancelled)
         self._ensure()
         self._jobs.put(job)
-        if not job.done.wait(timeout=max(0.0, until - time.monotonic())):
+        while not job.done.wait(timeout=min(WAIT_SLICE, until - time.monotonic()) if time.monotonic() < until
+                                else WAIT_SLICE):
+            late = time.monotonic() >= until
+            if not (late or cancelled.is_set()):
+                continue
             with job.lock:
                 if not job.started:
                     job.abandoned = True  # the worker skips it
             if job.abandoned:
-                raise ApiError(504, "the request waited for other embeddings or scores past its deadline",
-                               type="timeout", code="timeout")
-            job.done.wait()  # started: it stops at its next check of ``cancelled`` (set as its request ends)
+                why = "waited for other embeddings or scores past its deadline" if late else "was cancelled"
+                raise ApiError(504, f"the request {why}", type="timeout", code="timeout")
+            if cancelled.is_set():
+                return None  # started: it stops at its next check of ``cancelled``; nobody reads it
+            # past the deadline and started: the request's end (which sets ``cancelled``) comes next
         if job.abandoned:
             raise ApiError(504, "the request was cancelled", type="timeout", code="timeout")
         if job.error is not None:

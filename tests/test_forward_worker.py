@@ -94,6 +94,30 @@ def test_a_job_whose_request_ended_before_it_started_never_starts():
     worker.close()
 
 
+def test_the_waiting_thread_is_let_go_as_soon_as_its_request_ends():
+    """A request's worker thread waits for its job only while the request lasts: when the client hangs up
+    during a long forward pass, the thread returns at once (the job stops at its next check), so that
+    requests that ended never tie up the server's threads."""
+    worker = ForwardWorker()
+    cancelled, in_pass, finish = threading.Event(), threading.Event(), threading.Event()
+
+    def work(c):
+        in_pass.set()
+        finish.wait(30)  # one long forward pass: the request's end is seen only after it
+        return None if c.is_set() else "done"
+
+    out = []
+    waiting = threading.Thread(target=lambda: out.append(worker.run(work, time.monotonic() + 30, cancelled)))
+    waiting.start()
+    assert in_pass.wait(10)
+    cancelled.set()  # the client hangs up in the middle of the pass
+    waiting.join(10)
+    assert not waiting.is_alive() and out == [None] and not finish.is_set()
+    finish.set()
+    assert worker.run(lambda c: 7, time.monotonic() + 30, threading.Event()) == 7  # the worker goes on
+    worker.close()
+
+
 def test_a_running_job_sees_its_request_end_and_errors_reach_the_request():
     worker = ForwardWorker()
     cancelled = threading.Event()
