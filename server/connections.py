@@ -8,7 +8,7 @@ be complete within ``seconds`` or the connection is closed.  (Bodies have their 
 ``server.body.read_json``.)
 
 It also hands the app a way to drop a connection at once: ``scope["extensions"]["gpt2ja.abort"]["abort"]``
-(``transport.abort``).  Returning without finishing a response makes uvicorn ``close()`` the transport,
+(``transport.abort``), and the transport itself (``["transport"]``: a stream watches its buffer).  Returning without finishing a response makes uvicorn ``close()`` the transport,
 which first writes out what is buffered: a client that stopped reading would keep that buffer, and the
 connection, for as long as it likes."""
 from __future__ import annotations
@@ -31,7 +31,7 @@ def with_header_timeout(protocol_class, seconds: float):
             if cycle is not None and not cycle.response_complete:
                 extensions = cycle.scope.setdefault("extensions", {})
                 if ABORT not in extensions:
-                    extensions[ABORT] = {"abort": self.transport.abort}
+                    extensions[ABORT] = {"abort": self.transport.abort, "transport": self.transport}
 
         def connection_lost(self, exc) -> None:
             self._stop_header_timer()

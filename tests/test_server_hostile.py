@@ -183,6 +183,22 @@ def test_a_stream_nobody_reads_is_held_and_goes_on_once_read(patient_server):
     wait_for(lambda: rows(patient_server) == 0, 20, "a closed stream kept its rows")
 
 
+def test_a_stream_nobody_reads_is_held_after_kilobytes_not_megabytes(patient_server):
+    """A stream's socket keeps a small send buffer (server.responses.STREAM_SNDBUF): where Linux would let
+    it grow to megabytes -- thousands of tokens of its rows decoded for nobody -- a client that does not
+    read has its rows held once some 200 KB of text wait for it."""
+    body = json.dumps({**ENDLESS, "n": 2, "stream": True}).encode()
+    before = _tokens_drawn(patient_server)
+    sock = raw_request(patient_server.port, body, rcvbuf=4096)
+    health = lambda: patient_server.request("GET", "/health", timeout=10)[2]  # noqa: E731
+    wait_for(lambda: health()["held"] == 2, 30, "the rows of a stream nobody reads were not held")
+    drawn = _tokens_drawn(patient_server) - before
+    sock.close()
+    wait_for(lambda: rows(patient_server) == 0, 20, "a closed stream kept its rows")
+    # (an event of one token is about 200 bytes; 2 rows: some 1,000 steps at most)
+    assert drawn < 2500, f"{drawn:.0f} tokens were drawn for a stream nobody read"
+
+
 def test_a_stream_read_slowly_is_not_cut(patient_server):
     # the same large first events, read in small bites with pauses shorter than --read_timeout: every write
     # gets through within it, so the stream runs to its end

@@ -219,7 +219,8 @@ async def serve(request: Request, state: State, c: Completion, t0: float, route:
         if c.stream:
             streaming = True
 
-            def close():
+            def close():  # however the stream ended -- also cut while it still sent an echoed prompt,
+                state.engine.cancel(jobs)  # before its events were ever read: its samples end with it
                 channel.close()
                 state.metrics.latency(route, time.monotonic() - t0)
 
