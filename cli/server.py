@@ -40,9 +40,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=flags.positive_float, default=600.0, metavar="SECONDS",
                    help="longest time one request may take; then it is cancelled (504) (default %(default)s)")
     p.add_argument("--read_timeout", type=flags.positive_float, default=30.0, metavar="SECONDS",
-                   help="longest time a client may take to send a request's headers, and again its body, and to "
-                        "take each write of a stream; then the connection is closed (headers, a stream: its "
-                        "samples are cancelled) or answered 408 (body) (default %(default)s)")
+                   help="longest time a client may take to send a request's headers, and again its body, and "
+                        "to take nothing of what a stream sent it while a write waits; then the connection is "
+                        "closed (headers, a stream: its samples are cancelled) or answered 408 (body) "
+                        "(default %(default)s)")
     p.add_argument("--max_connections", type=flags.positive_int, default=512, metavar="N",
                    help="open connections (and requests in progress) at most; past it new requests get 503 "
                         "(default %(default)s)")
