@@ -66,6 +66,20 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI, which counts as a failure: {reason}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def test_data_stays_as_it_is():
+    """No test may write into tests/data (a quantized cache left beside the tiny checkpoint changed what
+    later tests found there): a test that needs a writable checkpoint copies it.  Checked once, at the
+    end of the session."""
+    def listing():
+        return sorted(str(p.relative_to(DATA)) for p in DATA.rglob("*"))
+
+    before = listing()
+    yield
+    added = sorted(set(listing()) - set(before))
+    assert not added, f"tests wrote into tests/data: {added[:5]}"
+
+
 @pytest.fixture(scope="session")
 def vocab_dir() -> pathlib.Path:
     return VOCAB_DIR

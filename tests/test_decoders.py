@@ -1,8 +1,11 @@
 """The engine-conformance suite: every decoder (numpy, float32 ONNX Runtime, TensorFlow) over the one
 row table of model/rows.py gives each sequence the logits of its own full forward pass, whatever
 the others do (different lengths, joining and leaving, cuts, restarts, the end of the context)."""
+import shutil
+
 import numpy as np
 import pytest
+from conftest import TINY_DIR
 
 import model
 from model.rows import RowDecoder
@@ -17,6 +20,15 @@ def small_ctx():
     """A model with a 16-token context, so that windows and full contexts come quickly."""
     hp = model.HParams(n_vocab=20573, n_ctx=16, n_embd=32, n_head=2, n_layer=2)
     return model.Model.from_weights(model.random_weights(hp, seed=3), hparams=hp)
+
+
+@pytest.fixture(scope="module")
+def tiny_quantizable(tmp_path_factory):
+    """The tiny checkpoint from a copy of its directory: a quantized decoder caches its weights beside
+    the checkpoint, and the repository's copy must stay as it is."""
+    d = tmp_path_factory.mktemp("tiny") / "gpt2ja-tiny"
+    shutil.copytree(TINY_DIR, d)
+    return model.load(d)
 
 
 def _ref(m, seq):
@@ -69,14 +81,15 @@ def test_rows_join_leave_cut_and_restart(tiny, engine):
 
 
 @pytest.mark.parametrize("engine,quantize", [("numpy", None), ("onnx", None), ("onnx", "q8"), ("onnx", "q4"), ("tf", None)])
-def test_a_parked_row_comes_back_exactly_as_it_was(tiny, engine, quantize, tmp_path):
+def test_a_parked_row_comes_back_exactly_as_it_was(tiny, tiny_quantizable, engine, quantize):
     """``park`` takes a row out of the steps with its cache set aside; ``unpark`` puts it back (in
     whatever slot is free then) and its logits are those of a row that never left -- bit for bit where
     the engine keeps caches (numpy, ONNX Runtime), as a prefill of the same tokens on TensorFlow."""
     rng = np.random.default_rng(1)
     seqs = {"a": list(rng.integers(0, 20573, 40)), "b": list(rng.integers(0, 20573, 9)),
             "c": list(rng.integers(0, 20573, 17))}
-    stay, park = (model.decoder(tiny, engine, quantize=quantize, cache_root=tmp_path) for _ in range(2))
+    m = tiny if quantize is None else tiny_quantizable
+    stay, park = (model.decoder(m, engine, quantize=quantize) for _ in range(2))
     for dec in (stay, park):
         dec.add(list(seqs), list(seqs.values()))
         dec.step(list(seqs), [1, 2, 3])
@@ -104,7 +117,7 @@ def test_a_parked_row_comes_back_exactly_as_it_was(tiny, engine, quantize, tmp_p
 
 
 @pytest.mark.parametrize("engine,quantize", [("numpy", None), ("onnx", None), ("onnx", "q8"), ("onnx", "q4"), ("tf", None)])
-def test_a_row_prefilled_aside_is_the_row_add_makes(tiny, engine, quantize, tmp_path):
+def test_a_row_prefilled_aside_is_the_row_add_makes(tiny, tiny_quantizable, engine, quantize):
     """``prefill_aside`` computes a new row on another thread while the table steps (ONNX Runtime: one
     session runs both calls); put in with ``unpark`` it is, bit for bit, the row ``add`` would have made.
     The other engines say they cannot."""
@@ -113,7 +126,8 @@ def test_a_row_prefilled_aside_is_the_row_add_makes(tiny, engine, quantize, tmp_
     rng = np.random.default_rng(2)
     old = {k: list(rng.integers(0, 20573, n)) for k, n in (("a", 12), ("b", 30))}
     new = list(rng.integers(0, 20573, 200))
-    inline, aside = (model.decoder(tiny, engine, quantize=quantize, cache_root=tmp_path) for _ in range(2))
+    m = tiny if quantize is None else tiny_quantizable
+    inline, aside = (model.decoder(m, engine, quantize=quantize) for _ in range(2))
     for dec in (inline, aside):
         dec.add(list(old), list(old.values()))
     if not aside.aside:
